@@ -1,0 +1,227 @@
+"""The results store: one Parquet file per finished run, ingested idempotently into DuckDB.
+
+Why two layers: a trial writes its row atomically next to its checkpoint (no shared writer, no lock,
+works from any node that sees the results folder); the driver ingests those files into the DuckDB
+file with INSERT OR REPLACE on the run key. A crash between the two loses nothing (the Parquet file
+is still there) and duplicates nothing (the key is the primary key).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+DB_NAME = "transferlab.duckdb"
+
+# (column, DuckDB type, Arrow type) -- the one schema of a run row.
+RUN_COLUMNS: list[tuple[str, str, pa.DataType]] = [
+    ("run_key", "VARCHAR PRIMARY KEY", pa.string()),
+    ("experiment", "VARCHAR", pa.string()),
+    ("kind", "VARCHAR", pa.string()),  # source | target | transfer | multitask
+    ("setup", "VARCHAR", pa.string()),
+    ("model", "VARCHAR", pa.string()),
+    ("adaptation", "VARCHAR", pa.string()),
+    ("source", "VARCHAR", pa.string()),
+    ("target", "VARCHAR", pa.string()),
+    ("sources", "VARCHAR[]", pa.list_(pa.string())),  # multi-task source set
+    ("seed", "INTEGER", pa.int64()),
+    ("source_run_key", "VARCHAR", pa.string()),
+    ("baseline_run_key", "VARCHAR", pa.string()),
+    ("n_train", "INTEGER", pa.int64()),
+    ("n_eval", "INTEGER", pa.int64()),
+    ("hparams", "JSON", pa.string()),
+    ("metric", "VARCHAR", pa.string()),
+    ("score", "DOUBLE", pa.float64()),  # the task metric p, a fraction
+    ("metrics", "JSON", pa.string()),
+    ("trainable_params", "BIGINT", pa.int64()),
+    ("total_params", "BIGINT", pa.int64()),
+    ("train_time_s", "DOUBLE", pa.float64()),
+    ("wall_time_s", "DOUBLE", pa.float64()),
+    ("host", "VARCHAR", pa.string()),
+    ("checkpoint", "VARCHAR", pa.string()),
+    ("status", "VARCHAR", pa.string()),  # ok | failed
+    ("error", "VARCHAR", pa.string()),
+    ("provenance", "VARCHAR", pa.string()),  # local | taskweb:<file> | ...
+    ("created_at", "TIMESTAMP", pa.timestamp("us")),
+]
+RUN_SCHEMA = pa.schema([(n, t) for n, _, t in RUN_COLUMNS])
+_JSON_COLS = {"hparams", "metrics"}
+
+SCHEMA_SQL = f"""
+CREATE TABLE IF NOT EXISTS runs ({", ".join(f"{n} {t}" for n, t, _ in RUN_COLUMNS)});
+
+-- Aggregated transfer scores imported from a publication (no per-seed baselines released).
+CREATE TABLE IF NOT EXISTS published_transfer_scores (
+    model VARCHAR, adaptation VARCHAR, source VARCHAR, target VARCHAR,
+    pc DOUBLE, pm DOUBLE, provenance VARCHAR,
+    PRIMARY KEY (model, adaptation, source, target, provenance));
+
+-- Seed-paired PC / PM (DESIGN.md): each transfer run names the target-only baseline it pairs with.
+CREATE OR REPLACE VIEW transfer_pairs AS
+SELECT x.setup, x.model, x.adaptation, x.source, x.target, x.seed,
+       x.score AS p_transfer, b.score AS p_target,
+       (x.score - b.score) / b.score AS rel_change,
+       CASE WHEN x.score > b.score THEN 1.0 ELSE 0.0 END AS positive,
+       x.run_key, b.run_key AS baseline_run_key, x.experiment
+FROM runs x JOIN runs b ON b.run_key = x.baseline_run_key
+WHERE x.kind = 'transfer' AND x.status = 'ok' AND b.status = 'ok' AND b.score <> 0;
+
+CREATE OR REPLACE VIEW transfer_scores AS
+SELECT model, adaptation, source, target, pc, pm,
+       0.5 * pc + 0.5 * (0.2 * pm - 0.1) AS score, n_seeds, setup, provenance
+FROM (
+    SELECT model, adaptation, source, target, avg(rel_change) AS pc, avg(positive) AS pm,
+           count(*) AS n_seeds, setup, 'local' AS provenance
+    FROM transfer_pairs GROUP BY setup, model, adaptation, source, target
+    UNION ALL
+    SELECT p.model, p.adaptation, p.source, p.target, p.pc, p.pm,
+           coalesce(n.n_seeds, 0) AS n_seeds, p.adaptation || ':' || p.model AS setup, p.provenance
+    FROM published_transfer_scores p
+    LEFT JOIN (SELECT model, adaptation, source, target, provenance, count(*) AS n_seeds FROM runs
+               WHERE kind = 'transfer' AND status = 'ok' GROUP BY ALL) n
+      USING (model, adaptation, source, target, provenance)
+);
+"""
+
+
+class StoreError(RuntimeError):
+    """The results location cannot be used (missing, not writable, corrupt)."""
+
+
+class ResultStore:
+    """A results folder: `runs/<key>.parquet`, `checkpoints/<key>/` and the DuckDB file."""
+
+    def __init__(self, root: str | os.PathLike, db_path: str | os.PathLike | None = None):
+        self.root = Path(root).expanduser().resolve()
+        self.db_path = Path(db_path).expanduser().resolve() if db_path else self.root / DB_NAME
+        self.runs_dir = self.root / "runs"
+        self.checkpoints_dir = self.root / "checkpoints"
+
+    # -- setup -----------------------------------------------------------------------------
+    def ensure_writable(self) -> None:
+        try:
+            self.runs_dir.mkdir(parents=True, exist_ok=True)
+            self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+            probe = tempfile.NamedTemporaryFile(dir=self.root, prefix=".probe", delete=True)
+            probe.close()
+        except OSError as e:
+            raise StoreError(f"results dir {self.root} is not writable: {e.strerror or e}") from None
+        with self.connect() as con:
+            con.execute(SCHEMA_SQL)
+
+    @contextmanager
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        if read_only and not self.db_path.exists():
+            raise StoreError(f"no results database at {self.db_path} (run a job or `transferlab import` first)")
+        try:
+            con = duckdb.connect(str(self.db_path), read_only=read_only)
+        except (duckdb.IOException, duckdb.Error) as e:
+            raise StoreError(f"cannot open results database {self.db_path}: {e}") from None
+        try:
+            if not read_only:
+                con.execute(SCHEMA_SQL)
+            yield con
+        finally:
+            con.close()
+
+    # -- trial side: atomic result files ------------------------------------------------------
+    def checkpoint_dir(self, run_key: str) -> Path:
+        return self.checkpoints_dir / run_key
+
+    def result_path(self, run_key: str) -> Path:
+        return self.runs_dir / f"{run_key}.parquet"
+
+    def write_result(self, row: dict[str, Any]) -> Path:
+        """Write one run row as `runs/<key>.parquet` atomically (temp file + rename)."""
+        full = normalise_row(row)
+        table = pa.Table.from_pylist([full], schema=RUN_SCHEMA)
+        dest = self.result_path(full["run_key"])
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{full['run_key']}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, dest)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return dest
+
+    def read_result(self, run_key: str) -> dict[str, Any] | None:
+        p = self.result_path(run_key)
+        if not p.exists():
+            return None
+        return pq.read_table(p).to_pylist()[0]
+
+    def finished_keys(self) -> set[str]:
+        """Run keys with a successful result file (the source of truth for resuming)."""
+        if not self.runs_dir.exists():
+            return set()
+        files = [str(p) for p in self.runs_dir.glob("*.parquet")]
+        if not files:
+            return set()
+        con = duckdb.connect()
+        try:
+            rows = con.execute(
+                "SELECT run_key FROM read_parquet($files) WHERE status = 'ok'", {"files": files}
+            ).fetchall()
+        finally:
+            con.close()
+        return {r[0] for r in rows}
+
+    # -- driver side: idempotent ingest ---------------------------------------------------------
+    def ingest(self) -> int:
+        """Upsert every result file into `runs`; returns the number of result files read."""
+        files = sorted(str(p) for p in self.runs_dir.glob("*.parquet")) if self.runs_dir.exists() else []
+        with self.connect() as con:
+            if files:
+                cols = ", ".join(n for n, _, _ in RUN_COLUMNS)
+                con.execute(f"INSERT OR REPLACE INTO runs ({cols}) SELECT {cols} FROM read_parquet($files)",
+                            {"files": files})
+        return len(files)
+
+    def insert_rows(self, rows: Iterable[dict[str, Any]], con: duckdb.DuckDBPyConnection) -> int:
+        """Upsert rows given in memory (imports), through Arrow so it is vectorised."""
+        table = pa.Table.from_pylist([normalise_row(r) for r in rows], schema=RUN_SCHEMA)
+        if table.num_rows == 0:
+            return 0
+        cols = ", ".join(n for n, _, _ in RUN_COLUMNS)
+        con.register("_incoming", table)
+        try:
+            con.execute(f"INSERT OR REPLACE INTO runs ({cols}) SELECT {cols} FROM _incoming")
+        finally:
+            con.unregister("_incoming")
+        return table.num_rows
+
+
+def normalise_row(row: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(row) - set(RUN_SCHEMA.names)
+    if unknown:
+        raise ValueError(f"unknown run columns: {sorted(unknown)}")
+    out: dict[str, Any] = {n: row.get(n) for n in RUN_SCHEMA.names}
+    for c in _JSON_COLS:
+        if out[c] is not None and not isinstance(out[c], str):
+            out[c] = json.dumps(out[c], sort_keys=True)
+    if out["created_at"] is None:
+        out["created_at"] = _utcnow()
+    if out["status"] is None:
+        out["status"] = "ok"
+    if out["provenance"] is None:
+        out["provenance"] = "local"
+    return out
+
+
+def _utcnow():
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(time.time(), dt.timezone.utc).replace(tzinfo=None)

@@ -1,0 +1,104 @@
+"""`transferlab` command line: run jobs, query and analyse the results store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from analysis.store import DB_NAME, ResultStore, StoreError
+from rayjobs.config import ConfigError
+from rayjobs.tasks import TaskError
+
+DEFAULT_RESULTS = os.environ.get("TRANSFERLAB_RESULTS", "results")
+
+
+def default_db() -> str:
+    """The configured store: $TRANSFERLAB_DB, else <$TRANSFERLAB_RESULTS or ./results>/transferlab.duckdb."""
+    return os.environ.get("TRANSFERLAB_DB") or str(Path(DEFAULT_RESULTS) / DB_NAME)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from rayjobs.pairwise import main as pairwise_main
+
+    argv = ["--config", args.config]
+    if args.results:
+        argv += ["--results", args.results]
+    if args.smoke:
+        argv += ["--smoke"]
+    return pairwise_main(argv)
+
+
+def _cmd_sql(args: argparse.Namespace) -> int:
+    db = Path(args.db)
+    store = ResultStore(db.parent, db_path=db)
+    with store.connect(read_only=True) as con:
+        try:
+            cur = con.execute(args.query)
+        except Exception as e:  # duckdb raises many error types; all are user errors here
+            raise StoreError(f"SQL error: {e}") from None
+        cols = [d[0] for d in cur.description] if cur.description else []
+        rows = cur.fetchall()
+    if args.json:
+        print(json.dumps([dict(zip(cols, r)) for r in rows], default=str))
+    else:
+        print_table(cols, rows)
+    return 0
+
+
+def print_table(cols: list[str], rows: list[tuple]) -> None:
+    def fmt(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.4f}"
+        return "" if v is None else str(v)
+
+    cells = [[fmt(v) for v in r] for r in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+    print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="transferlab", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a pairwise-transfer experiment config on Ray")
+    r.add_argument("config")
+    r.add_argument("--results", help="results folder (overrides the config's results_dir)")
+    r.add_argument("--smoke", action="store_true", help="tiny sizes, one seed: check a config end to end")
+    r.set_defaults(func=_cmd_run)
+
+    q = sub.add_parser("sql", help="run SQL over the results store and print the rows")
+    q.add_argument("query")
+    q.add_argument("--db", default=default_db(), help="DuckDB file (default: %(default)s)")
+    q.add_argument("--json", action="store_true", help="print rows as a JSON list of objects")
+    q.set_defaults(func=_cmd_sql)
+
+    try:
+        from analysis.commands import register
+    except ImportError:
+        register = None
+    if register is not None:
+        register(sub, default_db)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, TaskError, StoreError, FileNotFoundError, PermissionError) as e:
+        print(f"transferlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("transferlab: interrupted; finished runs are stored, re-run to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Experiment configs: YAML validated into typed objects.
+
+One config describes what to train (tasks, setups = model x adaptation, seeds, sample sizes),
+how (per-setup hyperparameters, Ray resources) and where results go. Everything that changes a
+result is part of the run key (see `runkey.py`); resources and locations are not.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """A model: an HF hub id, a local folder, `builtin:minilm`, or a tiny model built from `config`."""
+
+    name: str = Field(description="short name used in results (e.g. minilm, t5l)")
+    path: str | None = Field(default=None, description="hub id, local folder or builtin:minilm")
+    family: Literal["encoder", "seq2seq", "causal"] = "encoder"
+    # A tiny random-weight model: transformers config kwargs (must include model_type).
+    config: dict[str, Any] | None = None
+    tokenizer: str | None = Field(default=None, description="tokenizer path if not the model's own")
+    max_length: int = Field(default=128, gt=0)
+    head: Literal["auto", "classification", "multiple_choice"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @model_validator(mode="after")
+    def _path_or_config(self) -> ModelSpec:
+        if (self.path is None) == (self.config is None):
+            raise ValueError("give exactly one of `path` (hub id / folder / builtin:minilm) or `config`")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("`config` of a tiny model needs `model_type` (e.g. bert, t5, gpt2)")
+        return self
+
+
+class AdaptationSpec(_Strict):
+    """How the pretrained weights are adapted; `params` are method-specific (e.g. LoRA rank)."""
+
+    method: Literal["full", "bitfit", "lora", "adapter", "prompt_tuning", "prefix_tuning"] = "full"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainSpec(_Strict):
+    epochs: float = Field(default=3, gt=0)
+    learning_rate: float = Field(default=2e-5, gt=0)
+    batch_size: int = Field(default=16, gt=0)
+    eval_batch_size: int = Field(default=64, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_ratio: float = Field(default=0.0, ge=0, le=1)
+    grad_accum_steps: int = Field(default=1, gt=0)
+    max_grad_norm: float | None = 1.0
+    max_steps: int | None = Field(default=None, gt=0, description="caps the number of optimiser steps")
+    gradient_checkpointing: bool = False
+
+
+class DeepSpeedSpec(_Strict):
+    """DeepSpeed ZeRO for a trial run as a multi-worker Ray Train job."""
+
+    stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    extra: dict[str, Any] = Field(default_factory=dict, description="merged into the DeepSpeed JSON config")
+
+
+class ResourceSpec(_Strict):
+    """Ray resources of one trial; with workers > 1 (or deepspeed) they are per worker."""
+
+    cpu: float = Field(default=1, gt=0)
+    gpu: float = Field(default=0, ge=0)
+    workers: int = Field(default=1, gt=0)
+    memory_gb: float | None = Field(default=None, gt=0)
+
+
+class SetupSpec(_Strict):
+    """One training setup: a model with an adaptation method and its hyperparameters."""
+
+    name: str | None = None
+    model: ModelSpec
+    adaptation: AdaptationSpec = AdaptationSpec()
+    train: TrainSpec = TrainSpec()
+    source_train: TrainSpec | None = Field(default=None, description="hyperparameters of the source stage")
+    resources: ResourceSpec = ResourceSpec()
+    deepspeed: DeepSpeedSpec | None = None
+
+    @property
+    def key(self) -> str:
+        return self.name or f"{self.adaptation.method}:{self.model.name}"
+
+    @property
+    def source_hparams(self) -> TrainSpec:
+        return self.source_train or self.train
+
+
+class TaskSelection(_Strict):
+    sources: list[str] = Field(min_length=1)
+    targets: list[str] | None = Field(default=None, description="defaults to the sources")
+    exclude_self: bool = True
+
+    @property
+    def target_list(self) -> list[str]:
+        return list(self.targets) if self.targets is not None else list(self.sources)
+
+
+class SizeSpec(_Strict):
+    """Examples per stage; None means the whole training pool."""
+
+    source_train: int | None = Field(default=None, gt=0)
+    target_train: int | None = Field(default=1000, gt=0, description="TaskWeb fine-tunes on 1,000 target examples")
+    eval: int | None = Field(default=1000, gt=0)
+    eval_fraction: float = Field(default=0.2, gt=0, lt=1, description="share of a local file held out for eval")
+    split_seed: int = 0
+
+
+class RunSpec(_Strict):
+    """How the job runs; none of this changes a result."""
+
+    ray_address: str | None = Field(default=None, description="None: $RAY_ADDRESS or an embedded local Ray")
+    max_concurrent_trials: int | None = Field(default=None, gt=0)
+    max_failures: int = Field(default=0, ge=0, description="retries of a crashed trial")
+    verbose: int = Field(default=1, ge=0, le=3)
+
+
+class ExperimentConfig(_Strict):
+    name: str
+    results_dir: str = "results"
+    data_root: str | None = Field(default=None, description="folder with tasks/natinstruct; default ../shared/data")
+    task_files: list[str] = Field(default_factory=list, description="extra task registry YAML files")
+    tasks: TaskSelection
+    seeds: list[int] = Field(default_factory=lambda: [10, 15, 20, 25, 30, 35, 40, 42], min_length=1)
+    sizes: SizeSpec = SizeSpec()
+    setups: list[SetupSpec] = Field(min_length=1)
+    run: RunSpec = RunSpec()
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError("seeds must be unique")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_setups(self) -> ExperimentConfig:
+        keys = [s.key for s in self.setups]
+        dup = {k for k in keys if keys.count(k) > 1}
+        if dup:
+            raise ValueError(f"setup names must be unique, repeated: {sorted(dup)} (give each a `name`)")
+        return self
+
+
+def _format_validation_error(path: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<top level>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"{path}: field `{loc}`: {msg}")
+    return "\n".join(lines)
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{p}:{where} malformed YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Load and validate an experiment config; relative paths resolve against the config's folder."""
+    data = load_yaml(path)
+    if overrides:
+        data = {**data, **overrides}
+    try:
+        cfg = ExperimentConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(str(path), e)) from None
+    return cfg
