@@ -21,6 +21,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from analysis.views import ANALYSIS_SQL
+
 DB_NAME = "transferlab.duckdb"
 
 # (column, DuckDB type, Arrow type) -- the one schema of a run row.
@@ -116,8 +118,8 @@ class ResultStore:
             probe.close()
         except OSError as e:
             raise StoreError(f"results dir {self.root} is not writable: {e.strerror or e}") from None
-        with self.connect() as con:
-            con.execute(SCHEMA_SQL)
+        with self.connect():
+            pass
 
     @contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -130,6 +132,8 @@ class ResultStore:
         try:
             if not read_only:
                 con.execute(SCHEMA_SQL)
+                if ANALYSIS_SQL.strip():
+                    con.execute(ANALYSIS_SQL)
             yield con
         finally:
             con.close()

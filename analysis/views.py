@@ -1,0 +1,3 @@
+"""SQL tables and views of the analyses, created with the store schema (see `store.SCHEMA_SQL`)."""
+
+ANALYSIS_SQL = ""
