@@ -1,3 +1,109 @@
-"""SQL tables and views of the analyses, created with the store schema (see `store.SCHEMA_SQL`)."""
+"""SQL tables and views of the analyses, created with the store schema (see `store.SCHEMA_SQL`).
 
-ANALYSIS_SQL = ""
+Why views: every analysis reads the same few relations, so a user with only the DuckDB file can
+query them directly (`transferlab sql "SELECT * FROM commutativity"`), and the Python API is a thin
+layer of parameterised SQL over them. Everything here is idempotent (IF NOT EXISTS / OR REPLACE).
+
+Relations:
+  imports             one row per imported file: provenance, path, sha256, rows kept / skipped
+  selector_scores     F(source -> target) of every stored selector, with method and params
+  task_sizes          training-set sizes (SIZE baseline), imported or taken from source runs
+  target_hparams      pinned hyper-parameter config per (setup, target) for target performance
+  setup_transfers     transfer scores of the real setups (not the published 'all:all' average)
+  analysis_transfers  setup_transfers plus the pseudo-setup 'mean' (average over real setups)
+  commutativity       per setup, every unordered pair with both directions and whether signs agree
+  transitive_triples  per setup, every (A, B, C) with A->B, B->C and A->C known
+  setup_similarity    normalised dot product (cosine) of two setups' transfer matrices
+  target_performance  mean over seeds of p(m_{s->t}) per (setup, source, target), one hparam config
+"""
+
+ANALYSIS_SQL = """
+CREATE TABLE IF NOT EXISTS imports (
+    provenance VARCHAR PRIMARY KEY, path VARCHAR, sha256 VARCHAR,
+    n_rows BIGINT, n_skipped BIGINT, imported_at TIMESTAMP);
+
+CREATE TABLE IF NOT EXISTS selector_scores (
+    selector VARCHAR, method VARCHAR, params JSON, source VARCHAR, target VARCHAR,
+    score DOUBLE, details JSON, provenance VARCHAR,
+    PRIMARY KEY (selector, source, target));
+
+CREATE TABLE IF NOT EXISTS task_sizes (
+    task VARCHAR, n_train BIGINT, provenance VARCHAR, PRIMARY KEY (task, provenance));
+
+-- Which hyper-parameter config of a target counts as "the" transfer run when a release holds
+-- several (TaskWeb's t5l copa: batch sizes 8 and 32; its configs/t5l_finetune.json names 8).
+CREATE TABLE IF NOT EXISTS target_hparams (
+    setup VARCHAR, target VARCHAR, hparams VARCHAR, provenance VARCHAR, PRIMARY KEY (setup, target));
+
+-- Directional score actually used by a selector: symmetric selectors (LLM-similarity in TaskWeb)
+-- average both directions.
+CREATE OR REPLACE VIEW selector_pair_scores AS
+SELECT s.selector, s.source, s.target,
+       CASE WHEN coalesce(TRY_CAST(json_extract_string(s.params, '$.symmetric') AS BOOLEAN), false)
+                 AND r.score IS NOT NULL
+            THEN (s.score + r.score) / 2 ELSE s.score END AS score
+FROM selector_scores s
+LEFT JOIN selector_scores r ON r.selector = s.selector AND r.source = s.target AND r.target = s.source
+WHERE s.source <> s.target;
+
+CREATE OR REPLACE VIEW setup_transfers AS
+SELECT setup, model, adaptation, source, target, pc, pm, score, n_seeds, provenance
+FROM transfer_scores
+WHERE source <> target AND NOT (model = 'all' AND adaptation = 'all');
+
+CREATE OR REPLACE VIEW analysis_transfers AS
+SELECT setup, source, target, score FROM setup_transfers
+UNION ALL
+SELECT 'mean' AS setup, source, target, avg(score) AS score FROM setup_transfers GROUP BY source, target;
+
+CREATE OR REPLACE VIEW commutativity AS
+SELECT a.setup, a.source AS task_a, a.target AS task_b, a.score AS score_ab, b.score AS score_ba,
+       (a.score > 0) = (b.score > 0) AS commutative
+FROM analysis_transfers a
+JOIN analysis_transfers b ON b.setup = a.setup AND b.source = a.target AND b.target = a.source
+WHERE a.source < a.target;
+
+CREATE OR REPLACE VIEW transitive_triples AS
+SELECT ab.setup, ab.source AS a, ab.target AS b, bc.target AS c,
+       ab.score AS score_ab, bc.score AS score_bc, ac.score AS score_ac
+FROM analysis_transfers ab
+JOIN analysis_transfers bc ON bc.setup = ab.setup AND bc.source = ab.target
+JOIN analysis_transfers ac ON ac.setup = ab.setup AND ac.source = ab.source AND ac.target = bc.target
+WHERE ab.source <> bc.target;
+
+CREATE OR REPLACE VIEW setup_similarity AS
+SELECT x.setup AS setup_a, y.setup AS setup_b, count(*) AS n_pairs,
+       sum(x.score * y.score) / sqrt(sum(x.score * x.score) * sum(y.score * y.score)) AS similarity
+FROM setup_transfers x
+JOIN setup_transfers y ON y.source = x.source AND y.target = x.target
+GROUP BY x.setup, y.setup;
+
+CREATE OR REPLACE VIEW transfer_runs AS
+SELECT setup, source, target, seed, score, coalesce(CAST(json(hparams) AS VARCHAR), '{}') AS hparams,
+       provenance, run_key
+FROM runs
+WHERE kind = 'transfer' AND status = 'ok' AND score IS NOT NULL;
+
+-- Per (setup, target): the pinned config, else the one with the most runs (ties: smallest JSON).
+-- Configs compare as minified JSON text, so writers must sort keys (json.dumps(sort_keys=True)).
+CREATE OR REPLACE VIEW canonical_hparams AS
+WITH counts AS (SELECT setup, target, hparams, count(*) AS n FROM transfer_runs GROUP BY ALL),
+     auto AS (SELECT setup, target, hparams FROM (
+                  SELECT *, row_number() OVER (PARTITION BY setup, target ORDER BY n DESC, hparams) AS rn
+                  FROM counts) WHERE rn = 1)
+SELECT a.setup, a.target, coalesce(CAST(json(p.hparams) AS VARCHAR), a.hparams) AS hparams,
+       coalesce(p.provenance, 'most runs') AS chosen_by
+FROM auto a LEFT JOIN target_hparams p USING (setup, target);
+
+-- Mean over seeds of the transfer runs' task metric, from the canonical config of the target
+-- (a pair without a run in that config falls back to its own most-run config).
+CREATE OR REPLACE VIEW target_performance AS
+WITH g AS (SELECT setup, source, target, hparams, avg(score) AS perf, count(*) AS n_seeds,
+                  min(provenance) AS provenance
+           FROM transfer_runs GROUP BY setup, source, target, hparams),
+     ranked AS (SELECT g.*, row_number() OVER (
+                    PARTITION BY g.setup, g.source, g.target
+                    ORDER BY coalesce(g.hparams = c.hparams, false) DESC, g.n_seeds DESC, g.hparams) AS rn
+                FROM g LEFT JOIN canonical_hparams c ON c.setup = g.setup AND c.target = g.target)
+SELECT setup, source, target, perf, n_seeds, hparams, provenance FROM ranked WHERE rn = 1;
+"""

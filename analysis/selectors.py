@@ -1,0 +1,225 @@
+"""Source-task selectors: every one yields a score F(source -> target) for every pair it knows,
+stored in `selector_scores` (selector, method, params, source, target, score).
+
+Names a user can pass (`resolve`):
+  roe, llm                 the released TaskWeb scores (imported; llm is symmetric, see views)
+  <any stored name>        e.g. a RoE recomputed with `analysis.roe` ('roe-minilm')
+  taskshop-<F>             TaskShop (paper 000, Eq. 1) over a transfer setup with selector F
+  random                   seeded uniform scores (baseline)
+  size                     the source's training-set size (baseline, where sizes are known)
+  oracle                   the stored transfer scores themselves, T(s -> t) of the setup
+
+TaskShop, as in TaskWeb's taskshop/taskshop_predict.py:
+  TS(s, t) = lambda * mean_p (T(s->p) + F'(p->t)) / 2 + (1 - lambda) * F''(s->t)
+  with pivots p = every task with T(s->p) known in the setup and F(p->t) known, p not in {s, t}
+  (so only T among tasks other than t is used: the leave-one-out protocol holds by construction).
+  F' and F'' are F after the pivot / direct normalisation: none for RoE; for LLM-similarity a
+  z-score (pivot term) and min-max scaling (direct term), statistics over all raw LLM scores
+  (population std), after the symmetric average of both directions. TaskWeb's final rescaling
+  5*TS - 0.6 is monotone and omitted. Stored as `taskshop-<F>[<setup>,lambda=<l>]`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from analysis.analytics import MEAN, require_setup
+from analysis.db import query_arrow, registered
+from analysis.errors import AnalysisError
+
+BUILTIN = ("roe", "llm", "taskshop-roe", "taskshop-llm", "random", "size", "oracle")
+NORMS = ("none", "zscore", "minmax")
+# TaskWeb's normalisation of F inside TaskShop, by F (pivot term, direct term)
+TASKSHOP_NORMS: dict[str, tuple[str, str]] = {"roe": ("none", "none"), "llm": ("zscore", "minmax")}
+DEFAULT_LAMBDA = 0.7
+
+
+# -- the table of stored scores ---------------------------------------------------------------------
+def stored_selectors(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    """Every stored selector with its method, params, provenance and coverage."""
+    rows = con.execute("""
+        SELECT selector, any_value(method), any_value(params)::VARCHAR, any_value(provenance),
+               count(*), count(DISTINCT target), count(DISTINCT source)
+        FROM selector_scores GROUP BY selector ORDER BY selector""").fetchall()
+    return [{"name": r[0], "method": r[1], "params": json.loads(r[2]) if r[2] else {}, "provenance": r[3],
+             "n_pairs": r[4], "n_targets": r[5], "n_sources": r[6]} for r in rows]
+
+
+def store_scores(con: duckdb.DuckDBPyConnection, name: str, method: str, params: dict[str, Any],
+                 scores: pa.Table, provenance: str = "computed") -> int:
+    """Replace selector `name` by `scores` (columns source, target, score); returns rows stored."""
+    with registered(con, "_scores", scores):
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute("DELETE FROM selector_scores WHERE selector = ?", [name])
+            con.execute("""INSERT INTO selector_scores (selector, method, params, source, target, score, details, provenance)
+                           SELECT ?, ?, ?, source, target, score, NULL, ? FROM _scores WHERE source <> target""",
+                        [name, method, json.dumps(params, sort_keys=True), provenance])
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
+    return scores.num_rows
+
+
+def has_selector(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+    return con.execute("SELECT count(*) FROM selector_scores WHERE selector = ?", [name]).fetchone()[0] > 0
+
+
+# -- TaskShop -----------------------------------------------------------------------------------------
+def _norm_sql(kind: str) -> str:
+    if kind == "none":
+        return "f.score"
+    if kind == "zscore":
+        return "(f.score - st.mu) / nullif(st.sd, 0)"
+    if kind == "minmax":
+        return "(f.score - st.lo) / nullif(st.hi - st.lo, 0)"
+    raise AnalysisError(f"unknown normalisation '{kind}' (choose from {', '.join(NORMS)})")
+
+
+def taskshop_components(con: duckdb.DuckDBPyConnection, setup: str, f_selector: str,
+                        norms: tuple[str, str] | None = None, targets: list[str] | None = None) -> pa.Table:
+    """Per (source, target): the pivot term, the direct term F''(s->t) and the number of pivots.
+
+    Kept apart so that any lambda is one multiply-add (tuning evaluates a whole grid at once).
+    """
+    require_setup(con, setup)
+    if not has_selector(con, f_selector):
+        raise AnalysisError(f"TaskShop needs stored scores of selector '{f_selector}' as F; "
+                            f"stored: {', '.join(s['name'] for s in stored_selectors(con)) or 'none'}")
+    piv_norm, dir_norm = norms or TASKSHOP_NORMS.get(f_selector, ("none", "none"))
+    target_filter = "" if targets is None else "AND list_contains($targets, f.target)"
+    params: dict[str, Any] = {"f": f_selector, "setup": setup}
+    if targets is not None:
+        params["targets"] = list(targets)
+    return query_arrow(con, f"""
+        WITH st AS (SELECT avg(score) AS mu, stddev_pop(score) AS sd, min(score) AS lo, max(score) AS hi
+                    FROM selector_scores WHERE selector = $f),
+             fn AS (SELECT f.source, f.target, {_norm_sql(piv_norm)} AS f_pivot, {_norm_sql(dir_norm)} AS f_direct
+                    FROM selector_pair_scores f, st WHERE f.selector = $f {target_filter}),
+             tr AS (SELECT source, target AS pivot, score AS t FROM analysis_transfers WHERE setup = $setup),
+             piv AS (SELECT tr.source, fn.target, avg(0.5 * tr.t + 0.5 * fn.f_pivot) AS pivot_term,
+                            count(*) AS n_pivots
+                     FROM tr JOIN fn ON fn.source = tr.pivot
+                     WHERE tr.pivot <> tr.source AND tr.pivot <> fn.target AND tr.source <> fn.target
+                     GROUP BY tr.source, fn.target)
+        SELECT piv.source, piv.target, piv.pivot_term, d.f_direct AS direct_term, piv.n_pivots
+        FROM piv JOIN fn d ON d.source = piv.source AND d.target = piv.target
+        ORDER BY piv.target, piv.source""", params)
+
+
+def taskshop_name(f_selector: str, setup: str, lam: float) -> str:
+    return f"taskshop-{f_selector}[{setup},lambda={lam:g}]"
+
+
+def compute_taskshop(con: duckdb.DuckDBPyConnection, setup: str, f_selector: str, lam: float = DEFAULT_LAMBDA,
+                     norms: tuple[str, str] | None = None, name: str | None = None) -> str:
+    """TaskShop scores for every (source, target) F covers, stored; returns the stored name."""
+    if not 0.0 <= lam <= 1.0:
+        raise AnalysisError(f"lambda must lie in [0, 1], got {lam}")
+    comp = taskshop_components(con, setup, f_selector, norms)
+    if comp.num_rows == 0:
+        raise AnalysisError(f"TaskShop over setup '{setup}' with F='{f_selector}' scores no pair: "
+                            "the setup's tasks and F's tasks do not overlap")
+    with registered(con, "_comp", comp):
+        scores = query_arrow(con, "SELECT source, target, $lam * pivot_term + (1 - $lam) * direct_term AS score "
+                                  "FROM _comp", {"lam": lam})
+    piv_norm, dir_norm = norms or TASKSHOP_NORMS.get(f_selector, ("none", "none"))
+    name = name or taskshop_name(f_selector, setup, lam)
+    store_scores(con, name, "taskshop", {"f": f_selector, "setup": setup, "lambda": lam,
+                                         "f_pivot_norm": piv_norm, "f_direct_norm": dir_norm}, scores)
+    return name
+
+
+# -- baselines ------------------------------------------------------------------------------------------
+def _universe(con: duckdb.DuckDBPyConnection) -> list[str]:
+    return [r[0] for r in con.execute("""
+        SELECT DISTINCT t FROM (SELECT source AS t FROM setup_transfers UNION SELECT target FROM setup_transfers
+                                UNION SELECT source FROM selector_scores UNION SELECT target FROM selector_scores)
+        ORDER BY t""").fetchall()]
+
+
+def compute_random(con: duckdb.DuckDBPyConnection, seed: int = 0) -> str:
+    """Uniform random scores for every ordered pair of known tasks, reproducible from `seed`."""
+    tasks = _universe(con)
+    if len(tasks) < 2:
+        raise AnalysisError("the store knows fewer than two tasks: nothing to rank")
+    src = np.repeat(np.array(tasks, dtype=object), len(tasks))
+    tgt = np.tile(np.array(tasks, dtype=object), len(tasks))
+    keep = src != tgt
+    rng = np.random.default_rng(seed)
+    table = pa.table({"source": src[keep].tolist(), "target": tgt[keep].tolist(),
+                      "score": rng.random(int(keep.sum()))})
+    name = f"random[seed={seed}]"
+    store_scores(con, name, "random", {"seed": seed}, table)
+    return name
+
+
+def compute_size(con: duckdb.DuckDBPyConnection) -> str:
+    """Score = training-set size of the source: imported sizes, else the source runs' n_train."""
+    table = query_arrow(con, """
+        WITH sizes AS (
+            SELECT task, max(n_train) AS n FROM task_sizes GROUP BY task
+            UNION ALL
+            SELECT source, max(n_train) FROM runs
+            WHERE kind = 'source' AND status = 'ok' AND n_train IS NOT NULL
+              AND source NOT IN (SELECT task FROM task_sizes) GROUP BY source),
+             tasks AS (SELECT DISTINCT target AS t FROM setup_transfers UNION SELECT target FROM selector_scores)
+        SELECT s.task AS source, tasks.t AS target, CAST(s.n AS DOUBLE) AS score
+        FROM sizes s CROSS JOIN tasks WHERE s.task <> tasks.t""")
+    if table.num_rows == 0:
+        raise AnalysisError("no task sizes known: import them with `transferlab import sizes FILE` "
+                            "(e.g. ../shared/data/its/task_sizes.csv) or store source runs with n_train")
+    store_scores(con, "size", "size", {"source": "task_sizes, else source runs' n_train"}, table)
+    return "size"
+
+
+def compute_oracle(con: duckdb.DuckDBPyConnection, setup: str) -> str:
+    """The stored transfer scores as a selector: the gold ranking itself (the paper's TaskWeb rows)."""
+    require_setup(con, setup)
+    table = query_arrow(con, "SELECT source, target, score FROM analysis_transfers WHERE setup = ?", [setup])
+    name = f"oracle[{setup}]"
+    store_scores(con, name, "oracle", {"setup": setup}, table)
+    return name
+
+
+# -- name resolution ------------------------------------------------------------------------------------
+def resolve(con: duckdb.DuckDBPyConnection, name: str, setup: str | None = None, lam: float | None = None,
+            seed: int = 0, norms: tuple[str, str] | None = None) -> str:
+    """Materialise the scores behind a user-facing selector name; return their stored name."""
+    if name == "random":
+        return compute_random(con, seed)
+    if name == "size":
+        return compute_size(con)
+    if name == "oracle":
+        return compute_oracle(con, _need_setup(setup, name))
+    if name.startswith("taskshop-"):
+        f = name[len("taskshop-"):]
+        if not has_selector(con, f):
+            raise AnalysisError(f"unknown selector '{name}': TaskShop's F '{f}' has no stored scores "
+                                f"({_known(con)})")
+        return compute_taskshop(con, _need_setup(setup, name), f, DEFAULT_LAMBDA if lam is None else lam, norms)
+    if has_selector(con, name):
+        return name
+    raise AnalysisError(f"unknown selector '{name}' ({_known(con)})")
+
+
+def _need_setup(setup: str | None, name: str) -> str:
+    if not setup:
+        raise AnalysisError(f"selector '{name}' needs a transfer setup: pass --setup ADAPTATION:MODEL")
+    return setup
+
+
+def _known(con: duckdb.DuckDBPyConnection) -> str:
+    stored = [s["name"] for s in stored_selectors(con)]
+    return ("available: roe, llm (after `transferlab import taskweb`), taskshop-<stored selector>, random, size, "
+            f"oracle; stored: {', '.join(stored) if stored else 'none'}")
+
+
+__all__ = ["BUILTIN", "DEFAULT_LAMBDA", "MEAN", "compute_oracle", "compute_random", "compute_size",
+           "compute_taskshop", "resolve", "store_scores", "stored_selectors", "taskshop_components"]
