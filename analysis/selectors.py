@@ -122,6 +122,7 @@ def compute_taskshop(con: duckdb.DuckDBPyConnection, setup: str, f_selector: str
     """TaskShop scores for every (source, target) F covers, stored; returns the stored name."""
     if not 0.0 <= lam <= 1.0:
         raise AnalysisError(f"lambda must lie in [0, 1], got {lam}")
+    setup = _need_setup(setup, f"taskshop-{f_selector}")
     comp = taskshop_components(con, setup, f_selector, norms)
     if comp.num_rows == 0:
         raise AnalysisError(f"TaskShop over setup '{setup}' with F='{f_selector}' scores no pair: "
@@ -223,3 +224,37 @@ def _known(con: duckdb.DuckDBPyConnection) -> str:
 
 __all__ = ["BUILTIN", "DEFAULT_LAMBDA", "MEAN", "compute_oracle", "compute_random", "compute_size",
            "compute_taskshop", "resolve", "store_scores", "stored_selectors", "taskshop_components"]
+
+
+def compare_selectors(con: duckdb.DuckDBPyConnection, a: str, b: str, k: int = 5) -> dict[str, Any]:
+    """How close selector `a` comes to `b` over the pairs both score (e.g. a recomputed vs the released RoE).
+
+    Pearson and Spearman over all pairs, mean / max absolute difference, and per target the
+    Spearman correlation of the two source rankings and the overlap of their top-k sets.
+    """
+    for s in (a, b):
+        if not has_selector(con, s):
+            raise AnalysisError(f"unknown selector '{s}' ({_known(con)})")
+    row = con.execute("""
+        WITH j AS (SELECT x.target, x.source, x.score AS sa, y.score AS sb FROM selector_pair_scores x
+                   JOIN selector_pair_scores y ON y.selector = $b AND y.source = x.source AND y.target = x.target
+                   WHERE x.selector = $a),
+             r AS (SELECT *, rank() OVER (ORDER BY sa) AS ra, rank() OVER (ORDER BY sb) AS rb,
+                          rank() OVER (PARTITION BY target ORDER BY sa) AS ta,
+                          rank() OVER (PARTITION BY target ORDER BY sb) AS tb,
+                          row_number() OVER (PARTITION BY target ORDER BY sa DESC, source) AS pa,
+                          row_number() OVER (PARTITION BY target ORDER BY sb DESC, source) AS pb FROM j),
+             per AS (SELECT target, corr(ta, tb) AS rho,
+                            count(*) FILTER (WHERE pa <= $k AND pb <= $k) AS both_top,
+                            count(*) FILTER (WHERE pa <= $k) AS n_top
+                     FROM r GROUP BY target)
+        SELECT (SELECT count(*) FROM j), (SELECT count(DISTINCT target) FROM j),
+               (SELECT corr(sa, sb) FROM j), (SELECT corr(ra, rb) FROM r),
+               (SELECT avg(abs(sa - sb)) FROM j), (SELECT max(abs(sa - sb)) FROM j),
+               (SELECT avg(rho) FROM per), (SELECT avg(both_top / n_top) FROM per),
+               (SELECT avg(sa - sb) FROM j)""", {"a": a, "b": b, "k": k}).fetchone()
+    if not row[0]:
+        raise AnalysisError(f"selectors '{a}' and '{b}' share no (source, target) pair")
+    keys = ["n_pairs", "n_targets", "pearson", "spearman", "mean_abs_diff", "max_abs_diff",
+            "mean_per_target_spearman", f"mean_top{k}_overlap", "mean_diff"]
+    return {"a": a, "b": b, **dict(zip(keys, row, strict=True))}

@@ -1,0 +1,345 @@
+"""`transferlab` subcommands of the analyses (registered by `rayjobs.cli`).
+
+  import taskweb DIR | import sizes FILE       published data into the store
+  analyze matrix|commutativity|transitivity|setup-similarity
+  selectors                                    list stored selectors
+  compute-selector roe|taskshop|random|size    compute and store a selector's scores
+  compare-selectors A B                        closeness of two selectors (e.g. recomputed vs released RoE)
+  tune-lambda --selector taskshop-F --setup S  TaskShop's lambda on held-out targets
+  evaluate-selection --selector S --setup S    NDCG / Regret@k, leave-one-out (paper Table 2)
+  select --target T --selector S --k 5         top / bottom / random k sources for multi-task training
+  report                                       PNG figures + index.html
+
+Every command takes `--db PATH` (default: the configured store); errors are `AnalysisError`s,
+which the CLI prints as `transferlab: error: ...` with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from analysis.errors import AnalysisError
+
+
+def _data_root() -> Path:
+    env = os.environ.get("TRANSFERLAB_DATA")
+    return Path(env) if env else Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _dump(obj: Any) -> None:
+    def clean(o: Any) -> Any:
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        return o
+
+    print(json.dumps(clean(obj), indent=2, default=str))
+
+
+def _table(cols: list[str], rows: list[tuple]) -> None:
+    from rayjobs.cli import print_table
+
+    print_table(cols, rows)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
+# -- handlers -------------------------------------------------------------------------------------------
+def _cmd_import(args: argparse.Namespace) -> int:
+    from analysis.db import open_store
+    from analysis.taskweb_import import import_task_sizes, import_taskweb
+
+    with open_store(args.db, create=True) as con:
+        if args.what == "taskweb":
+            report = import_taskweb(con, args.path, strict=args.strict)
+        else:
+            report = import_task_sizes(con, args.path, strict=args.strict)
+    if args.json:
+        _dump(report.to_dict())
+    else:
+        for name, n in report.kept.items():
+            print(f"imported {n} rows from {name}")
+        for name in report.missing:
+            print(f"not found: {name}")
+        for note in report.notes:
+            print(f"note: {note}")
+    for bad in report.skipped:
+        print(f"skipped malformed row: {bad}", file=sys.stderr)
+    return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from analysis import analytics as an
+    from analysis.db import open_store
+
+    if args.setup is None:
+        args.setup = "all" if args.what == "transitivity" else an.MEAN
+    with open_store(args.db) as con:
+        if args.what == "matrix":
+            m = an.transfer_matrix(con, args.setup)
+            if args.json:
+                _dump({"setup": args.setup, "matrix": {s: {t: v for t, v in row.items() if not math.isnan(v)}
+                                                       for s, row in m.iterrows()}})
+            else:
+                print(m.round(3).to_string(na_rep="-"))
+        elif args.what == "commutativity":
+            c = an.commutativity(con, args.setup)
+            if args.json:
+                _dump(c)
+            else:
+                print(f"setup {c['setup']}: {c['n_commutative']} of {c['n_pairs']} unordered pairs share a sign "
+                      f"({c['n_non_commutative']} do not)")
+                _table(["task_a", "task_b", "score_ab", "score_ba", "commutative"],
+                       [tuple(p.values()) for p in c["pairs"]])
+        elif args.what == "transitivity":
+            setups = None if args.setup == "all" else [args.setup]
+            df = an.transitivity(con, args.thresholds, setups)
+            if args.json:
+                _dump(df.to_dict(orient="records"))
+            else:
+                _table(list(df.columns), [tuple(r) for r in df.itertuples(index=False)])
+        else:
+            sim = an.setup_similarity(con)
+            if args.json:
+                _dump({a: row.to_dict() for a, row in sim.iterrows()})
+            else:
+                print(sim.round(3).to_string())
+    return 0
+
+
+def _cmd_selectors(args: argparse.Namespace) -> int:
+    from analysis.db import open_store
+    from analysis.selectors import stored_selectors
+
+    with open_store(args.db) as con:
+        rows = stored_selectors(con)
+    if args.json:
+        _dump(rows)
+    else:
+        _table(["name", "method", "pairs", "targets", "sources", "provenance", "params"],
+               [(r["name"], r["method"], r["n_pairs"], r["n_targets"], r["n_sources"], r["provenance"],
+                 json.dumps(r["params"], sort_keys=True)) for r in rows])
+    return 0
+
+
+def _cmd_compute(args: argparse.Namespace) -> int:
+    from analysis import selectors as sel
+    from analysis.db import open_store
+
+    if args.kind == "roe":  # embed first: a long run must not hold the store's lock
+        from analysis.roe import roe_scores, store_roe
+
+        examples = args.examples or str(_data_root() / "taskweb" / "prompted_examples_32.jsonl")
+        table, params = roe_scores(examples, model=args.model, max_seq_length=args.max_seq_length,
+                                   max_per_task=args.max_per_task, tasks=args.tasks, targets=args.targets,
+                                   device=args.device, batch_size=args.batch_size)
+        name = args.name or "roe-minilm"
+        with open_store(args.db, create=True) as con:
+            store_roe(con, name, table, params)
+        print(f"stored {table.num_rows} scores as selector '{name}'")
+        return 0
+    with open_store(args.db) as con:
+        if args.kind == "taskshop":
+            norms = (args.f_pivot_norm, args.f_direct_norm) if args.f_pivot_norm or args.f_direct_norm else None
+            if norms and None in norms:
+                raise AnalysisError("give both --f-pivot-norm and --f-direct-norm, or neither")
+            name = sel.compute_taskshop(con, args.setup, args.f, args.lam, norms, args.name)
+            n = con.execute("SELECT count(*) FROM selector_scores WHERE selector = ?", [name]).fetchone()[0]
+        elif args.kind == "random":
+            name = sel.compute_random(con, args.seed)
+            n = con.execute("SELECT count(*) FROM selector_scores WHERE selector = ?", [name]).fetchone()[0]
+        else:
+            name = sel.compute_size(con)
+            n = con.execute("SELECT count(*) FROM selector_scores WHERE selector = ?", [name]).fetchone()[0]
+    print(f"stored {n} scores as selector '{name}'")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from analysis.db import open_store
+    from analysis.selectors import compare_selectors
+
+    with open_store(args.db) as con:
+        res = compare_selectors(con, args.a, args.b, args.k)
+    if args.json:
+        _dump(res)
+    else:
+        _table(["measure", "value"], [(k, v) for k, v in res.items()])
+    return 0
+
+
+def _taskshop_f(selector: str) -> str:
+    if not selector.startswith("taskshop-"):
+        raise AnalysisError(f"tune-lambda tunes TaskShop: pass --selector taskshop-<F>, got '{selector}'")
+    return selector[len("taskshop-"):]
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from analysis.db import open_store
+    from analysis.ranking import tune_lambda
+
+    with open_store(args.db) as con:
+        res = tune_lambda(con, _taskshop_f(args.selector), args.setup, args.heldout, args.grid, args.metric, args.k)
+    if args.json:
+        _dump(res)
+    else:
+        rk = f"regret_at_{args.k}"
+        print(f"held out: {', '.join(res['heldout'])}; best lambda by {res['metric']}: {res['best_lambda']:g}")
+        _table(["lambda", "ndcg %", f"regret@{args.k} %"],
+               [(f"{r['lambda']:g}", _pct(r["ndcg"]), _pct(r[rk])) for r in res["grid"]])
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from analysis.db import open_store
+    from analysis.ranking import evaluate_selection, load_categories
+
+    cats = load_categories(args.categories) if args.categories else None
+    with open_store(args.db) as con:
+        res = evaluate_selection(con, args.selector, args.setup, args.lam, args.k, args.targets, cats, args.seed)
+    if args.json:
+        _dump(res)
+        return 0
+    rk = f"regret_at_{args.k}"
+    lam = f", lambda={res['lambda']:g}" if res["lambda"] is not None else ""
+    print(f"selector {res['selector']} (stored as {res['stored_as']}) on {res['setup']}{lam}")
+    rows = [(c, v["n_targets"], _pct(v["ndcg"]), _pct(v[rk])) for c, v in res["by_category"].items()]
+    rows.append(("overall", len(res["by_target"]), _pct(res["ndcg"]), _pct(res[rk])))
+    _table(["category", "targets", "NDCG %", f"Regret@{args.k} %"], rows)
+    for note in res["notes"]:
+        print(f"note: {note}")
+    return 0
+
+
+def _cmd_select(args: argparse.Namespace) -> int:
+    from analysis.db import open_store
+    from analysis.multitask_sets import select_sources
+
+    with open_store(args.db) as con:
+        res = select_sources(con, args.target, args.selector, args.k, args.setup, args.lam, args.seed)
+    if args.json:
+        _dump(res)
+    else:
+        for part in ("top", "bottom", "random"):
+            print(f"{part}-{args.k}: {', '.join(res[part])}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from analysis.db import open_store
+    from analysis.reports import write_report
+
+    with open_store(args.db) as con:
+        res = write_report(con, args.out, args.setup, tuple(args.thresholds), args.graph_min_abs)
+    print(f"wrote {len(res['files'])} figures and {res['index']}")
+    return 0
+
+
+# -- registration -----------------------------------------------------------------------------------------
+def register(sub: argparse._SubParsersAction, default_db: Callable[[], str]) -> None:
+    """Add the analysis subcommands to the `transferlab` parser."""
+    from analysis.analytics import DEFAULT_THRESHOLDS
+
+    def add(name: str, helptext: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        p.add_argument("--db", default=default_db(), help="DuckDB results store (default: %(default)s)")
+        p.set_defaults(func=func)
+        return p
+
+    p = add("import", "import published results (TaskWeb release, task sizes) into the store", _cmd_import)
+    p.add_argument("what", choices=["taskweb", "sizes"], help="taskweb: a release folder; sizes: task,train_examples CSV")
+    p.add_argument("path", help="the TaskWeb folder (e.g. ../shared/data/taskweb) or the sizes CSV")
+    p.add_argument("--strict", action="store_true", help="import nothing if any row is malformed")
+    p.add_argument("--json", action="store_true")
+
+    p = add("analyze", "transfer matrix, commutativity, transitivity, setup similarity", _cmd_analyze)
+    p.add_argument("what", choices=["matrix", "commutativity", "transitivity", "setup-similarity"])
+    p.add_argument("--setup", default=None, help="ADAPTATION:MODEL, 'mean' (default), or for transitivity 'all' (default)")
+    p.add_argument("--thresholds", type=_floats, default=list(DEFAULT_THRESHOLDS),
+                   help="transitivity thresholds, comma-separated (default 0,0.01,...,0.05)")
+    p.add_argument("--json", action="store_true")
+
+    p = add("selectors", "list the stored selectors", _cmd_selectors)
+    p.add_argument("--json", action="store_true")
+
+    p = add("compute-selector", "compute a selector's scores and store them", _cmd_compute)
+    p.add_argument("kind", choices=["roe", "taskshop", "random", "size"])
+    p.add_argument("--name", help="stored name (roe default: roe-minilm; taskshop: taskshop-F[setup,lambda=L])")
+    p.add_argument("--examples", help="roe: few-shot JSONL {task,input,choices} (default: TaskWeb's prompted_examples_32)")
+    p.add_argument("--model", help="roe: sentence-transformers model path or id (default: bundled all-MiniLM-L6-v2)")
+    p.add_argument("--max-seq-length", type=int, default=512, help="roe: token truncation (TaskWeb: 512)")
+    p.add_argument("--max-per-task", type=int, help="roe: use only the first N examples of each task")
+    p.add_argument("--tasks", type=_names, help="roe: only these tasks (comma-separated)")
+    p.add_argument("--targets", type=_names, help="roe: score only these targets")
+    p.add_argument("--device", help="roe: torch device (default: GPU if available)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--f", default="roe", help="taskshop: the stored selector used as F (default roe)")
+    p.add_argument("--setup", help="taskshop: transfer setup ADAPTATION:MODEL (or 'mean')")
+    p.add_argument("--lambda", dest="lam", type=float, default=0.7, help="taskshop: lambda (default 0.7)")
+    p.add_argument("--f-pivot-norm", choices=["none", "zscore", "minmax"], help="taskshop: normalise F in the pivot term")
+    p.add_argument("--f-direct-norm", choices=["none", "zscore", "minmax"], help="taskshop: normalise the direct F")
+    p.add_argument("--seed", type=int, default=0, help="random: seed")
+
+    p = add("compare-selectors", "how close selector A comes to selector B", _cmd_compare)
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--k", type=int, default=5, help="top-k overlap (default 5)")
+    p.add_argument("--json", action="store_true")
+
+    p = add("tune-lambda", "tune TaskShop's lambda on held-out targets", _cmd_tune)
+    p.add_argument("--selector", required=True, help="taskshop-<F>, e.g. taskshop-roe")
+    p.add_argument("--setup", required=True, help="ADAPTATION:MODEL, e.g. finetune:t5l")
+    p.add_argument("--heldout", type=_names, default=None, help="held-out targets (default piqa, as TaskWeb)")
+    p.add_argument("--grid", type=_floats, default=None, help="lambdas to try (default 0,0.1,...,1)")
+    p.add_argument("--metric", choices=["ndcg", "regret"], default="ndcg")
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+
+    p = add("evaluate-selection", "NDCG and Regret@k of a selector, leave-one-out over targets", _cmd_evaluate)
+    p.add_argument("--selector", required=True,
+                   help="roe, llm, taskshop-roe, taskshop-llm, taskshop-<stored>, random, size, oracle, or a stored name")
+    p.add_argument("--setup", required=True, help="ADAPTATION:MODEL, e.g. finetune:t5l")
+    p.add_argument("--lambda", dest="lam", type=float, default=None, help="TaskShop lambda (default 0.7)")
+    p.add_argument("--k", type=int, default=5, help="k of Regret@k (default 5)")
+    p.add_argument("--targets", type=_names, default=None, help="targets to evaluate (default: Table 2's 20 for TaskWeb data)")
+    p.add_argument("--categories", help="JSON/YAML category map {category: [tasks]} (default: Table 2's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random selector")
+    p.add_argument("--json", action="store_true")
+
+    p = add("select", "top-k, bottom-k and random-k sources for a target (multi-task sets)", _cmd_select)
+    p.add_argument("--target", required=True)
+    p.add_argument("--selector", required=True, help="any selector name, or 'oracle' (the stored transfers)")
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--setup", help="transfer setup for taskshop-* and oracle")
+    p.add_argument("--lambda", dest="lam", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random-k set (and the random selector)")
+    p.add_argument("--json", action="store_true")
+
+    p = add("report", "write the figures (heatmap, TaskWeb graph, transitivity, ...) and index.html", _cmd_report)
+    p.add_argument("--out", default="reports", help="output folder (default: %(default)s)")
+    p.add_argument("--setup", action="append", help="setup(s) to draw (repeatable; default 'mean')")
+    p.add_argument("--thresholds", type=_floats, default=list(DEFAULT_THRESHOLDS))
+    p.add_argument("--graph-min-abs", type=float, default=0.02, help="draw graph edges with |score| above this")
