@@ -33,9 +33,17 @@ def query_arrow(con: duckdb.DuckDBPyConnection, sql: str, params: list | dict | 
         return fetch()
 
 
+def settle(con: duckdb.DuckDBPyConnection) -> None:
+    """Drop a pending, partly fetched result (duckdb 2 refuses `register` while one exists)."""
+    abort = getattr(con, "abort", None)
+    if abort is not None:
+        abort()
+
+
 @contextmanager
 def registered(con: duckdb.DuckDBPyConnection, name: str, table: pa.Table) -> Iterator[None]:
     """Expose an Arrow table to SQL as `name` for the duration of the block."""
+    settle(con)
     con.register(name, table)
     try:
         yield

@@ -35,7 +35,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from analysis.db import query_arrow
+from analysis.db import query_arrow, registered
 from analysis.errors import AnalysisError
 from analysis.store import RUN_COLUMNS
 
@@ -108,36 +108,34 @@ def _check_int(col: str, positive: bool = False) -> str:
 
 
 def _validated(con: duckdb.DuckDBPyConnection, raw: pa.Table, checks: list[str], key: list[str],
-               select: str, extra_ctes: str = "", from_: str = "g") -> tuple[list[tuple[int, str]], pa.Table]:
+               select: str, source: str = "_raw") -> tuple[list[tuple[int, str]], pa.Table]:
     """Run the checks over all rows at once; return (line, reason) of bad rows and the good rows.
 
-    `select` is evaluated on good rows only (its casts are safe there); duplicates of `key` after
-    the first occurrence are bad rows too.
+    `source` is the relation the checks see (`_raw` is the file's string columns, possibly joined
+    with lookup columns); `select` is evaluated on good rows only (relation `g`, where its casts
+    are safe); duplicates of `key` after the first occurrence are bad rows too.
     """
     reason = "coalesce(" + ", ".join(checks) + ")"
     keys = ", ".join(_q(k) for k in key)
-    con.register("_raw", raw)
-    try:
+    with registered(con, "_raw", raw):
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE _checked AS
-            WITH r AS (SELECT *, {reason} AS _reason FROM _raw)
+            WITH r AS (SELECT *, {reason} AS _reason FROM {source})
             SELECT *, coalesce(_reason, CASE WHEN row_number() OVER w > 1
                                              THEN 'duplicate of line ' || first_value(_line) OVER w END) AS _why
             FROM r WINDOW w AS (PARTITION BY {keys}, (_reason IS NULL) ORDER BY _line)""")
         bad = con.execute("SELECT _line, _why FROM _checked WHERE _why IS NOT NULL ORDER BY _line").fetchall()
-        good = query_arrow(con, f"WITH {extra_ctes} g AS (SELECT * FROM _checked WHERE _why IS NULL) "
-                                f"SELECT {select} FROM {from_} ORDER BY g._line")
-    finally:
-        con.unregister("_raw")
-        con.execute("DROP TABLE IF EXISTS _checked")
+        good = query_arrow(con, f"WITH g AS (SELECT * FROM _checked WHERE _why IS NULL) "
+                                f"SELECT {select} FROM g ORDER BY g._line")
+    con.execute("DROP TABLE IF EXISTS _checked")
     return bad, good
 
 
-def _read_columns(path: Path, header: tuple[str, ...]) -> tuple[pa.Table, list[str]]:
+def _read_columns(path: Path, header: tuple[str, ...]) -> tuple[pa.Table, list[tuple[int, str]]]:
     """Split CSV records (quoted fields may hold commas or newlines) into string columns + `_line`."""
     cols: dict[str, list[str]] = {c: [] for c in header}
     lines: list[int] = []
-    bad: list[str] = []
+    bad: list[tuple[int, str]] = []
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
         try:
@@ -155,11 +153,11 @@ def _read_columns(path: Path, header: tuple[str, ...]) -> tuple[pa.Table, list[s
             except StopIteration:
                 break
             except csv.Error as e:  # e.g. a NUL byte: report the record, keep reading
-                bad.append(f"{path}:{reader.line_num}: unreadable CSV record ({e})")
+                bad.append((reader.line_num, f"unreadable CSV record ({e})"))
                 continue
             if len(cells) != width:
                 if any(c.strip() for c in cells):
-                    bad.append(f"{path}:{reader.line_num}: expected {width} fields, got {len(cells)}")
+                    bad.append((reader.line_num, f"expected {width} fields, got {len(cells)}"))
                 continue
             for lst, i in idx:
                 lst.append(cells[i].strip())
@@ -169,12 +167,10 @@ def _read_columns(path: Path, header: tuple[str, ...]) -> tuple[pa.Table, list[s
 
 
 def _parse(con: duckdb.DuckDBPyConnection, path: Path, header: tuple[str, ...], checks: list[str],
-           key: list[str], select: str, extra_ctes: str = "", from_: str = "g") -> tuple[pa.Table, list[str]]:
+           key: list[str], select: str, source: str = "_raw") -> tuple[pa.Table, list[str]]:
     raw, bad = _read_columns(path, header)
-    bad_rows, good = _validated(con, raw, checks, key, select, extra_ctes, from_)
-    bad += [f"{path}:{line}: {why}" for line, why in bad_rows]
-    bad.sort(key=lambda s: int(s.rsplit(":", 2)[-2]) if s.rsplit(":", 2)[-2].isdigit() else 0)
-    return good, bad
+    bad_rows, good = _validated(con, raw, checks, key, select, source)
+    return good, [f"{path}:{line}: {why}" for line, why in sorted(bad + bad_rows)]
 
 
 # -- the four TaskWeb files -----------------------------------------------------------------------
@@ -186,47 +182,52 @@ def _parse_transfer(con: duckdb.DuckDBPyConnection, path: Path, prov: str) -> tu
     return _parse(con, path, cols, checks, ["model", "adaptation", "source", "target"], select)
 
 
-def _metric_sql() -> tuple[list[str], str, str]:
-    """Checks, a CTE of per-target wanted metrics, and the score expression (TaskWeb's p)."""
+def _metric_sql() -> tuple[str, list[str], str]:
+    """The raw relation joined with each target's wanted metrics, the checks, and TaskWeb's p."""
+    wanted_rows = ", ".join(
+        f"('{t}', " + ", ".join("true" if m in ms else "false" for m in _ALL_METRICS)
+        + f", '{_METRIC_NAME[ms]}', '{', '.join('eval_' + m for m in ms)}')"
+        for t, ms in TASKWEB_METRICS.items())
+    wcols = ", ".join(f"w_{m}" for m in _ALL_METRICS)
+    flags = ", ".join(f"coalesce(w.w_{m}, {'true' if m == 'accuracy' else 'false'}) AS w_{m}" for m in _ALL_METRICS)
+    source = (f"(SELECT r.*, {flags}, "
+              f"coalesce(w.metric, 'accuracy') AS metric, coalesce(w.wanted, 'eval_accuracy') AS wanted "
+              f"FROM _raw r LEFT JOIN (VALUES {wanted_rows}) w(target, {wcols}, metric, wanted) ON w.target = r.target)")
     mj = "CASE WHEN json_valid(metrics_json) THEN metrics_json ELSE '{}' END"
     checks = ["CASE WHEN NOT json_valid(metrics_json) THEN 'metrics_json is not JSON' "
               f"WHEN json_type({mj}) <> 'OBJECT' THEN 'metrics_json is not an object' END"]
+    present = []
     for m in _ALL_METRICS:
-        checks.append(f"CASE WHEN json_type(json_extract({mj}, '$.eval_{m}')) NOT IN "
-                      f"('DOUBLE', 'BIGINT', 'UBIGINT', 'NULL') THEN 'eval_{m} is not a number' END")
-    wanted_rows = ", ".join(
-        f"('{t}', " + ", ".join("true" if m in ms else "false" for m in _ALL_METRICS) + f", '{_METRIC_NAME[ms]}')"
-        for t, ms in TASKWEB_METRICS.items())
-    wanted_cols = ", ".join(f"w_{m}" for m in _ALL_METRICS)
-    cte = f"wanted(target, {wanted_cols}, metric) AS (VALUES {wanted_rows}),"
-    # value of metric m, normalised, NULL unless the target wants it and the run reports it
-    def norm(m: str) -> str:
-        x = f"TRY_CAST(json_extract_string(g.metrics_json, '$.eval_{m}') AS DOUBLE)"
-        return f"CASE WHEN {x} > 1.0 THEN {x} / 100.0 ELSE {x} END"
+        typ = f"json_type(json_extract({mj}, '$.eval_{m}'))"
+        checks.append(f"CASE WHEN w_{m} AND {typ} NOT IN ('DOUBLE', 'BIGINT', 'UBIGINT', 'NULL') "
+                      f"THEN 'eval_{m} is not a number' END")
+        present.append(f"CASE WHEN w_{m} AND {typ} IN ('DOUBLE', 'BIGINT', 'UBIGINT') THEN 1 ELSE 0 END")
+    checks.append(f"CASE WHEN ({' + '.join(present)}) = 0 "
+                  "THEN 'metrics_json has none of the target''s metrics (' || wanted || ')' END")
 
-    val = {m: f"CASE WHEN coalesce(w.w_{m}, {'true' if m == 'accuracy' else 'false'}) THEN {norm(m)} END"
-           for m in _ALL_METRICS}
-    n = " + ".join(f"CASE WHEN ({v}) IS NULL THEN 0 ELSE 1 END" for v in val.values())
-    total = " + ".join(f"coalesce({v}, 0)" for v in val.values())
-    score = f"CASE WHEN ({n}) = 0 THEN NULL ELSE ({total}) / ({n}) END"
-    return checks, cte, score
+    def norm(m: str) -> str:  # metric m of the run, percent -> fraction, NULL unless wanted and present
+        x = f"TRY_CAST(json_extract_string(metrics_json, '$.eval_{m}') AS DOUBLE)"
+        return f"CASE WHEN w_{m} THEN (CASE WHEN {x} > 1.0 THEN {x} / 100.0 ELSE {x} END) END"
+
+    n = " + ".join(f"CASE WHEN ({norm(m)}) IS NULL THEN 0 ELSE 1 END" for m in _ALL_METRICS)
+    total = " + ".join(f"coalesce({norm(m)}, 0)" for m in _ALL_METRICS)
+    return source, checks, f"({total}) / ({n})"
 
 
 def _parse_runs(con: duckdb.DuckDBPyConnection, path: Path, prov: str) -> tuple[pa.Table, list[str]]:
     cols = ("source", "target", "model", "adaptation", "epochs", "learning_rate", "batch_size", "seed",
             "metrics_json")
-    mchecks, cte, score = _metric_sql()
+    source, mchecks, score = _metric_sql()
     checks = ([_check_name(c) for c in cols[:4]] + [_check_int("epochs"), _check_float("learning_rate", 0.0),
                                                      _check_int("batch_size"), _check_int("seed")] + mchecks)
     key = ["model", "adaptation", "source", "target", "epochs", "learning_rate", "batch_size", "seed"]
     select = f"""
-        g.source, g.target, g.model, g.adaptation, g.adaptation || ':' || g.model AS setup,
-        CAST(g.seed AS BIGINT) AS seed, {score} AS score, coalesce(w.metric, 'accuracy') AS metric,
-        g.metrics_json AS metrics,
-        CAST(g.epochs AS BIGINT) AS epochs, CAST(g.learning_rate AS DOUBLE) AS learning_rate,
-        CAST(g.batch_size AS BIGINT) AS batch_size
+        source, target, model, adaptation, adaptation || ':' || model AS setup,
+        CAST(seed AS BIGINT) AS seed, {score} AS score, metric, metrics_json AS metrics,
+        CAST(epochs AS BIGINT) AS epochs, CAST(learning_rate AS DOUBLE) AS learning_rate,
+        CAST(batch_size AS BIGINT) AS batch_size
     """
-    return _parse(con, path, cols, checks, key, select, cte, "g LEFT JOIN wanted w ON w.target = g.target")
+    return _parse(con, path, cols, checks, key, select, source)
 
 
 def _parse_pairs(con: duckdb.DuckDBPyConnection, path: Path, cols: tuple[str, ...], details: str | None
@@ -321,18 +322,14 @@ def import_task_sizes(con: duckdb.DuckDBPyConnection, path: str | Path, strict: 
 
 # -- writing: whole columns through Arrow / SQL -----------------------------------------------------
 def _insert_arrow(con: duckdb.DuckDBPyConnection, table_name: str, table: pa.Table) -> None:
-    con.register("_incoming", table)
-    try:
+    with registered(con, "_incoming", table):
         cols = ", ".join(table.column_names)
         con.execute(f"INSERT OR REPLACE INTO {table_name} ({cols}) SELECT {cols} FROM _incoming")
-    finally:
-        con.unregister("_incoming")
 
 
 def _write_runs(con: duckdb.DuckDBPyConnection, good: pa.Table, prov: str) -> int:
     """Insert the runs in the store's run schema; returns how many have a NaN metric (failed)."""
-    con.register("_incoming", good)
-    try:
+    with registered(con, "_incoming", good):
         con.execute("DELETE FROM runs WHERE provenance = ?", [prov])
         # run key: sha256 of everything that identifies the run in the release (deterministic)
         exprs = {
@@ -352,21 +349,16 @@ def _write_runs(con: duckdb.DuckDBPyConnection, good: pa.Table, prov: str) -> in
         names = [n for n, _, _ in RUN_COLUMNS if n in exprs]
         con.execute(f"INSERT OR REPLACE INTO runs ({', '.join(names)}) "
                     f"SELECT {', '.join(exprs[n] for n in names)} FROM _incoming")
-    finally:
-        con.unregister("_incoming")
     return con.execute("SELECT count(*) FROM runs WHERE provenance = ? AND status = 'failed'", [prov]).fetchone()[0]
 
 
 def _write_selector(con: duckdb.DuckDBPyConnection, good: pa.Table, selector: str, method: str,
                     params: dict[str, Any], prov: str) -> None:
-    con.register("_incoming", good)
-    try:
+    with registered(con, "_incoming", good):
         con.execute("DELETE FROM selector_scores WHERE selector = ?", [selector])
         con.execute("INSERT INTO selector_scores (selector, method, params, source, target, score, details, provenance) "
                     "SELECT ?, ?, ?, source, target, score, details, ? FROM _incoming",
                     [selector, method, json.dumps(params, sort_keys=True), prov])
-    finally:
-        con.unregister("_incoming")
 
 
 def _sha256(path: Path) -> str:

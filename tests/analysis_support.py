@@ -1,0 +1,45 @@
+"""Shared helpers of the analysis tests: where the reference data is, and one imported TaskWeb store.
+
+The store is imported once per test process into a temporary folder (about two seconds) and
+only read by the tests that use it; tests that write get their own store.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("TRANSFERLAB_DATA") or ROOT.parent / "shared" / "data")
+TASKWEB = DATA / "taskweb"
+
+needs_taskweb = pytest.mark.skipif(
+    not (TASKWEB / "transfer_scores.csv").is_file(),
+    reason=f"the TaskWeb release is not at {TASKWEB} (reference data of this workplace; set TRANSFERLAB_DATA)")
+
+
+@functools.lru_cache(maxsize=1)
+def taskweb_db() -> Path:
+    """Path of a store with the whole TaskWeb release imported (shared, treat as read-only)."""
+    from analysis.db import open_store
+    from analysis.taskweb_import import import_taskweb
+
+    root = Path(tempfile.mkdtemp(prefix="transferlab-taskweb-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    db = root / "taskweb.duckdb"
+    with open_store(db, create=True) as con:
+        import_taskweb(con, TASKWEB)
+    return db
+
+
+def copy_db(src: Path, dest_dir: Path) -> Path:
+    """A private writable copy of a store."""
+    dest = dest_dir / src.name
+    shutil.copy(src, dest)
+    return dest
