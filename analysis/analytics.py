@@ -32,22 +32,23 @@ def available_setups(con: duckdb.DuckDBPyConnection) -> list[str]:
 
 def require_data(con: duckdb.DuckDBPyConnection) -> list[str]:
     """The setups, or a clear error when the store holds no transfer scores at all."""
-    setups = available_setups(con)
-    if not setups:
+    rows = con.execute("""SELECT setup, count(*) > count(DISTINCT (source, target)),
+                                 list(DISTINCT provenance ORDER BY provenance)
+                          FROM setup_transfers GROUP BY setup ORDER BY setup""").fetchall()
+    if not rows:
         raise AnalysisError("the store holds no transfer scores: import the published TaskWeb with "
                             "`transferlab import taskweb DIR` or run `transferlab run CONFIG` first")
-    dup = con.execute("""SELECT setup, list(DISTINCT provenance ORDER BY provenance) FROM setup_transfers
-                         GROUP BY setup HAVING count(*) > count(DISTINCT (source, target))""").fetchall()
-    if dup:
-        s, provs = dup[0]
-        raise AnalysisError(f"setup '{s}' has transfer scores from several sources ({', '.join(provs)}); "
-                            "delete one of them (see the `imports` table) before analysing it")
-    return setups
+    for setup, dup, provs in rows:
+        if dup:
+            raise AnalysisError(f"setup '{setup}' has transfer scores from several sources ({', '.join(provs)}); "
+                                "delete one of them (see the `imports` table) before analysing it")
+    return [r[0] for r in rows]
 
 
-def require_setup(con: duckdb.DuckDBPyConnection, setup: str, allow_mean: bool = True) -> str:
+def require_setup(con: duckdb.DuckDBPyConnection, setup: str, allow_mean: bool = True,
+                  setups: list[str] | None = None) -> str:
     """Validate a setup name ('ADAPTATION:MODEL', or 'mean'); error lists the ones with data."""
-    setups = require_data(con)
+    setups = setups if setups is not None else require_data(con)
     if setup == MEAN and allow_mean:
         return setup
     if setup not in setups:
@@ -75,6 +76,13 @@ def commutativity(con: duckdb.DuckDBPyConnection, setup: str = MEAN) -> dict[str
             "fraction": n_comm / len(pairs) if pairs else None, "pairs": pairs}
 
 
+def commutativity_counts(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    """Per setup (and 'mean'): unordered pairs with both directions, and how many share a sign."""
+    require_data(con)
+    return con.execute("""SELECT setup, count(*) AS n_pairs, count(*) FILTER (WHERE commutative) AS n_commutative
+                          FROM commutativity GROUP BY setup ORDER BY setup""").df()
+
+
 def transitivity(con: duckdb.DuckDBPyConnection, thresholds: tuple[float, ...] | list[float] = DEFAULT_THRESHOLDS,
                  setups: list[str] | None = None) -> pd.DataFrame:
     """Per setup (and 'mean') and threshold: n_triples, n_positive and their fraction, one query."""
@@ -83,7 +91,7 @@ def transitivity(con: duckdb.DuckDBPyConnection, thresholds: tuple[float, ...] |
     all_setups = require_data(con)
     chosen = setups if setups is not None else [*all_setups, MEAN]
     for s in chosen:
-        require_setup(con, s)
+        require_setup(con, s, setups=all_setups)
     return con.execute("""
         WITH th AS (SELECT unnest(?::DOUBLE[]) AS threshold),
              tr AS (SELECT setup, least(score_ab, score_bc) AS weakest, score_ac > 0 AS positive

@@ -121,10 +121,12 @@ def similarity(x: Scores, y: Scores) -> float:
 def taskshop(T: Scores, F: Scores, source: str, target: str, lam: float, symmetric: bool = False,
              pivot_norm: str = "none", direct_norm: str = "none") -> float:
     """Eq. 1 for one pair, TaskWeb's taskshop_predict.py style (pivots: tasks that are T targets)."""
-    raw = list(F.values())
-    mu = sum(raw) / len(raw)
-    sd = math.sqrt(sum((v - mu) ** 2 for v in raw) / len(raw))
-    lo, hi = min(raw), max(raw)
+    mu = sd = lo = hi = 0.0
+    if pivot_norm != "none" or direct_norm != "none":  # statistics over all raw F scores
+        raw = list(F.values())
+        mu = sum(raw) / len(raw)
+        sd = math.sqrt(sum((v - mu) ** 2 for v in raw) / len(raw))
+        lo, hi = min(raw), max(raw)
 
     def f(a: str, b: str) -> float | None:
         if symmetric:

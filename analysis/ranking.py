@@ -19,6 +19,7 @@ Table 2 (checked to 0.01 points against every cell of its RoE, LLM and both Task
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -64,13 +65,20 @@ def load_categories(path: str | Path) -> dict[str, list[str]]:
     return data
 
 
-def _registry_category(task: str) -> str:
+@functools.lru_cache(maxsize=1)
+def _registry_categories() -> dict[str, str]:
+    """Table 1 categories of the task registry (loaded once per process)."""
     try:
         from rayjobs.tasks import TaskRegistry
 
-        return TaskRegistry.load().get(task).category or "other"
-    except Exception:  # unknown task or no registry: the category is only a label
-        return "other"
+        reg = TaskRegistry.load()
+        return {name: reg.get(name).category or "other" for name in reg.names}
+    except Exception:  # no registry: categories are only labels
+        return {}
+
+
+def _registry_category(task: str) -> str:
+    return _registry_categories().get(task, "other")
 
 
 def evaluation_plan(con: duckdb.DuckDBPyConnection, setup: str, targets: list[str] | None = None,
