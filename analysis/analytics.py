@@ -52,7 +52,7 @@ def require_setup(con: duckdb.DuckDBPyConnection, setup: str, allow_mean: bool =
     if setup == MEAN and allow_mean:
         return setup
     if setup not in setups:
-        hint = " (or 'mean')" if allow_mean else ""
+        hint = " (or 'mean', the average over setups, which equals a published 'all:all')" if allow_mean else ""
         raise AnalysisError(f"no transfer scores for setup '{setup}'; setups with data: {', '.join(setups)}{hint}")
     return setup
 

@@ -160,14 +160,16 @@ def commutativity_plot(comm: dict[str, Any], path: Path) -> Path:
         v = 0.0 if p["commutative"] else 1.0
         grid[idx[p["task_a"]], idx[p["task_b"]]] = grid[idx[p["task_b"]], idx[p["task_a"]]] = v
     fig, ax = plt.subplots(figsize=(0.4 * len(tasks) + 3, 0.4 * len(tasks) + 2))
-    ax.imshow(grid, cmap=matplotlib.colors.ListedColormap(["#ffffff", "#f39c12"]), vmin=0, vmax=1)
+    cmap = matplotlib.colors.ListedColormap(["#ffffff", "#f39c12"])
+    cmap.set_bad("#bbbbbb")  # the diagonal (and pairs missing a direction)
+    ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=1)
     ax.set_xticks(range(len(tasks)), tasks, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
     ax.set_xticks(np.arange(-0.5, len(tasks)), minor=True)
     ax.set_yticks(np.arange(-0.5, len(tasks)), minor=True)
     ax.grid(which="minor", color="#dddddd", lw=0.5)
     ax.set_title(f"Commutativity ({comm['setup']}): {comm['n_commutative']} of {comm['n_pairs']} pairs share a sign\n"
-                 "white = same sign both ways, orange = opposite signs")
+                 "white = same sign both ways, orange = opposite signs, grey = no pair")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

@@ -75,7 +75,7 @@ def test_segment_max_on_a_hand_case():
 
 @needs_taskweb
 def test_close_to_released_roe(computed, tmp_path):
-    """Even on this slice the ranking agrees with TaskWeb's released scores (full-run figures in the README)."""
+    """Even on this slice the ranking agrees with TaskWeb's released scores (full-run figures: `transferlab compare-selectors roe-minilm roe`)."""
     table, params = computed
     released = ref.load_pairs_csv(TASKWEB / "roe_scores_minilm_dot32.csv")
     with open_store(tmp_path / "s.duckdb", create=True) as con:
