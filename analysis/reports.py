@@ -160,8 +160,8 @@ def commutativity_plot(comm: dict[str, Any], path: Path) -> Path:
         v = 0.0 if p["commutative"] else 1.0
         grid[idx[p["task_a"]], idx[p["task_b"]]] = grid[idx[p["task_b"]], idx[p["task_a"]]] = v
     fig, ax = plt.subplots(figsize=(0.4 * len(tasks) + 3, 0.4 * len(tasks) + 2))
-    cmap = matplotlib.colors.ListedColormap(["#ffffff", "#f39c12"])
-    cmap.set_bad("#bbbbbb")  # the diagonal (and pairs missing a direction)
+    # grey: the diagonal (and pairs missing a direction)
+    cmap = matplotlib.colors.ListedColormap(["#ffffff", "#f39c12"]).with_extremes(bad="#bbbbbb")
     ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=1)
     ax.set_xticks(range(len(tasks)), tasks, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
