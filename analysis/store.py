@@ -91,7 +91,8 @@ FROM (
     FROM published_transfer_scores p
     LEFT JOIN (SELECT model, adaptation, source, target, provenance, count(*) AS n_seeds FROM runs
                WHERE kind = 'transfer' AND status = 'ok' GROUP BY ALL) n
-      USING (model, adaptation, source, target, provenance)
+      ON n.model = p.model AND n.adaptation = p.adaptation AND n.source = p.source AND n.target = p.target
+         AND split_part(n.provenance, ':', 1) = split_part(p.provenance, ':', 1)
 );
 """
 
@@ -200,6 +201,8 @@ class ResultStore:
         if table.num_rows == 0:
             return 0
         cols = ", ".join(n for n, _, _ in RUN_COLUMNS)
+        if hasattr(con, "abort"):  # duckdb 2: a partly read result blocks register()
+            con.abort()
         con.register("_incoming", table)
         try:
             con.execute(f"INSERT OR REPLACE INTO runs ({cols}) SELECT {cols} FROM _incoming")

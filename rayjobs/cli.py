@@ -6,10 +6,13 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from analysis.store import DB_NAME, ResultStore, StoreError
 from rayjobs.config import ConfigError
+from rayjobs.models.loading import ModelError
 from rayjobs.tasks import TaskError
 
 DEFAULT_RESULTS = os.environ.get("TRANSFERLAB_RESULTS", "results")
@@ -79,25 +82,36 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print rows as a JSON list of objects")
     q.set_defaults(func=_cmd_sql)
 
-    try:
-        from analysis.commands import register
-    except ImportError:
-        register = None
-    if register is not None:
-        register(sub, default_db)
+    from analysis.commands import register
+
+    register(sub, default_db)
     return p
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, TaskError, StoreError, ModelError,
+                                                FileNotFoundError, PermissionError)
+
+
+def guarded(fn: Callable[..., int | None], *args: Any) -> int:
+    """Run a command; a user error becomes one clear line on stderr and exit code 2."""
+    try:
+        return int(fn(*args) or 0)
+    except USER_ERRORS as e:
+        msg = str(e).strip() or type(e).__name__
+        print(f"transferlab: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("transferlab: interrupted; finished runs are stored, re-run to resume", file=sys.stderr)
+        return 130
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
-    except (ConfigError, TaskError, StoreError, FileNotFoundError, PermissionError) as e:
-        print(f"transferlab: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("transferlab: interrupted; finished runs are stored, re-run to resume", file=sys.stderr)
-        return 130
+        return guarded(args.func, args)
+    except BrokenPipeError:  # `transferlab sql ... | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,67 @@
+"""Optimisation backends of the training loop: plain torch (AdamW) or a DeepSpeed ZeRO engine.
+
+The loop only calls `backward`, `step`, `model_for_eval` and `save`; everything that differs
+between a single CPU process and a sharded multi-GPU run lives behind these four methods.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rayjobs.config import SetupSpec, TrainSpec
+from rayjobs.models.base import TaskModel
+
+
+def _linear_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+
+
+def make_optimizer(tm: TaskModel, hp: TrainSpec) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in tm.module.named_parameters():
+        if p.requires_grad:
+            (no_decay if name.endswith("bias") or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.learning_rate)
+
+
+class TorchBackend:
+    """Single process (or plain data parallel via Ray Train's DDP wrapping of `tm.module`)."""
+
+    def __init__(self, tm: TaskModel, hp: TrainSpec, total_steps: int):
+        self.tm, self.hp = tm, hp
+        self.params = [p for p in tm.module.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(tm, hp)
+        self.scheduler = _linear_warmup(self.optimizer, int(hp.warmup_ratio * total_steps), total_steps)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        if self.hp.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.hp.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def model_for_eval(self) -> TaskModel:
+        return self.tm
+
+    def save(self, folder: Path, meta: dict[str, Any] | None) -> Path:
+        return self.tm.save(folder, meta or {})
+
+
+def make_backend(tm: TaskModel, hp: TrainSpec, setup: SetupSpec, ctx: Any, total_steps: int, micro: int) -> Any:
+    if setup.deepspeed is not None:
+        from rayjobs.deepspeed_backend import DeepSpeedBackend
+
+        return DeepSpeedBackend(tm, hp, setup.deepspeed, ctx, total_steps, micro)
+    return TorchBackend(tm, hp, total_steps)

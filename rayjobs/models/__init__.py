@@ -1,0 +1,32 @@
+"""Model factory: (model spec, adaptation, task) -> a TaskModel ready for the one training loop."""
+
+from __future__ import annotations
+
+from rayjobs.config import AdaptationSpec, ModelSpec
+from rayjobs.models.adaptation import apply_adaptation
+from rayjobs.models.base import TaskModel
+from rayjobs.models.loading import ModelError
+from rayjobs.tasks import TaskSpec
+
+__all__ = ["ModelError", "TaskModel", "build_task_model"]
+
+
+def build_task_model(spec: ModelSpec, adaptation: AdaptationSpec, task: TaskSpec) -> TaskModel:
+    if spec.family == "encoder":
+        from rayjobs.models.encoder import EncoderClassifier, EncoderMultipleChoice
+
+        head = spec.head
+        if head == "auto":
+            head = "classification" if (task.choices or task.answer_type != "choice") else "multiple_choice"
+        tm: TaskModel = EncoderClassifier(spec, task) if head == "classification" else EncoderMultipleChoice(spec, task)
+    elif spec.family == "seq2seq":
+        from rayjobs.models.text_to_text import Seq2SeqModel
+
+        tm = Seq2SeqModel(spec, task)
+    elif spec.family == "causal":
+        from rayjobs.models.text_to_text import CausalModel
+
+        tm = CausalModel(spec, task)
+    else:  # pragma: no cover - the config validates the family
+        raise ModelError(f"unknown model family {spec.family!r}")
+    return apply_adaptation(tm, adaptation, spec.family)

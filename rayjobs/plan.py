@@ -1,0 +1,129 @@
+"""Expand an experiment config into trials with deterministic run keys.
+
+Pairwise transfer runs in stages so nothing is trained twice: one source model per
+(setup, source, seed), one target-only baseline per (setup, target, seed), and one transfer per
+(setup, source, target, seed) that starts from its source checkpoint and is paired with its baseline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from rayjobs.config import ExperimentConfig, SetupSpec, TrainSpec
+from rayjobs.tasks import TaskRegistry
+
+# Bump when the training/evaluation semantics change so old results are not reused.
+RUN_KEY_VERSION = 1
+
+Kind = Literal["source", "target", "transfer", "multitask"]
+
+
+class TrialSpec(BaseModel):
+    """Everything one trial needs, JSON-serialisable so it travels to any Ray worker."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run_key: str
+    experiment: str
+    kind: Kind
+    setup: SetupSpec
+    hparams: TrainSpec
+    train_task: str
+    eval_task: str
+    source: str | None = None
+    target: str | None = None
+    sources: list[str] | None = None
+    seed: int
+    n_train: int | None
+    n_eval: int | None
+    eval_fraction: float
+    split_seed: int
+    data_root: str | None = None
+    task_files: list[str] = []
+    source_run_key: str | None = None
+    baseline_run_key: str | None = None
+    save_checkpoint: bool = False
+    results_dir: str
+
+    @property
+    def label(self) -> str:
+        what = {"source": f"{self.source}", "target": f"{self.target} (baseline)",
+                "transfer": f"{self.source}->{self.target}"}.get(self.kind, f"{self.sources}->{self.target}")
+        return f"{self.kind} {self.setup.key} {what} seed={self.seed}"
+
+
+def run_key(payload: dict[str, Any]) -> str:
+    """Hash of everything that determines a run's result (not resources, not locations)."""
+    blob = json.dumps({"v": RUN_KEY_VERSION, **payload}, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _setup_identity(setup: SetupSpec, hparams: TrainSpec) -> dict[str, Any]:
+    ident: dict[str, Any] = {
+        "model": setup.model.model_dump(exclude={"name"}),
+        "adaptation": setup.adaptation.model_dump(),
+        "train": hparams.model_dump(exclude={"eval_batch_size"}),
+    }
+    if setup.deepspeed is not None:  # numerics, not placement, change results
+        ident["precision"] = setup.deepspeed.precision
+    return ident
+
+
+def trial_key(*, kind: str, setup: SetupSpec, hparams: TrainSpec, train_task: str, train_origin: str,
+              eval_task: str, eval_origin: str, seed: int, n_train: int | None, n_eval: int | None,
+              eval_fraction: float, split_seed: int, source_run_key: str | None = None,
+              sources: list[str] | None = None) -> str:
+    return run_key({
+        "kind": kind, "setup": _setup_identity(setup, hparams),
+        "train": [train_task, train_origin], "eval": [eval_task, eval_origin],
+        "seed": seed, "n_train": n_train, "n_eval": n_eval,
+        "split": [eval_fraction, split_seed], "init": source_run_key, "sources": sources,
+    })
+
+
+def expand_pairwise(cfg: ExperimentConfig, registry: TaskRegistry, results_dir: str) -> list[TrialSpec]:
+    """All trials of a pairwise config, sources and baselines first, transfers last."""
+    tasks = dict.fromkeys(cfg.tasks.sources + cfg.tasks.target_list)
+    origins = {t: registry.origin(t) for t in tasks}  # raises TaskError on unknown tasks / missing data
+    sz = cfg.sizes
+    common = dict(experiment=cfg.name, n_eval=sz.eval, eval_fraction=sz.eval_fraction, split_seed=sz.split_seed,
+                  data_root=cfg.data_root, task_files=list(cfg.task_files), results_dir=results_dir)
+    key_common = dict(n_eval=sz.eval, eval_fraction=sz.eval_fraction, split_seed=sz.split_seed)
+    sources: list[TrialSpec] = []
+    baselines: list[TrialSpec] = []
+    transfers: list[TrialSpec] = []
+    for setup in cfg.setups:
+        for seed in cfg.seeds:
+            src_keys: dict[str, str] = {}
+            for s in cfg.tasks.sources:
+                k = trial_key(kind="source", setup=setup, hparams=setup.source_hparams, train_task=s,
+                              train_origin=origins[s], eval_task=s, eval_origin=origins[s], seed=seed,
+                              n_train=sz.source_train, **key_common)
+                src_keys[s] = k
+                sources.append(TrialSpec(run_key=k, kind="source", setup=setup, hparams=setup.source_hparams,
+                                         train_task=s, eval_task=s, source=s, seed=seed,
+                                         n_train=sz.source_train, save_checkpoint=True, **common))
+            base_keys: dict[str, str] = {}
+            for t in cfg.tasks.target_list:
+                k = trial_key(kind="target", setup=setup, hparams=setup.train, train_task=t, train_origin=origins[t],
+                              eval_task=t, eval_origin=origins[t], seed=seed, n_train=sz.target_train, **key_common)
+                base_keys[t] = k
+                baselines.append(TrialSpec(run_key=k, kind="target", setup=setup, hparams=setup.train,
+                                           train_task=t, eval_task=t, target=t, seed=seed,
+                                           n_train=sz.target_train, **common))
+            for s in cfg.tasks.sources:
+                for t in cfg.tasks.target_list:
+                    if s == t and cfg.tasks.exclude_self:
+                        continue
+                    k = trial_key(kind="transfer", setup=setup, hparams=setup.train, train_task=t,
+                                  train_origin=origins[t], eval_task=t, eval_origin=origins[t], seed=seed,
+                                  n_train=sz.target_train, source_run_key=src_keys[s], **key_common)
+                    transfers.append(TrialSpec(run_key=k, kind="transfer", setup=setup, hparams=setup.train,
+                                               train_task=t, eval_task=t, source=s, target=t, seed=seed,
+                                               n_train=sz.target_train, source_run_key=src_keys[s],
+                                               baseline_run_key=base_keys[t], **common))
+    return sources + baselines + transfers

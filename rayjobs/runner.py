@@ -1,0 +1,124 @@
+"""Run a list of trials as one Ray Tune stage, with per-trial resources and progress lines.
+
+Shared by every job kind: a job expands its config into `TrialSpec`s, filters out run keys already
+stored, and hands each stage here. Resuming is by run key (results folder), not by Tune state, so a
+killed driver, a lost node or an edited config all resume the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rayjobs.config import RunSpec
+from rayjobs.plan import TrialSpec
+
+
+@dataclass
+class StageResult:
+    name: str
+    total: int
+    ok: int = 0
+    failed: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def init_ray(run: RunSpec) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = run.ray_address or os.environ.get("RAY_ADDRESS")
+    # Workers must import rayjobs/analysis: on a local Ray the repo root is on their path.
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH", "")] if p),
+                        "TOKENIZERS_PARALLELISM": "false"}}
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(runtime_env=env, include_dashboard=False, log_to_driver=True)
+
+
+def trial_resources(spec: dict[str, Any]) -> Any:
+    """Resources Tune reserves for a trial; distributed trials reserve only their coordinator."""
+    from ray.tune import PlacementGroupFactory
+
+    res = TrialSpec.model_validate(spec["trial"]).setup.resources
+    distributed = TrialSpec.model_validate(spec["trial"]).setup.deepspeed is not None or res.workers > 1
+    if distributed:  # the Ray Train workers launched by the trial request cpu/gpu themselves
+        return PlacementGroupFactory([{"CPU": 0.01}])
+    bundle: dict[str, float] = {"CPU": res.cpu}
+    if res.gpu:
+        bundle["GPU"] = res.gpu
+    if res.memory_gb:
+        bundle["memory"] = res.memory_gb * 2**30
+    return PlacementGroupFactory([bundle])
+
+
+def _fmt_s(s: float) -> str:
+    s = int(max(0, s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _progress_callback(stage: StageResult, t0: float) -> Any:
+    from ray.tune import Callback
+
+    class StageProgress(Callback):
+        """One line per finished trial: done / total / failed / ETA."""
+
+        def _line(self, trial: Any, status: str) -> None:
+            n = stage.ok + len(stage.failed)
+            rate = (time.time() - t0) / max(1, n)
+            spec = trial.config.get("trial", {})
+            what = f"{spec.get('kind')} {spec.get('source') or ''}->{spec.get('target') or ''} seed={spec.get('seed')}"
+            print(f"[{stage.name}] {n}/{stage.total} done, {len(stage.failed)} failed, "
+                  f"ETA {_fmt_s(rate * (stage.total - n))} | {status}: {what}", flush=True)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            stage.ok += 1
+            self._line(trial, "ok")
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            stage.failed.append(trial.config.get("trial", {}).get("run_key", "?"))
+            self._line(trial, "FAILED")
+
+    return StageProgress()
+
+
+def run_stage(name: str, trials: list[TrialSpec], run: RunSpec, storage: Path) -> StageResult:
+    """Run `trials` as one Tune experiment; returns counts (results are in the store)."""
+    stage = StageResult(name, len(trials))
+    if not trials:
+        return stage
+    from ray import tune
+
+    from rayjobs.trial import tune_trainable
+
+    init_ray(run)
+    t0 = time.time()
+
+    def trainable(config: dict[str, Any]) -> None:
+        tune_trainable(config)
+
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, trial_resources),
+        param_space={"trial": tune.grid_search([t.model_dump(mode="json") for t in trials])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=run.max_concurrent_trials, reuse_actors=False),
+        run_config=tune.RunConfig(
+            name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(storage),
+            failure_config=tune.FailureConfig(max_failures=run.max_failures, fail_fast=False),
+            callbacks=[_progress_callback(stage, t0)],
+            verbose=run.verbose,
+        ),
+    )
+    tuner.fit()
+    stage.seconds = time.time() - t0
+    print(f"[{name}] stage finished: {stage.ok}/{stage.total} ok, {len(stage.failed)} failed, "
+          f"{_fmt_s(stage.seconds)}", flush=True)
+    sys.stdout.flush()
+    return stage

@@ -1,0 +1,83 @@
+"""The Ray Tune trainable: one trial = one stage of one (setup, task(s), seed), result written atomically.
+
+A trial whose result file already exists reports it and returns (a retried or resumed trial never
+trains twice). A trial that raises writes a `failed` row with its error, then re-raises so Tune
+marks it errored and retries it up to `run.max_failures` times; the other trials go on.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import traceback
+from typing import Any
+
+from analysis.store import ResultStore
+from rayjobs.plan import TrialSpec
+
+MAX_LOSS_POINTS = 2000
+
+
+def _inject_fault(spec: TrialSpec) -> None:
+    """Failure injection for tests: TRANSFERLAB_FAULT="raise:<label substring>" or "kill:<...>"."""
+    rule = os.environ.get("TRANSFERLAB_FAULT", "")
+    if not rule or ":" not in rule:
+        return
+    action, pattern = rule.split(":", 1)
+    if pattern and pattern in spec.label:
+        if action == "raise":
+            raise RuntimeError(f"injected failure for {spec.label}")
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def execute(spec: TrialSpec, progress: Any = None) -> dict[str, Any]:
+    """Run one trial to a stored result row (used by Tune and directly by benchmarks)."""
+    store = ResultStore(spec.results_dir)
+    done = store.read_result(spec.run_key)
+    if done is not None and done["status"] == "ok":
+        return done
+    t0 = time.time()
+    try:
+        _inject_fault(spec)
+        if spec.setup.resources.workers > 1 or spec.setup.deepspeed is not None:
+            from rayjobs.distributed import train_distributed
+
+            row = train_distributed(spec)
+        else:
+            from rayjobs.train_loop import TrainContext, train_and_evaluate
+
+            row = train_and_evaluate(spec, TrainContext(progress=progress))
+    except Exception as e:
+        store.write_result(_failed_row(spec, e, time.time() - t0))
+        raise
+    curve = row.pop("loss_curve", None)
+    if curve:
+        stride = max(1, len(curve) // MAX_LOSS_POINTS)
+        row["metrics"] = {**row["metrics"], "loss_curve": curve[::stride], "loss_curve_stride": stride}
+    store.write_result(row)
+    return row
+
+
+def _failed_row(spec: TrialSpec, err: BaseException, wall: float) -> dict[str, Any]:
+    tb = traceback.format_exception(type(err), err, err.__traceback__)
+    return {
+        "run_key": spec.run_key, "experiment": spec.experiment, "kind": spec.kind, "setup": spec.setup.key,
+        "model": spec.setup.model.name, "adaptation": spec.setup.adaptation.method, "source": spec.source,
+        "target": spec.target, "sources": spec.sources, "seed": spec.seed, "source_run_key": spec.source_run_key,
+        "baseline_run_key": spec.baseline_run_key, "status": "failed", "wall_time_s": wall,
+        "error": f"{type(err).__name__}: {err}\n{''.join(tb[-3:])}"[:4000],
+    }
+
+
+def tune_trainable(config: dict[str, Any]) -> None:
+    from ray import tune
+
+    spec = TrialSpec.model_validate(config["trial"])
+
+    def progress(d: dict[str, Any]) -> None:
+        tune.report({**d, "done_training": False})
+
+    row = execute(spec, progress)
+    tune.report({"score": row["score"], "train_time_s": row.get("train_time_s"), "done_training": True})
