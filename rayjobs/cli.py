@@ -45,7 +45,7 @@ def _cmd_sql(args: argparse.Namespace) -> int:
         cols = [d[0] for d in cur.description] if cur.description else []
         rows = cur.fetchall()
     if args.json:
-        print(json.dumps([dict(zip(cols, r)) for r in rows], default=str))
+        print(json.dumps([dict(zip(cols, r, strict=False)) for r in rows], default=str))
     else:
         print_table(cols, rows)
     return 0
@@ -59,10 +59,10 @@ def print_table(cols: list[str], rows: list[tuple]) -> None:
 
     cells = [[fmt(v) for v in r] for r in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=False)))
     print("  ".join("-" * w for w in widths))
     for r in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=False)))
     print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
 
 
