@@ -114,17 +114,19 @@ class TaskData:
 class TaskRegistry:
     """Named task specs; later files override earlier ones."""
 
-    def __init__(self, specs: dict[str, TaskSpec], data_root: Path):
+    def __init__(self, specs: dict[str, TaskSpec], data_root: Path, explicit_root: bool = False):
         self.specs = specs
         self.data_root = data_root
+        # a data root the user named must hold the local files: no silent fallback to the hub
+        self.explicit_root = explicit_root
 
     @classmethod
     def load(cls, extra_files: Sequence[str | os.PathLike] = (), data_root: str | os.PathLike | None = None) -> TaskRegistry:
         specs: dict[str, TaskSpec] = {}
         for f in [REGISTRY_FILE, *map(Path, extra_files)]:
             specs.update(_read_spec_file(Path(f)))
-        root = Path(data_root or os.environ.get("TRANSFERLAB_DATA") or DEFAULT_DATA_ROOT)
-        return cls(specs, root)
+        named = data_root or os.environ.get("TRANSFERLAB_DATA")
+        return cls(specs, Path(named or DEFAULT_DATA_ROOT), explicit_root=bool(named))
 
     @property
     def names(self) -> list[str]:
@@ -148,7 +150,7 @@ class TaskRegistry:
         path = self.local_path(spec)
         if path is not None and path.is_file():
             return f"local:{path.name}#{_file_digest(str(path), path.stat().st_mtime_ns)}"
-        if spec.hf is not None:
+        if spec.hf is not None and not (path is not None and self.explicit_root):
             return f"hf:{spec.hf.id}/{spec.hf.subset or ''}"
         raise TaskError(f"task {name!r}: data file {path} not found (set data_root or TRANSFERLAB_DATA)")
 
