@@ -84,9 +84,8 @@ def test_kill_midway_then_resume_stores_each_run_once(tmp_path: Path) -> None:
     deadline = time.time() + 400
     while time.time() < deadline and len(list((results / "runs").glob("*.parquet"))) < 2:
         time.sleep(1)
-    os.killpg(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
     proc.wait()
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)
     first = {p.name for p in (results / "runs").glob("*.parquet")}
     assert 2 <= len(first) < 6, first  # stopped midway
     mtimes = {p.name: p.stat().st_mtime_ns for p in (results / "runs").glob("*.parquet")}
