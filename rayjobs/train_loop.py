@@ -88,9 +88,12 @@ def train_and_evaluate(trial: TrialSpec, ctx: TrainContext | None = None) -> dic
 
     hp = trial.hparams
     examples = list(train_data.train)
-    per_rank = examples[ctx.rank::ctx.world_size]
+    # Sharding: every rank shuffles the whole list with the same seed and takes its slice of each
+    # global micro-batch (micro * world_size examples), so an optimiser step sees the same global
+    # batch for any world size; with world_size 1 this is exactly the single-process order. A last
+    # global batch smaller than world_size is dropped (every rank must run the same number of passes).
     micro = max(1, hp.batch_size // (ctx.world_size * hp.grad_accum_steps))
-    steps_per_epoch = math.ceil(len(per_rank) / (micro * hp.grad_accum_steps))
+    steps_per_epoch = math.ceil(len(examples) / (micro * ctx.world_size * hp.grad_accum_steps))
     total_steps = max(1, math.ceil(steps_per_epoch * hp.epochs))
     if hp.max_steps:
         total_steps = min(total_steps, hp.max_steps)
@@ -101,7 +104,8 @@ def train_and_evaluate(trial: TrialSpec, ctx: TrainContext | None = None) -> dic
     epoch = 0
     while step < total_steps:
         tm.module.train()
-        batches = _batches(per_rank, micro, rng)
+        batches = [g[len(g) * ctx.rank // ctx.world_size:len(g) * (ctx.rank + 1) // ctx.world_size]
+                   for g in _batches(examples, micro * ctx.world_size, rng) if len(g) >= ctx.world_size]
         for i, chunk in enumerate(batches):
             loss = tm.loss(_to(tm.collate(chunk), ctx.device)) / hp.grad_accum_steps
             backend.backward(loss)

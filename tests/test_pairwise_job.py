@@ -111,7 +111,7 @@ def test_kill_midway_then_resume_stores_each_run_once(tmp_path: Path) -> None:
 def test_failing_trial_is_recorded_and_others_finish(tmp_path: Path) -> None:
     cfg = tmp_path / "grid.yaml"
     cfg.write_text(GRID.format(data=DATA))
-    env = {**os.environ, "TRANSFERLAB_FAULT": "raise:target mrpc"}
+    env = {**os.environ, "TRANSFERLAB_FAULT": "raise:mrpc (baseline)"}
     r = subprocess.run([sys.executable, "-m", "rayjobs.cli", "run", str(cfg), "--results", str(tmp_path / "r")],
                        cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 1
