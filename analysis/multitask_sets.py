@@ -2,8 +2,10 @@
 and a random k sources by any selector, or by the stored transfers themselves (`oracle`, the
 paper's TaskWeb rows of Tables 3-5). The multi-task sweep job consumes the returned lists.
 
-Ranking ties keep the alphabetical order of source names, as in the evaluation; the random set is
-drawn without replacement from all candidates with numpy's generator seeded by `seed`.
+Ranking ties keep the alphabetical order of source names, as in the evaluation. The random set is
+drawn without replacement from the candidates *in name order* with numpy's generator seeded by
+`seed`, so it depends only on which sources are candidates, not on the selector's scores: the
+paper's "Random" row (Table 5) is one baseline, not one per selector.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ def select_sources(con: duckdb.DuckDBPyConnection, target: str, selector: str, k
     if k > len(rows):
         raise AnalysisError(f"k={k} but target '{target}' has only {len(rows)} candidate sources")
     ranked = [r[0] for r in rows]
+    by_name = sorted(ranked)
     rng = np.random.default_rng(seed)
-    random_k = [ranked[i] for i in rng.choice(len(ranked), size=k, replace=False)]
+    random_k = [by_name[i] for i in rng.choice(len(by_name), size=k, replace=False)]
     return {"target": target, "selector": selector, "stored_as": stored, "setup": setup, "k": k, "seed": seed,
             "top": ranked[:k], "bottom": ranked[::-1][:k], "random": random_k,
             "ranking": [{"source": s, "score": v} for s, v in rows]}

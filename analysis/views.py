@@ -15,6 +15,9 @@ Relations:
   transitive_triples  per setup, every (A, B, C) with A->B, B->C and A->C known
   setup_similarity    normalised dot product (cosine) of two setups' transfer matrices
   target_performance  mean over seeds of p(m_{s->t}) per (setup, source, target), one hparam config
+  multitask_selections  which source-set choice of a multi-task sweep asked for which run (rayjobs.multitask)
+  multitask_runs / _scores / _table / _topk / _bottom_random / _mix_curve
+                      zero-shot target scores per choice: paper 000 Tables 3, 4, 5 and Figure 4
 """
 
 ANALYSIS_SQL = """
@@ -106,4 +109,60 @@ WITH g AS (SELECT setup, source, target, hparams, avg(score) AS perf, count(*) A
                     ORDER BY coalesce(g.hparams = c.hparams, false) DESC, g.n_seeds DESC, g.hparams) AS rn
                 FROM g LEFT JOIN canonical_hparams c ON c.setup = g.setup AND c.target = g.target)
 SELECT setup, source, target, perf, n_seeds, hparams, provenance FROM ranked WHERE rn = 1;
+
+-- Multi-task sweeps (rayjobs.multitask, paper 000 sections 5.2-5.3). Which source-set choice asked
+-- for which run: two choices that yield the same set share one run key (trained once), so the
+-- choice lives here, written by the job at plan time, rather than on the run row.
+CREATE TABLE IF NOT EXISTS multitask_selections (
+    experiment VARCHAR, setup VARCHAR, target VARCHAR, selection VARCHAR, seed INTEGER,
+    method VARCHAR, selector VARCHAR, selection_setup VARCHAR, k INTEGER, replaced INTEGER,
+    sources VARCHAR[], run_key VARCHAR,
+    PRIMARY KEY (experiment, setup, target, selection, seed));
+
+-- One row per (choice, seed) with its finished run; per-prompt zero-shot scores from the metrics.
+CREATE OR REPLACE VIEW multitask_runs AS
+SELECT m.experiment, m.setup, m.target, m.selection, m.method, m.selector, m.selection_setup, m.k,
+       m.replaced, m.seed, m.sources, r.score, r.metric,
+       CAST(json_extract(r.metrics, '$.prompt_scores') AS DOUBLE[]) AS prompt_scores,
+       r.n_train, r.run_key
+FROM multitask_selections m JOIN runs r ON r.run_key = m.run_key
+WHERE r.kind = 'multitask' AND r.status = 'ok' AND r.score IS NOT NULL;
+
+-- Mean over seeds per (experiment, setup, selection, target).
+CREATE OR REPLACE VIEW multitask_scores AS
+SELECT experiment, setup, selection, method, selector, selection_setup, k, replaced, target,
+       avg(score) AS score, stddev_samp(score) AS sd, count(*) AS n_seeds
+FROM multitask_runs GROUP BY ALL;
+
+-- Table 3: one row per selection, the score of every target and their mean (a wide table:
+-- PIVOT multitask_scores ON target USING first(score) GROUP BY selection). Not grouped by k: an
+-- `all` / `top-all` set is one row although its size differs between targets when the pool holds
+-- some targets (k is then NULL; the selection name says what it is).
+CREATE OR REPLACE VIEW multitask_table AS
+SELECT experiment, setup, selection, method, selector, selection_setup,
+       CASE WHEN min(k) = max(k) THEN min(k) END AS k, replaced,
+       map(list(target ORDER BY target), list(score ORDER BY target)) AS by_target,
+       avg(score) AS mean, count(*) AS n_targets, min(n_seeds) AS min_seeds
+FROM multitask_scores GROUP BY experiment, setup, selection, method, selector, selection_setup, replaced;
+
+-- Table 4: top-k sets of each selector, by k.
+CREATE OR REPLACE VIEW multitask_topk AS
+SELECT experiment, setup, selector, selection_setup, k, selection, by_target, mean, n_targets
+FROM multitask_table WHERE method = 'top';
+
+-- Table 5: the selector's top-k next to its bottom-k and random-k sets of the same size.
+CREATE OR REPLACE VIEW multitask_bottom_random AS
+SELECT experiment, setup, method, selector, selection_setup, k, selection, by_target, mean, n_targets
+FROM multitask_table WHERE method IN ('top', 'bottom', 'random');
+
+-- Figure 4: score as the top-k are replaced one at a time by the bottom-k, and the change from top-k.
+CREATE OR REPLACE VIEW multitask_mix_curve AS
+SELECT s.experiment, s.setup, s.selector, s.selection_setup, s.target, s.k, s.replaced, s.score,
+       s.score - z.score AS change, s.n_seeds
+FROM multitask_scores s
+LEFT JOIN multitask_scores z
+  ON z.method = 'mix' AND z.replaced = 0 AND z.experiment = s.experiment AND z.setup = s.setup
+     AND z.selector = s.selector AND z.selection_setup IS NOT DISTINCT FROM s.selection_setup
+     AND z.target = s.target AND z.k = s.k
+WHERE s.method = 'mix';
 """

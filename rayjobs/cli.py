@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--smoke", action="store_true", help="tiny sizes, one seed: check a config end to end")
     r.set_defaults(func=_cmd_run)
 
+    from rayjobs.multitask import add_subcommand as add_multitask
+
+    add_multitask(sub)
+
     q = sub.add_parser("sql", help="run SQL over the results store and print the rows")
     q.add_argument("query")
     q.add_argument("--db", default=default_db(), help="DuckDB file (default: %(default)s)")

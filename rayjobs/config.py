@@ -35,6 +35,10 @@ class ModelSpec(_Strict):
     max_length: int = Field(default=128, gt=0)
     head: Literal["auto", "classification", "multiple_choice"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # text-to-text families (seq2seq, causal): answers are scored or generated as text
+    choice_scoring: Literal["sum", "mean"] = Field(
+        default="sum", description="rank classification by the summed (T0) or length-normalised log-likelihood")
+    max_target_length: int = Field(default=32, gt=0, description="answer tokens trained on / generated")
 
     @model_validator(mode="after")
     def _path_or_config(self) -> ModelSpec:
@@ -84,6 +88,18 @@ class ResourceSpec(_Strict):
     memory_gb: float | None = Field(default=None, gt=0)
 
 
+class PromptSpec(_Strict):
+    """Which prompt templates (rayjobs/templates.py) render the tasks for training and for evaluation.
+
+    `default`: the base rendering for encoders, the task's first template for seq2seq/causal models;
+    `all`: train on a seeded template per example, evaluate as the mean over all templates;
+    `first`, `input` (the base rendering) or a template name.
+    """
+
+    train: str = "default"
+    eval: str = "default"
+
+
 class SetupSpec(_Strict):
     """One training setup: a model with an adaptation method and its hyperparameters."""
 
@@ -94,6 +110,7 @@ class SetupSpec(_Strict):
     source_train: TrainSpec | None = Field(default=None, description="hyperparameters of the source stage")
     resources: ResourceSpec = ResourceSpec()
     deepspeed: DeepSpeedSpec | None = None
+    prompts: PromptSpec = PromptSpec()
 
     @property
     def key(self) -> str:

@@ -14,10 +14,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from rayjobs.config import ExperimentConfig, SetupSpec, TrainSpec
-from rayjobs.tasks import TaskRegistry
+from rayjobs.tasks import TaskRegistry, TaskSpec
+from rayjobs.templates import identity, resolve
 
 # Bump when the training/evaluation semantics change so old results are not reused.
-RUN_KEY_VERSION = 1
+RUN_KEY_VERSION = 2
 
 Kind = Literal["source", "target", "transfer", "multitask"]
 
@@ -73,6 +74,13 @@ def _setup_identity(setup: SetupSpec, hparams: TrainSpec) -> dict[str, Any]:
     return ident
 
 
+def prompt_identity(setup: SetupSpec, spec: TaskSpec) -> str:
+    """The content of the templates a setup trains and evaluates a task with (editing one retrains)."""
+    fam = setup.model.family
+    return (f"prompts={identity(resolve(spec, setup.prompts.train, fam))}"
+            f"/{identity(resolve(spec, setup.prompts.eval, fam))}")
+
+
 def trial_key(*, kind: str, setup: SetupSpec, hparams: TrainSpec, train_task: str, train_origin: str,
               eval_task: str, eval_origin: str, seed: int, n_train: int | None, n_eval: int | None,
               eval_fraction: float, split_seed: int, source_run_key: str | None = None,
@@ -97,11 +105,12 @@ def expand_pairwise(cfg: ExperimentConfig, registry: TaskRegistry, results_dir: 
     baselines: list[TrialSpec] = []
     transfers: list[TrialSpec] = []
     for setup in cfg.setups:
+        data = {t: f"{origins[t]}|{prompt_identity(setup, registry.get(t))}" for t in tasks}
         for seed in cfg.seeds:
             src_keys: dict[str, str] = {}
             for s in cfg.tasks.sources:
                 k = trial_key(kind="source", setup=setup, hparams=setup.source_hparams, train_task=s,
-                              train_origin=origins[s], eval_task=s, eval_origin=origins[s], seed=seed,
+                              train_origin=data[s], eval_task=s, eval_origin=data[s], seed=seed,
                               n_train=sz.source_train, **key_common)
                 src_keys[s] = k
                 sources.append(TrialSpec(run_key=k, kind="source", setup=setup, hparams=setup.source_hparams,
@@ -109,8 +118,8 @@ def expand_pairwise(cfg: ExperimentConfig, registry: TaskRegistry, results_dir: 
                                          n_train=sz.source_train, save_checkpoint=True, **common))
             base_keys: dict[str, str] = {}
             for t in cfg.tasks.target_list:
-                k = trial_key(kind="target", setup=setup, hparams=setup.train, train_task=t, train_origin=origins[t],
-                              eval_task=t, eval_origin=origins[t], seed=seed, n_train=sz.target_train, **key_common)
+                k = trial_key(kind="target", setup=setup, hparams=setup.train, train_task=t, train_origin=data[t],
+                              eval_task=t, eval_origin=data[t], seed=seed, n_train=sz.target_train, **key_common)
                 base_keys[t] = k
                 baselines.append(TrialSpec(run_key=k, kind="target", setup=setup, hparams=setup.train,
                                            train_task=t, eval_task=t, target=t, seed=seed,
@@ -120,7 +129,7 @@ def expand_pairwise(cfg: ExperimentConfig, registry: TaskRegistry, results_dir: 
                     if s == t and cfg.tasks.exclude_self:
                         continue
                     k = trial_key(kind="transfer", setup=setup, hparams=setup.train, train_task=t,
-                                  train_origin=origins[t], eval_task=t, eval_origin=origins[t], seed=seed,
+                                  train_origin=data[t], eval_task=t, eval_origin=data[t], seed=seed,
                                   n_train=sz.target_train, source_run_key=src_keys[s], **key_common)
                     transfers.append(TrialSpec(run_key=k, kind="transfer", setup=setup, hparams=setup.train,
                                                train_task=t, eval_task=t, source=s, target=t, seed=seed,

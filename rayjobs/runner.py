@@ -49,14 +49,36 @@ def trial_resources(spec: dict[str, Any]) -> Any:
 
     res = TrialSpec.model_validate(spec["trial"]).setup.resources
     distributed = TrialSpec.model_validate(spec["trial"]).setup.deepspeed is not None or res.workers > 1
-    if distributed:  # the Ray Train workers launched by the trial request cpu/gpu themselves
-        return PlacementGroupFactory([{"CPU": 0.01}])
+    if distributed:
+        # The Ray Train workers launched by the trial request cpu/gpu themselves (Train V2 builds its own
+        # placement group; it cannot use bundles reserved here). The coordinator only waits on them, so
+        # it reserves a little memory and no CPU: even a 0.01-CPU bundle fragments a node so that
+        # workers asking for all of its CPUs never fit (seen with Ray 2.60 on a 2-CPU local cluster).
+        return PlacementGroupFactory([{"memory": 256 * 2**20}])
     bundle: dict[str, float] = {"CPU": res.cpu}
     if res.gpu:
         bundle["GPU"] = res.gpu
     if res.memory_gb:
         bundle["memory"] = res.memory_gb * 2**30
     return PlacementGroupFactory([bundle])
+
+
+def check_fits_local_cluster(trials: list[TrialSpec], run: RunSpec) -> None:
+    """Fail a stage before training when a worker group is larger than the local Ray cluster.
+
+    Preflight runs before Ray starts, when the cluster is not known; Ray Train would otherwise retry
+    starting such a group forever. Only a cluster this process started (no address) is known not
+    to grow; on a remote cluster the autoscaler may add nodes, so there Ray Train waits.
+    """
+    if run.ray_address or os.environ.get("RAY_ADDRESS"):
+        return
+    import ray
+
+    from rayjobs.preflight import check_distributed
+
+    cluster = dict(ray.cluster_resources())
+    for setup in {t.setup.key: t.setup for t in trials}.values():
+        check_distributed(setup, cluster)
 
 
 def _fmt_s(s: float) -> str:
@@ -99,6 +121,7 @@ def run_stage(name: str, trials: list[TrialSpec], run: RunSpec, storage: Path) -
     from rayjobs.trial import tune_trainable
 
     init_ray(run)
+    check_fits_local_cluster(trials, run)
     t0 = time.time()
 
     def trainable(config: dict[str, Any]) -> None:

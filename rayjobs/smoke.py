@@ -1,12 +1,15 @@
 """`--smoke`: the same config shrunk to run end to end on a laptop CPU in minutes.
 
-Tiny sample sizes, one seed, a few optimiser steps; models named by hub id are replaced by a tiny
-random-weight model of the same family (MiniLM's tokenizer), GPUs and half precision dropped.
+Tiny sample sizes, one seed, a few optimiser steps, a few tasks; models named by hub id are replaced
+by a tiny random-weight model of the same family (MiniLM's tokenizer), of the same architecture where
+the id names one whose module names LoRA params refer to (Llama); GPUs, half precision and DeepSpeed
+offload dropped (ZeRO stages still run, on at most 2 CPU workers).
 """
 
 from __future__ import annotations
 
-from rayjobs.config import ExperimentConfig, ModelSpec, SetupSpec
+from rayjobs.config import AdaptationSpec, ExperimentConfig, ModelSpec, SetupSpec, TaskSelection
+from rayjobs.tasks import TaskRegistry
 
 TINY = {
     "encoder": {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -17,27 +20,84 @@ TINY = {
 }
 
 
+#: tiny stand-ins of architectures a hub id names, so that module names in adaptation params (LoRA
+#: `target_modules: [q_proj, ...]`) exist in the stand-in too; Mistral and Qwen share Llama's names
+TINY_ARCH = {
+    "llama": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 512},
+}
+ARCH_OF_ID = {"llama": "llama", "mistral": "llama", "qwen": "llama"}
+
+
+def _arch(spec: ModelSpec) -> str | None:
+    ident = f"{spec.path or ''} {spec.name}".lower()
+    return next((arch for key, arch in ARCH_OF_ID.items() if key in ident), None) if spec.family == "causal" else None
+
+
 def tiny_model(spec: ModelSpec) -> ModelSpec:
     if spec.config is not None or (spec.path or "").startswith("builtin:"):
         return spec
-    return ModelSpec(name=spec.name, config=dict(TINY[spec.family]), family=spec.family,
-                     max_length=min(spec.max_length, 128), head=spec.head)
+    arch = _arch(spec)
+    return ModelSpec(name=spec.name, config=dict(TINY_ARCH[arch] if arch else TINY[spec.family]),
+                     family=spec.family, max_length=min(spec.max_length, 128), head=spec.head)
+
+
+def _smoke_adaptation(s: SetupSpec) -> AdaptationSpec:
+    """LoRA `target_modules` name modules of the original architecture; when the tiny stand-in is of
+    another one (no known architecture in the id), peft's defaults for the stand-in are used."""
+    replaced = s.model.config is None and not (s.model.path or "").startswith("builtin:")
+    if not replaced or _arch(s.model) or "target_modules" not in s.adaptation.params:
+        return s.adaptation
+    params = {k: v for k, v in s.adaptation.params.items() if k != "target_modules"}
+    return s.adaptation.model_copy(update={"params": params})
+
+
+def _smoke_batch(batch_size: int, workers: int) -> int:
+    """At most 8, and a multiple of the worker count (each rank gets an equal micro-batch)."""
+    return max(workers, min(batch_size, 8) // workers * workers)
 
 
 def _smoke_setup(s: SetupSpec) -> SetupSpec:
-    train = s.train.model_copy(update={"epochs": 1, "max_steps": 3, "batch_size": min(s.train.batch_size, 8),
-                                       "grad_accum_steps": 1})
+    workers = min(s.resources.workers, 2)
+    train = s.train.model_copy(update={"epochs": 1, "max_steps": 3, "grad_accum_steps": 1,
+                                       "batch_size": _smoke_batch(s.train.batch_size, workers)})
     src = s.source_train.model_copy(update={"epochs": 1, "max_steps": 3, "grad_accum_steps": 1,
-                                            "batch_size": min(s.source_train.batch_size, 8)}) if s.source_train else None
-    res = s.resources.model_copy(update={"gpu": 0, "cpu": 1, "workers": min(s.resources.workers, 2),
-                                         "memory_gb": None})
-    ds = s.deepspeed.model_copy(update={"precision": "fp32", "offload_optimizer": False, "offload_params": False}) \
-        if s.deepspeed else None
-    return s.model_copy(update={"name": s.key, "model": tiny_model(s.model), "train": train, "source_train": src,
-                                "resources": res, "deepspeed": ds})
+                                            "batch_size": _smoke_batch(s.source_train.batch_size, workers)}) \
+        if s.source_train else None
+    res = s.resources.model_copy(update={"gpu": 0, "cpu": 1, "workers": workers, "memory_gb": None})
+    # GPU-only DeepSpeed settings go: half precision, offload, and `extra` (bucket sizes, NVMe paths...)
+    ds = s.deepspeed.model_copy(update={"precision": "fp32", "offload_optimizer": False, "offload_params": False,
+                                        "extra": {}}) if s.deepspeed else None
+    return s.model_copy(update={"name": s.key, "model": tiny_model(s.model), "adaptation": _smoke_adaptation(s),
+                                "train": train, "source_train": src, "resources": res, "deepspeed": ds})
+
+
+def _has_local_data(registry: TaskRegistry, task: str) -> bool:
+    try:
+        return registry.origin(task).startswith("local:")
+    except Exception:  # noqa: BLE001 - unknown task / missing file: preflight reports it
+        return False
+
+
+def smoke_tasks(cfg: ExperimentConfig) -> TaskSelection:
+    """A few tasks of a large grid, those with local data first (no hub needed): at most 3 (a full
+    3-task pairwise grid), or 1 source and 1 target when a setup is distributed (a Ray Train worker
+    group per trial costs ~40 s on a laptop)."""
+    registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
+
+    def pick(names: list[str], k: int, avoid: list[str] | None = None) -> list[str]:
+        pool = [t for t in names if t not in (avoid or [])] or list(names)
+        return list(dict.fromkeys([t for t in pool if _has_local_data(registry, t)] + pool))[:k]
+
+    sel = cfg.tasks
+    if any(s.deepspeed is not None or s.resources.workers > 1 for s in cfg.setups):
+        src = pick(sel.sources, 1)
+        return sel.model_copy(update={"sources": src, "targets": pick(sel.target_list, 1, avoid=src)})
+    src = pick(sel.sources, 3)
+    return sel.model_copy(update={"sources": src, "targets": None if sel.targets is None else pick(sel.targets, 3)})
 
 
 def smoke_variant(cfg: ExperimentConfig) -> ExperimentConfig:
     sizes = cfg.sizes.model_copy(update={"source_train": 24, "target_train": 24, "eval": 24})
     return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1], "sizes": sizes,
-                                  "setups": [_smoke_setup(s) for s in cfg.setups]})
+                                  "tasks": smoke_tasks(cfg), "setups": [_smoke_setup(s) for s in cfg.setups]})

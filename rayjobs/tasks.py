@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rayjobs.templates import PromptTemplate, coerce_templates
 
 REGISTRY_FILE = Path(__file__).with_name("task_registry.yaml")
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -86,9 +88,15 @@ class TaskSpec(BaseModel):
     label_field: str = "label"
     choice_fields: list[str] | None = None
     choices_field: str | None = None
-    templates: list[str] = Field(default_factory=list, description="extra prompt templates over `{input}`")
+    prompts: list[PromptTemplate] = Field(default_factory=list,
+                                          description="prompt templates (PromptSource-style); see templates.py")
     local: LocalSource | None = None
     hf: HFSource | None = None
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _coerce_prompts(cls, v: Any) -> Any:
+        return coerce_templates(v)
 
     @model_validator(mode="after")
     def _check(self) -> TaskSpec:
@@ -96,6 +104,15 @@ class TaskSpec(BaseModel):
             raise ValueError("a task needs a `local` file or an `hf` dataset id")
         if self.metric == "acc_f1" and self.f1_average == "binary" and not self.positive_label:
             raise ValueError("binary F1 needs `positive_label`")
+        names = [t.name for t in self.prompts]
+        if len(set(names)) != len(names):
+            raise ValueError(f"prompt template names must be unique, got {names}")
+        for t in self.prompts:
+            if t.answer_choices is not None and self.choices is not None and len(t.answer_choices) != len(self.choices):
+                raise ValueError(f"prompt {t.name!r}: {len(t.answer_choices)} answer_choices for "
+                                 f"{len(self.choices)} choices {self.choices}")
+            if t.answer_choices is not None and self.choices is None:
+                raise ValueError(f"prompt {t.name!r}: answer_choices need a fixed label set (`choices`)")
         return self
 
     @property

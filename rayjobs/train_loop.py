@@ -19,9 +19,11 @@ import numpy as np
 import torch
 
 from rayjobs import metrics
+from rayjobs.mixture import load_mixture
 from rayjobs.models import TaskModel, build_task_model
 from rayjobs.plan import TrialSpec
 from rayjobs.tasks import Example, TaskRegistry
+from rayjobs.templates import PromptTemplate, render_train, resolve
 
 
 @dataclass
@@ -62,6 +64,17 @@ def evaluate(tm: TaskModel, examples: list[Example], batch_size: int, device: st
     return metrics.compute(spec, preds, TaskModel.gold(examples))
 
 
+def evaluate_prompts(tm: TaskModel, examples: list[Example], templates: list[PromptTemplate], batch_size: int,
+                     device: str = "cpu") -> tuple[float, dict]:
+    """The mean score over the templates (zero-shot evaluation averages over prompts), each template's
+    score and metrics kept in the run's metrics."""
+    per = [evaluate(tm, [t.render(e) for e in examples], batch_size, device) for t in templates]
+    means = {k: float(np.mean([m[k] for _, m in per])) for k in per[0][1]}
+    return float(np.mean([s for s, _ in per])), {**means, "prompts": [t.name for t in templates],
+                                                 "prompt_scores": [s for s, _ in per],
+                                                 "prompt_metrics": [m for _, m in per]}
+
+
 def train_and_evaluate(trial: TrialSpec, ctx: TrainContext | None = None) -> dict[str, Any]:
     """Train one stage and evaluate it; returns the result row (without bookkeeping columns)."""
     ctx = ctx or TrainContext()
@@ -69,25 +82,34 @@ def train_and_evaluate(trial: TrialSpec, ctx: TrainContext | None = None) -> dic
     seed_everything(trial.seed)
     registry = TaskRegistry.load(trial.task_files, trial.data_root)
     split = dict(seed=trial.seed, eval_fraction=trial.eval_fraction, split_seed=trial.split_seed)
-    train_data = registry.load_data(trial.train_task, trial.n_train, trial.n_eval, **split)
+    setup = trial.setup
+    fam = setup.model.family
+    if trial.sources:  # multi-task: n_train examples from each source; the target is evaluated zero-shot
+        train_data = load_mixture(registry, trial.sources, trial.eval_task, trial.n_train, **split,
+                                  render=lambda spec, exs: render_train(exs, resolve(spec, setup.prompts.train, fam),
+                                                                        trial.seed))
+    else:
+        train_data = registry.load_data(trial.train_task, trial.n_train, trial.n_eval, **split)
     eval_data = train_data if trial.eval_task == trial.train_task else registry.load_data(
         trial.eval_task, 0, trial.n_eval, **split)
     eval_examples = list(eval_data.eval)
 
-    setup = trial.setup
     torch.manual_seed(trial.seed)  # head initialisation
     tm = build_task_model(setup.model, setup.adaptation, train_data.spec)
     if trial.source_run_key:
         from analysis.store import ResultStore
 
         tm.load(ResultStore(trial.results_dir).checkpoint_dir(trial.source_run_key))
-    if setup.train.gradient_checkpointing and hasattr(tm.module, "gradient_checkpointing_enable"):
-        tm.module.gradient_checkpointing_enable()
+    if trial.hparams.gradient_checkpointing and hasattr(tm.module, "gradient_checkpointing_enable"):
+        # non-reentrant (transformers 5's default, explicit for 4.x): with a frozen embedding (PEFT
+        # methods) the reentrant variant drops the gradients of trainable parameters in checkpointed blocks
+        tm.module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     from rayjobs.backend import make_backend
 
     hp = trial.hparams
-    examples = list(train_data.train)
+    examples = list(train_data.train) if trial.sources else render_train(
+        train_data.train, resolve(train_data.spec, setup.prompts.train, fam), trial.seed)
     # Sharding: every rank shuffles the whole list with the same seed and takes its slice of each
     # global micro-batch (micro * world_size examples), so an optimiser step sees the same global
     # batch for any world size; with world_size 1 this is exactly the single-process order. A last
@@ -120,7 +142,9 @@ def train_and_evaluate(trial: TrialSpec, ctx: TrainContext | None = None) -> dic
             ctx.progress({"epoch": epoch, "step": step, "loss": float(np.mean(losses[-len(batches):]))})
     train_time = time.time() - t_train
 
-    score, all_metrics = evaluate(backend.model_for_eval(), eval_examples, hp.eval_batch_size, ctx.device)
+    score, all_metrics = evaluate_prompts(backend.model_for_eval(), eval_examples,
+                                          resolve(eval_data.spec, setup.prompts.eval, fam), hp.eval_batch_size,
+                                          ctx.device)
     checkpoint = None
     if trial.save_checkpoint:
         from analysis.store import ResultStore

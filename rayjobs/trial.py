@@ -19,15 +19,23 @@ from rayjobs.plan import TrialSpec
 MAX_LOSS_POINTS = 2000
 
 
-def _inject_fault(spec: TrialSpec) -> None:
-    """Failure injection for tests: TRANSFERLAB_FAULT="raise:<label substring>" or "kill:<...>"."""
+def inject_fault(spec: TrialSpec, rank: int | None = None) -> None:
+    """Failure injection for tests: TRANSFERLAB_FAULT="<action>[@rank<N>]:<label substring>".
+
+    <action> is `raise` or `kill` (SIGKILL). Without `@rank<N>` it fires in the trial process (the
+    coordinator of a distributed trial); with it, only in Ray Train worker N of a distributed trial,
+    so a test can fail one rank while the others wait in a collective.
+    """
     rule = os.environ.get("TRANSFERLAB_FAULT", "")
     if not rule or ":" not in rule:
         return
     action, pattern = rule.split(":", 1)
+    action, _, where = action.partition("@")
+    if where != ("" if rank is None else f"rank{rank}"):
+        return
     if pattern and pattern in spec.label:
         if action == "raise":
-            raise RuntimeError(f"injected failure for {spec.label}")
+            raise RuntimeError(f"injected failure for {spec.label}" + ("" if rank is None else f" on rank {rank}"))
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -40,7 +48,7 @@ def execute(spec: TrialSpec, progress: Any = None) -> dict[str, Any]:
         return done
     t0 = time.time()
     try:
-        _inject_fault(spec)
+        inject_fault(spec)
         if spec.setup.resources.workers > 1 or spec.setup.deepspeed is not None:
             from rayjobs.distributed import train_distributed
 

@@ -8,17 +8,22 @@ from rayjobs.models.base import TaskModel
 from rayjobs.models.loading import ModelError
 from rayjobs.tasks import TaskSpec
 
-__all__ = ["ModelError", "TaskModel", "build_task_model"]
+__all__ = ["ModelError", "TaskModel", "build_task_model", "encoder_head"]
+
+
+def encoder_head(spec: ModelSpec, task: TaskSpec) -> str:
+    """A fixed label set gets a classification head, per-example choices a multiple-choice head."""
+    if spec.head != "auto":
+        return spec.head
+    return "classification" if (task.choices or task.answer_type != "choice") else "multiple_choice"
 
 
 def build_task_model(spec: ModelSpec, adaptation: AdaptationSpec, task: TaskSpec) -> TaskModel:
     if spec.family == "encoder":
         from rayjobs.models.encoder import EncoderClassifier, EncoderMultipleChoice
 
-        head = spec.head
-        if head == "auto":
-            head = "classification" if (task.choices or task.answer_type != "choice") else "multiple_choice"
-        tm: TaskModel = EncoderClassifier(spec, task) if head == "classification" else EncoderMultipleChoice(spec, task)
+        multiple_choice = encoder_head(spec, task) == "multiple_choice"
+        tm: TaskModel = EncoderMultipleChoice(spec, task) if multiple_choice else EncoderClassifier(spec, task)
     elif spec.family == "seq2seq":
         from rayjobs.models.text_to_text import Seq2SeqModel
 
