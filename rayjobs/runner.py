@@ -81,6 +81,25 @@ def check_fits_local_cluster(trials: list[TrialSpec], run: RunSpec) -> None:
         check_distributed(setup, cluster)
 
 
+def distributed_concurrency(trials: list[TrialSpec]) -> int | None:
+    """Default cap on concurrent trials when some launch worker groups: their coordinators reserve no
+    CPU, so without a cap Tune would start every trial's Train controller at once and the groups would
+    queue for resources. The cap is how many worker groups (of the smallest kind) fit the cluster now."""
+    groups = [t.setup.resources for t in trials if t.setup.deepspeed is not None or t.setup.resources.workers > 1]
+    if not groups:
+        return None
+    import ray
+
+    have = ray.cluster_resources()
+    fits = []
+    for r in groups:
+        n = have.get("CPU", 0) // (r.cpu * r.workers)
+        if r.gpu:
+            n = min(n, have.get("GPU", 0) // (r.gpu * r.workers))
+        fits.append(int(n))
+    return max(1, max(fits))
+
+
 def _fmt_s(s: float) -> str:
     s = int(max(0, s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -95,8 +114,7 @@ def _progress_callback(stage: StageResult, t0: float) -> Any:
         def _line(self, trial: Any, status: str) -> None:
             n = stage.ok + len(stage.failed)
             rate = (time.time() - t0) / max(1, n)
-            spec = trial.config.get("trial", {})
-            what = f"{spec.get('kind')} {spec.get('source') or ''}->{spec.get('target') or ''} seed={spec.get('seed')}"
+            what = TrialSpec.model_validate(trial.config["trial"]).label
             print(f"[{stage.name}] {n}/{stage.total} done, {len(stage.failed)} failed, "
                   f"ETA {_fmt_s(rate * (stage.total - n))} | {status}: {what}", flush=True)
 
@@ -123,6 +141,7 @@ def run_stage(name: str, trials: list[TrialSpec], run: RunSpec, storage: Path) -
     init_ray(run)
     check_fits_local_cluster(trials, run)
     t0 = time.time()
+    concurrent = run.max_concurrent_trials or distributed_concurrency(trials)
 
     def trainable(config: dict[str, Any]) -> None:
         tune_trainable(config)
@@ -130,7 +149,7 @@ def run_stage(name: str, trials: list[TrialSpec], run: RunSpec, storage: Path) -
     tuner = tune.Tuner(
         tune.with_resources(trainable, trial_resources),
         param_space={"trial": tune.grid_search([t.model_dump(mode="json") for t in trials])},
-        tune_config=tune.TuneConfig(max_concurrent_trials=run.max_concurrent_trials, reuse_actors=False),
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=False),
         run_config=tune.RunConfig(
             name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(storage),

@@ -8,8 +8,19 @@ offload dropped (ZeRO stages still run, on at most 2 CPU workers).
 
 from __future__ import annotations
 
+import argparse
+import glob
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
 from rayjobs.config import AdaptationSpec, ExperimentConfig, ModelSpec, SetupSpec, TaskSelection
-from rayjobs.tasks import TaskRegistry
+from rayjobs.tasks import DEFAULT_DATA_ROOT, TaskRegistry
 
 TINY = {
     "encoder": {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -101,3 +112,59 @@ def smoke_variant(cfg: ExperimentConfig) -> ExperimentConfig:
     sizes = cfg.sizes.model_copy(update={"source_train": 24, "target_train": 24, "eval": 24})
     return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1], "sizes": sizes,
                                   "tasks": smoke_tasks(cfg), "setups": [_smoke_setup(s) for s in cfg.setups]})
+
+
+def config_kind(path: Path) -> str | None:
+    """`pairwise`, `multitask`, or None for a task-registry file (no setups)."""
+    raw = yaml.safe_load(path.read_text()) or {}
+    if "setups" not in raw:
+        return None
+    return "multitask" if "choices" in raw else "pairwise"
+
+
+def smoke_all(paths: list[Path], results: Path, timeout: int = 600) -> list[dict[str, Any]]:
+    """Every config's `--smoke` run, each in its own process and results folder, timed."""
+    rows = []
+    taskweb = Path("results/taskweb.duckdb")
+    for path in paths:
+        kind = config_kind(path)
+        if kind is None:
+            continue
+        if kind == "multitask" and not taskweb.exists():  # the selection store the example configs name
+            subprocess.run([sys.executable, "-m", "rayjobs.cli", "import", "taskweb",
+                            str(DEFAULT_DATA_ROOT / "taskweb"), "--db", str(taskweb)], check=True,
+                           capture_output=True)
+        cmd = [sys.executable, "-m", f"rayjobs.{kind}", "--config", str(path), "--smoke",
+               "--results", str(results / path.stem)]
+        t0 = time.time()
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            status, out = ("ok" if r.returncode == 0 else f"exit {r.returncode}"), r.stdout + r.stderr
+        except subprocess.TimeoutExpired:
+            status, out = f"timeout {timeout}s", ""
+        runs = re.search(r"(\d+) (?:distinct )?runs", out)
+        rows.append({"config": path.name, "job": kind, "runs": int(runs.group(1)) if runs else None,
+                     "seconds": round(time.time() - t0, 1), "status": status})
+        print(f"{path.name:32s} {kind:9s} {rows[-1]['runs']!s:>5s} runs {rows[-1]['seconds']:7.1f}s  {status}",
+              flush=True)
+        if status != "ok":
+            print("\n".join(out.splitlines()[-15:]), file=sys.stderr)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m rayjobs.smoke",
+                                 description="run every config's --smoke variant end to end and time it")
+    ap.add_argument("configs", nargs="*", default=sorted(glob.glob("configs/*.yaml")))
+    ap.add_argument("--results", default="results/smoke")
+    ap.add_argument("--timeout", type=int, default=600)
+    args = ap.parse_args(argv)
+    rows = smoke_all([Path(c) for c in args.configs], Path(args.results), args.timeout)
+    bad = [r for r in rows if r["status"] != "ok"]
+    print(f"{len(rows) - len(bad)}/{len(rows)} configs ran end to end; slowest "
+          f"{max((r['seconds'] for r in rows), default=0):.0f}s")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

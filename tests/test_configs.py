@@ -8,12 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 
 from rayjobs.config import load_config
 from rayjobs.plan import expand_pairwise
 from rayjobs.preflight import check_setups
-from rayjobs.smoke import smoke_variant
+from rayjobs.smoke import config_kind, smoke_variant
 from rayjobs.tasks import TaskRegistry
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,15 +20,8 @@ DATA = REPO.parent / "shared" / "data"
 pytestmark = pytest.mark.skipif(not (DATA / "tasks").is_dir(), reason="../shared/data not present")
 
 
-def kind(path: Path) -> str:
-    raw = yaml.safe_load(path.read_text())
-    if "tasks" in raw and isinstance(raw["tasks"], dict) and "setups" not in raw:
-        return "tasks"
-    return "multitask" if "choices" in raw else "pairwise"
-
-
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-PAIRWISE = [p for p in CONFIGS if kind(p) == "pairwise"]
+PAIRWISE = [p for p in CONFIGS if config_kind(p) == "pairwise"]
 
 
 def test_there_is_a_config_per_paper_setup() -> None:
