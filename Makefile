@@ -5,8 +5,11 @@ BIN := $(VENV)/bin
 # CPU build of torch by default; GPU users install their own torch first (TORCH_SPEC= to skip).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo test bench lint clean
+.PHONY: venv demo test bench bench-training smoke-configs lint clean
 
+# deepspeed (in `dev`) is an sdist: its isolated build env gets only setuptools (without torch its
+# setup.py skips op pre-compilation), so no CUDA torch is fetched and no --no-build-isolation is
+# needed; pip caches the built wheel.
 $(BIN)/transferlab: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -22,8 +25,18 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q tests
 
+# Figures: vectorised analyses vs loops; staged vs naive pairwise plan and Ray/Tune overhead per trial.
 bench: venv
 	$(BIN)/python benchmarks/bench_analysis.py
+	$(BIN)/python benchmarks/bench_pairwise.py
+
+# Throughput and peak memory per model family x adaptation method (and ZeRO stages).
+bench-training: venv
+	$(BIN)/python benchmarks/bench_training.py
+
+# Every config in configs/ end to end with --smoke (tiny models, 3 tasks, a few steps), timed.
+smoke-configs: venv
+	$(BIN)/python -m rayjobs.smoke
 
 lint: venv
 	$(BIN)/ruff check .

@@ -40,24 +40,29 @@ MINILM = {"name": "minilm", "path": "builtin:minilm", "family": "encoder", "max_
 
 
 def default_setups(batch: int) -> list[dict[str, Any]]:
+    """MiniLM (encoder) under every adaptation method, tiny T5 / GPT-2 under every method, and
+    MiniLM full fine-tuning under ZeRO-2/3 on two workers; full fine-tuning of each model first."""
     train = {"epochs": 100, "batch_size": batch, "learning_rate": 5e-5}
     one = {"cpu": 1}
     two = {"cpu": 1, "workers": 2}
-    return [
-        {"name": "encoder-full", "model": MINILM, "train": train, "resources": one},
-        {"name": "encoder-bitfit", "model": MINILM, "adaptation": {"method": "bitfit"}, "train": train,
-         "resources": one},
-        {"name": "encoder-lora", "model": MINILM, "adaptation": {"method": "lora", "params": {"r": 8}},
-         "train": train, "resources": one},
-        {"name": "seq2seq-tiny-full", "model": {"name": "t5-tiny", "family": "seq2seq", "config": TINY["seq2seq"],
-                                                "max_length": 64}, "train": train, "resources": one},
-        {"name": "causal-tiny-full", "model": {"name": "gpt2-tiny", "family": "causal", "config": TINY["causal"],
-                                               "max_length": 64}, "train": train, "resources": one},
-        {"name": "encoder-full-zero2-2w", "model": MINILM, "train": train, "resources": two,
-         "deepspeed": {"stage": 2}},
-        {"name": "encoder-full-zero3-2w", "model": MINILM, "train": train, "resources": two,
-         "deepspeed": {"stage": 3}},
-    ]
+    small = {"lora": {"r": 8}, "prompt_tuning": {"num_virtual_tokens": 10},
+             "prefix_tuning": {"num_virtual_tokens": 10}}
+    models = {"encoder": ("minilm", MINILM, ["full", "bitfit", "lora", "adapter", "prompt_tuning"]),
+              "seq2seq": ("t5-tiny", {"name": "t5-tiny", "family": "seq2seq", "config": TINY["seq2seq"],
+                                      "max_length": 64},
+                          ["full", "bitfit", "lora", "adapter", "prompt_tuning", "prefix_tuning"]),
+              "causal": ("gpt2-tiny", {"name": "gpt2-tiny", "family": "causal", "config": TINY["causal"],
+                                       "max_length": 64},
+                         ["full", "bitfit", "lora", "adapter", "prompt_tuning", "prefix_tuning"])}
+    out = []
+    for name, model, methods in models.values():
+        for m in methods:
+            out.append({"name": f"{name}-{m}", "model": model, "train": train, "resources": one,
+                        "adaptation": {"method": m, "params": small.get(m, {})}})
+    for stage in (2, 3):
+        out.append({"name": f"minilm-full-zero{stage}-2w", "model": MINILM, "train": train, "resources": two,
+                    "deepspeed": {"stage": stage}})
+    return out
 
 
 def model_setups(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -215,9 +220,14 @@ def main(argv: list[str] | None = None) -> int:
         status = "error: " + r["error"] if "error" in r else f"{r['examples_per_s']:.1f} ex/s"
         print(f"  {s['name']}: {status} ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
 
-    base = next((r for r in results if "error" not in r), None)
-    print(f"\ntraining throughput and peak memory: task {args.task}, {args.steps} steps, "
-          f"baseline = {base['name'] if base else 'n/a'}")
+    ok = [r for r in results if "error" not in r]
+
+    def base_of(r: dict[str, Any]) -> dict[str, Any]:
+        """Each setup against the first (full fine-tuning) setup of the same model."""
+        return next(b for b in ok if b["name"].split("-")[0] == r["name"].split("-")[0])
+
+    print(f"\ntraining throughput and peak memory: task {args.task}, {args.steps} steps; "
+          "'x base' = ratio to full fine-tuning of the same model, same run")
     head = (f"{'setup':<26}{'workers':>8}{'trainable':>12}{'ex/s':>9}{'x base':>8}{'peak RSS MiB':>14}"
             f"{'x base':>8}{'peak GPU MiB':>14}{'GPU util %':>12}")
     print(head)
@@ -226,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in r:
             print(f"{r['name']:<26}  not run: {r['error']}")
             continue
-        assert base is not None
+        base = base_of(r)
         print(f"{r['name']:<26}{r['workers']:>8}{r['trainable']:>12,}{r['examples_per_s']:>9.1f}"
               f"{r['examples_per_s'] / base['examples_per_s']:>8.2f}{r['peak_rss_mib']:>14.0f}"
               f"{r['peak_rss_mib'] / base['peak_rss_mib']:>8.2f}{fmt(r['peak_gpu_mib'], '>14.0f'):>14}"

@@ -27,6 +27,11 @@ class StageResult:
     seconds: float = 0.0
 
 
+#: keep per-trial model-loading chatter (progress bars, reports, deprecation notices) out of job logs
+QUIET = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+         "PYTHONWARNINGS": "ignore::FutureWarning"}
+
+
 def init_ray(run: RunSpec) -> None:
     import ray
 
@@ -36,7 +41,7 @@ def init_ray(run: RunSpec) -> None:
     # Workers must import rayjobs/analysis: on a local Ray the repo root is on their path.
     root = str(Path(__file__).resolve().parent.parent)
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH", "")] if p),
-                        "TOKENIZERS_PARALLELISM": "false"}}
+                        "TOKENIZERS_PARALLELISM": "false", **QUIET}}
     if address:
         ray.init(address=address, log_to_driver=True)
     else:

@@ -142,14 +142,17 @@ def test_local_runs_analyse_like_published_scores(tmp_path):
 @needs_taskweb
 def test_real_quickstart_store(tmp_path, capsys):
     from rayjobs.cli import main
+    from rayjobs.config import load_config
 
     results = tmp_path / "qs"
-    assert main(["run", str(ROOT / "configs" / "quickstart.yaml"), "--smoke", "--results", str(results)]) == 0
+    config = ROOT / "configs" / "quickstart.yaml"
+    target = load_config(config).tasks.target_list[0]
+    assert main(["run", str(config), "--smoke", "--results", str(results)]) == 0
     capsys.readouterr()
     db = str(results / "transferlab.duckdb")
     assert main(["import", "taskweb", str(_roe_only(tmp_path)), "--db", db]) == 0
     assert main(["evaluate-selection", "--selector", "taskshop-roe", "--setup", SETUP, "--k", "1", "--json", "--db", db]) == 0
-    assert main(["select", "--target", "snli", "--selector", "oracle", "--setup", SETUP, "--k", "1", "--json", "--db", db]) == 0
+    assert main(["select", "--target", target, "--selector", "oracle", "--setup", SETUP, "--k", "1", "--json", "--db", db]) == 0
     assert main(["report", "--out", str(tmp_path / "rep"), "--setup", SETUP, "--db", db]) == 0
     out = capsys.readouterr().out
     ev, chosen = _two_json(out)
@@ -165,7 +168,7 @@ def test_real_quickstart_store(tmp_path, capsys):
     for t, (ndcg, regret) in want.items():
         assert ev["by_target"][t]["ndcg"] == pytest.approx(ndcg, abs=1e-12)
         assert ev["by_target"][t]["regret_at_1"] == pytest.approx(regret, abs=1e-12)
-    assert chosen["top"] == [ref.rank({s: T[(s, "snli")] for (s, t) in T if t == "snli"})[0]]
+    assert chosen["top"] == [ref.rank({s: T[(s, target)] for (s, t) in T if t == target})[0]]
     assert (tmp_path / "rep" / "index.html").is_file()
 
 
