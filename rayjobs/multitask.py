@@ -416,7 +416,8 @@ def smoke_variant(cfg: MultitaskConfig) -> MultitaskConfig:
 
     Tiny sizes, one seed, tiny models for hub ids; at most 2 targets (1 when a setup is distributed:
     a Ray Train group per trial is slow on a laptop), those with local data first; the pool cut to
-    tasks with local data; one small k per choice (at most 3, a mix at most 2). A choice restricted
+    tasks with local data; one small k per choice (at most 3, a mix at most 2; with a distributed
+    setup one choice per kind and k = 1, so the mixes reuse the top-1 / bottom-1 runs). A choice restricted
     to targets that were cut moves to the first kept target, so every kind of choice still runs.
     """
     registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
@@ -433,13 +434,18 @@ def smoke_variant(cfg: MultitaskConfig) -> MultitaskConfig:
     if pool is not None and sum(map(local, pool)) >= 2:
         pool = [t for t in pool if local(t)]
     choices = []
+    kinds: set[str] = set()
     for ch in cfg.choices:
+        if distributed and ch.kind in kinds:  # one choice per kind: each run is a worker group
+            continue
+        kinds.add(ch.kind)
         update: dict[str, Any] = {}
         if ch.targets is not None:
             update["targets"] = [t for t in ch.targets if t in targets] or targets[:1]
         if ch.kind in RANKED_KINDS:
             ints = [k for k in ch.ks if k != "all"]
-            update["k"] = [min(min(ints), 2 if ch.kind == "mix" else 3)] if ints else ["all"]
+            small = 1 if distributed else (2 if ch.kind == "mix" else 3)
+            update["k"] = [min(min(ints), small)] if ints else ["all"]
         choices.append(ch.model_copy(update=update))
     sizes = cfg.sizes.model_copy(update={"eval": 24})
     return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1], "n_per_source": 16,

@@ -350,12 +350,15 @@ def test_t5_3b_config_chooses_the_papers_sets(monkeypatch: pytest.MonkeyPatch) -
 def test_smoke_shrinks_the_t5_3b_sweep_to_local_tasks(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     cfg = smoke_variant(t5_3b_config(monkeypatch))
     registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
-    # a DeepSpeed setup: one target; mix k=5 -> 2, top k=[1, 3, 5, 10, all] -> 1
+    # a DeepSpeed setup: one target, the first choice of each kind, k = 1 (each run is a worker group)
     assert cfg.targets == ["anli_r3"] and cfg.seeds == [42] and cfg.setups[0].model.config is not None
+    assert [c.kind for c in cfg.choices] == ["top", "all", "most_similar", "random", "bottom", "mix"]
     store, trials, rows = plan(cfg, str(tmp_path / "res"))
-    assert {r["selection"] for r in rows} >= {"top-1:taskshop-roe", "mix-2of2:oracle", "all", "most-similar"}
+    assert {r["selection"] for r in rows} == {"top-1:roe", "all", "most-similar", "random-1:taskshop-roe:seed=0",
+                                              "bottom-1:taskshop-roe", "mix-0of1:oracle", "mix-1of1:oracle"}
     assert all(registry.origin(s).startswith("local:") for t in trials for s in t.sources)
-    assert len(trials) <= 16
+    by_sel = {r["selection"]: r["run_key"] for r in rows}
+    assert len(trials) <= 7 and by_sel["mix-0of1:oracle"] != by_sel["mix-1of1:oracle"]
 
 
 # -- end to end on Ray -------------------------------------------------------------------------------------------
