@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class ConfigError(ValueError):
@@ -170,11 +172,16 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _unique_setups(self) -> ExperimentConfig:
-        keys = [s.key for s in self.setups]
-        dup = {k for k in keys if keys.count(k) > 1}
-        if dup:
-            raise ValueError(f"setup names must be unique, repeated: {sorted(dup)} (give each a `name`)")
+        unique_setup_keys(self.setups)
         return self
+
+
+def unique_setup_keys(setups: list[SetupSpec]) -> None:
+    """Setup keys name results (runs.setup): two setups with one key would mix their runs."""
+    keys = [s.key for s in setups]
+    dup = {k for k in keys if keys.count(k) > 1}
+    if dup:
+        raise ValueError(f"setup names must be unique, repeated: {sorted(dup)} (give each a `name`)")
 
 
 def _format_validation_error(path: str, err: ValidationError) -> str:
@@ -203,13 +210,17 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    """Load and validate an experiment config; relative paths resolve against the config's folder."""
+def load_typed(path: str | os.PathLike, cls: type[M], overrides: dict[str, Any] | None = None) -> M:
+    """Load a YAML file and validate it into `cls`; errors name the file and the field."""
     data = load_yaml(path)
     if overrides:
         data = {**data, **overrides}
     try:
-        cfg = ExperimentConfig.model_validate(data)
+        return cls.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(str(path), e)) from None
-    return cfg
+
+
+def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Load and validate a pairwise experiment config."""
+    return load_typed(path, ExperimentConfig, overrides)

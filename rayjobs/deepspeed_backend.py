@@ -112,9 +112,6 @@ class DeepSpeedBackend:
         # overwrites it, so the fill only costs time and touches GBs of pages (seconds per step on CPU).
         torch.utils.deterministic.fill_uninitialized_memory = False
         on_gpu = str(ctx.device).startswith("cuda")
-        if hp.gradient_checkpointing and hasattr(tm.module, "gradient_checkpointing_enable") \
-                and not getattr(tm.module, "is_gradient_checkpointing", False):
-            tm.module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # counts before ZeRO-3 partitions the parameters (their numel() is 0 afterwards)
         counts = tm.param_counts()
         tm.param_counts = lambda: counts  # type: ignore[method-assign]

@@ -35,8 +35,8 @@ from rayjobs.models.loading import ModelError
 from rayjobs.multitask_config import RANKED_KINDS, ChoiceSpec, MultitaskConfig, load_multitask_config
 from rayjobs.plan import TrialSpec, prompt_identity, trial_key
 from rayjobs.preflight import check_setup
-from rayjobs.runner import run_stage
-from rayjobs.smoke import _smoke_setup
+from rayjobs.runner import finish, run_stage
+from rayjobs.smoke import _smoke_setup, has_local_data
 from rayjobs.tasks import TaskError, TaskRegistry
 from rayjobs.templates import task_templates
 
@@ -401,14 +401,7 @@ def run(cfg: MultitaskConfig, results_dir: str) -> int:
         store.ingest()
     for line in table_lines(store, cfg):
         print(line)
-    print(f"transferlab: results database {store.db_path}")
-    print(f"transferlab: query it with: transferlab sql \"SELECT * FROM multitask_table\" --db {store.db_path}")
-    missing = [t for t in trials if t.run_key not in store.finished_keys()]
-    if missing:
-        print(f"transferlab: {len(missing)} runs did not finish (see runs.status/error); re-run to retry them",
-              file=sys.stderr)
-        return 1
-    return 0
+    return finish(store, trials, "multitask_table")
 
 
 def smoke_variant(cfg: MultitaskConfig) -> MultitaskConfig:
@@ -423,10 +416,7 @@ def smoke_variant(cfg: MultitaskConfig) -> MultitaskConfig:
     registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
 
     def local(t: str) -> bool:
-        try:
-            return registry.origin(t).startswith("local:")
-        except TaskError:  # unknown task or missing file: plan() reports it with its field
-            return False
+        return has_local_data(registry, t)
 
     distributed = any(s.deepspeed is not None or s.resources.workers > 1 for s in cfg.setups)
     targets = sorted(cfg.targets, key=lambda t: not local(t))[:1 if distributed else 2]

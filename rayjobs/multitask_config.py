@@ -22,16 +22,15 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from rayjobs.config import (
-    ConfigError,
     RunSpec,
     SetupSpec,
     SizeSpec,
-    _format_validation_error,
     _Strict,
-    load_yaml,
+    load_typed,
+    unique_setup_keys,
 )
 from rayjobs.templates import PromptTemplate
 
@@ -151,21 +150,12 @@ class MultitaskConfig(_Strict):
 
     @model_validator(mode="after")
     def _unique_setups(self) -> MultitaskConfig:
-        keys = [s.key for s in self.setups]
-        dup = {k for k in keys if keys.count(k) > 1}
-        if dup:
-            raise ValueError(f"setup names must be unique, repeated: {sorted(dup)} (give each a `name`)")
+        unique_setup_keys(self.setups)
         return self
 
 
 def load_multitask_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> MultitaskConfig:
     """Load and validate a multi-task sweep config; errors name the file and the field."""
-    data = load_yaml(path)
-    if overrides:
-        data = {**data, **overrides}
-    try:
-        cfg = MultitaskConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_format_validation_error(str(path), e)) from None
+    cfg = load_typed(path, MultitaskConfig, overrides)
     cfg._source = str(path)
     return cfg

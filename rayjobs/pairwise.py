@@ -18,7 +18,7 @@ from analysis.store import ResultStore
 from rayjobs.config import ExperimentConfig, load_config
 from rayjobs.plan import TrialSpec, expand_pairwise
 from rayjobs.preflight import check_setups
-from rayjobs.runner import run_stage
+from rayjobs.runner import finish, run_stage
 from rayjobs.smoke import smoke_variant
 from rayjobs.tasks import TaskRegistry
 
@@ -78,14 +78,7 @@ def run(cfg: ExperimentConfig, results_dir: str) -> int:
         store.ingest()
     for line in transfer_matrix_lines(store, cfg):
         print(line)
-    print(f"transferlab: results database {store.db_path}")
-    print(f"transferlab: query it with: transferlab sql \"SELECT * FROM transfer_scores\" --db {store.db_path}")
-    missing = [t for t in trials if t.run_key not in store.finished_keys()]
-    if missing:
-        print(f"transferlab: {len(missing)} runs did not finish (see runs.status/error); re-run to retry them",
-              file=sys.stderr)
-        return 1
-    return 0
+    return finish(store, trials, "transfer_scores")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -105,6 +105,18 @@ def distributed_concurrency(trials: list[TrialSpec]) -> int | None:
     return max(1, max(fits))
 
 
+def finish(store: Any, trials: list[TrialSpec], view: str) -> int:
+    """A job's last lines: where the results are, how to query them, and exit 1 if runs are missing."""
+    print(f"transferlab: results database {store.db_path}")
+    print(f"transferlab: query it with: transferlab sql \"SELECT * FROM {view}\" --db {store.db_path}")
+    missing = [t for t in trials if t.run_key not in store.finished_keys()]
+    if missing:
+        print(f"transferlab: {len(missing)} runs did not finish (see runs.status/error); re-run to retry them",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def _fmt_s(s: float) -> str:
     s = int(max(0, s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

@@ -83,7 +83,7 @@ def _smoke_setup(s: SetupSpec) -> SetupSpec:
                                 "train": train, "source_train": src, "resources": res, "deepspeed": ds})
 
 
-def _has_local_data(registry: TaskRegistry, task: str) -> bool:
+def has_local_data(registry: TaskRegistry, task: str) -> bool:
     try:
         return registry.origin(task).startswith("local:")
     except Exception:  # noqa: BLE001 - unknown task / missing file: preflight reports it
@@ -98,7 +98,7 @@ def smoke_tasks(cfg: ExperimentConfig) -> TaskSelection:
 
     def pick(names: list[str], k: int, avoid: list[str] | None = None) -> list[str]:
         pool = [t for t in names if t not in (avoid or [])] or list(names)
-        return list(dict.fromkeys([t for t in pool if _has_local_data(registry, t)] + pool))[:k]
+        return list(dict.fromkeys([t for t in pool if has_local_data(registry, t)] + pool))[:k]
 
     sel = cfg.tasks
     if any(s.deepspeed is not None or s.resources.workers > 1 for s in cfg.setups):

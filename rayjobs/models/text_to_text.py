@@ -13,6 +13,7 @@ There is no task head, so a source checkpoint transfers every trained parameter.
 from __future__ import annotations
 
 import re
+from abc import abstractmethod
 from typing import Any
 
 import torch
@@ -103,11 +104,13 @@ class _TextToText(TaskModel):
         scores = scores.masked_fill(~torch.tensor(valid, device=scores.device).view(len(examples), n), float("-inf"))
         return scores.argmax(-1).tolist()
 
+    @abstractmethod
     def _score(self, prompts: list[str], continuations: list[str]) -> torch.Tensor:
-        raise NotImplementedError
+        """Log-likelihood of each continuation given its prompt."""
 
+    @abstractmethod
     def _generate(self, examples: list[Example]) -> list[str]:
-        raise NotImplementedError
+        """Greedy answers."""
 
 
 class Seq2SeqModel(_TextToText):
