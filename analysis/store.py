@@ -59,8 +59,37 @@ RUN_COLUMNS: list[tuple[str, str, pa.DataType]] = [
 RUN_SCHEMA = pa.schema([(n, t) for n, _, t in RUN_COLUMNS])
 _JSON_COLS = {"hparams", "metrics"}
 
+# Per-example outputs (DESIGN.md "Predictions"): one row per (run or scoring key, example, template).
+# Every per-example number of the system (PVI, prompt-selection baselines, FUTE soft labels, served
+# predictions) is computed from these rows. Choice tasks fill the list columns in the task's canonical
+# label order; free-text and score answers fill pred_text / pred_value (and gold_text / gold_value).
+PREDICTION_COLUMNS: list[tuple[str, str, pa.DataType]] = [
+    ("key", "VARCHAR", pa.string()),  # run_key of a training run, or the key of a scoring trial
+    ("example_id", "VARCHAR", pa.string()),  # stable id of the example within its task
+    ("template", "VARCHAR", pa.string()),  # prompt template name ('input' = the task's base rendering)
+    ("task", "VARCHAR", pa.string()),
+    ("split", "VARCHAR", pa.string()),  # eval | train | pool (unlabelled probe pool)
+    ("gold", "INTEGER", pa.int64()),  # gold choice index; NULL when unlabelled
+    ("choices", "VARCHAR[]", pa.list_(pa.string())),  # verbalised choices as the model saw them
+    ("logprobs", "DOUBLE[]", pa.list_(pa.float64())),  # summed log-likelihood per choice (encoders: log-softmax)
+    ("logprobs_mean", "DOUBLE[]", pa.list_(pa.float64())),  # length-normalised per choice
+    ("probs", "DOUBLE[]", pa.list_(pa.float64())),  # softmax over the choices of the scores used to predict
+    ("prediction", "INTEGER", pa.int64()),
+    ("correct", "BOOLEAN", pa.bool_()),
+    ("pred_text", "VARCHAR", pa.string()),  # greedy generation (text tasks, or on request)
+    ("gold_text", "VARCHAR", pa.string()),
+    ("pred_value", "DOUBLE", pa.float64()),  # regression answers
+    ("gold_value", "DOUBLE", pa.float64()),
+    ("prompt_ppl", "DOUBLE", pa.float64()),  # perplexity of the rendered prompt (on request)
+]
+PREDICTION_SCHEMA = pa.schema([(n, t) for n, _, t in PREDICTION_COLUMNS])
+
 SCHEMA_SQL = f"""
 CREATE TABLE IF NOT EXISTS runs ({", ".join(f"{n} {t}" for n, t, _ in RUN_COLUMNS)});
+
+CREATE TABLE IF NOT EXISTS predictions (
+    {", ".join(f"{n} {t}" for n, t, _ in PREDICTION_COLUMNS)},
+    PRIMARY KEY (key, example_id, template));
 
 -- Aggregated transfer scores imported from a publication (no per-seed baselines released).
 CREATE TABLE IF NOT EXISTS published_transfer_scores (
@@ -102,13 +131,16 @@ class StoreError(RuntimeError):
 
 
 class ResultStore:
-    """A results folder: `runs/<key>.parquet`, `checkpoints/<key>/` and the DuckDB file."""
+    """A results folder: `runs/<key>.parquet`, `predictions/<key>.parquet`, `checkpoints/<key>/` and
+    the DuckDB file. A trial writes its predictions first and its run row last: the run row is the
+    commit marker, so a run counts as done only when both are on disk."""
 
     def __init__(self, root: str | os.PathLike, db_path: str | os.PathLike | None = None):
         self.root = Path(root).expanduser().resolve()
         self.db_path = Path(db_path).expanduser().resolve() if db_path else self.root / DB_NAME
         self.runs_dir = self.root / "runs"
         self.checkpoints_dir = self.root / "checkpoints"
+        self.predictions_dir = self.root / "predictions"
 
     # -- setup -----------------------------------------------------------------------------
     def ensure_writable(self) -> None:
@@ -149,18 +181,22 @@ class ResultStore:
     def write_result(self, row: dict[str, Any]) -> Path:
         """Write one run row as `runs/<key>.parquet` atomically (temp file + rename)."""
         full = normalise_row(row)
-        table = pa.Table.from_pylist([full], schema=RUN_SCHEMA)
-        dest = self.result_path(full["run_key"])
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{full['run_key']}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            pq.write_table(table, tmp)
-            os.replace(tmp, dest)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return dest
+        return _write_atomic(pa.Table.from_pylist([full], schema=RUN_SCHEMA), self.result_path(full["run_key"]))
+
+    def prediction_path(self, key: str) -> Path:
+        return self.predictions_dir / f"{key}.parquet"
+
+    def write_predictions(self, key: str, rows: list[dict[str, Any]]) -> Path | None:
+        """Write the per-example rows of one run or scoring key atomically (before its run row)."""
+        if not rows:
+            return None
+        table = pa.Table.from_pylist([{**{n: r.get(n) for n in PREDICTION_SCHEMA.names}, "key": key} for r in rows],
+                                     schema=PREDICTION_SCHEMA)
+        return _write_atomic(table, self.prediction_path(key))
+
+    def read_predictions(self, key: str) -> pa.Table | None:
+        p = self.prediction_path(key)
+        return pq.read_table(p) if p.exists() else None
 
     def read_result(self, run_key: str) -> dict[str, Any] | None:
         p = self.result_path(run_key)
@@ -186,13 +222,28 @@ class ResultStore:
 
     # -- driver side: idempotent ingest ---------------------------------------------------------
     def ingest(self) -> int:
-        """Upsert every result file into `runs`; returns the number of result files read."""
+        """Upsert every result file into `runs`, and the prediction files of runs not yet ingested into
+        `predictions`; returns the number of result files read."""
         files = sorted(str(p) for p in self.runs_dir.glob("*.parquet")) if self.runs_dir.exists() else []
         with self.connect() as con:
             if files:
                 cols = ", ".join(n for n, _, _ in RUN_COLUMNS)
                 con.execute(f"INSERT OR REPLACE INTO runs ({cols}) SELECT {cols} FROM read_parquet($files)",
                             {"files": files})
+            self._ingest_predictions(con)
+        return len(files)
+
+    def _ingest_predictions(self, con: duckdb.DuckDBPyConnection) -> int:
+        """Prediction files are immutable once their run row exists: ingest each key once."""
+        if not self.predictions_dir.exists():
+            return 0
+        have = {r[0] for r in con.execute("SELECT DISTINCT key FROM predictions").fetchall()}
+        files = sorted(str(p) for p in self.predictions_dir.glob("*.parquet") if p.stem not in have)
+        if not files:
+            return 0
+        cols = ", ".join(n for n, _, _ in PREDICTION_COLUMNS)
+        con.execute(f"INSERT OR REPLACE INTO predictions ({cols}) SELECT {cols} FROM read_parquet($files, "
+                    "union_by_name = true)", {"files": files})
         return len(files)
 
     def insert_rows(self, rows: Iterable[dict[str, Any]], con: duckdb.DuckDBPyConnection) -> int:
@@ -209,6 +260,20 @@ class ResultStore:
         finally:
             con.unregister("_incoming")
         return table.num_rows
+
+
+def _write_atomic(table: pa.Table, dest: Path) -> Path:
+    """Parquet through a temp file and a rename: readers see the whole file or none."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.stem}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
 
 
 def normalise_row(row: dict[str, Any]) -> dict[str, Any]:
