@@ -23,15 +23,15 @@ so it cannot reproduce `warmup_ratio: 0` or the `(step + 1) / warmup` ramp. A `s
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from rayjobs import checkpoint
 from rayjobs.backend import _linear_warmup
 from rayjobs.config import DeepSpeedSpec, TrainSpec
-from rayjobs.models.base import CKPT_META, CKPT_WEIGHTS, TaskModel
+from rayjobs.models.base import TaskModel
 
 #: DeepSpeed config keys the backend derives from `train`/`deepspeed` fields; `extra` must not set them
 DERIVED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -160,16 +160,9 @@ class DeepSpeedBackend:
 
     def save(self, folder: Path, meta: dict[str, Any] | None) -> Path:
         """A checkpoint `TaskModel.load` reads (trainable params by name, fp32); rank 0 writes it."""
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
         state = self.trainable_state()
         if state is not None:
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / (CKPT_WEIGHTS + ".tmp")
-            save_file(state, str(tmp))
-            tmp.replace(folder / CKPT_WEIGHTS)
             info = {**(meta or {}), "deepspeed": {"stage": self.ds.stage, "precision": self.ds.precision,
                                                   "world_size": self.engine.world_size}}
-            (folder / CKPT_META).write_text(json.dumps(info, indent=1, sort_keys=True, default=str))
-        return folder
+            checkpoint.save(folder, state, info)
+        return Path(folder)

@@ -30,7 +30,7 @@ def compute(spec: TaskSpec, pred: Sequence, gold: Sequence) -> tuple[float, dict
         spear = float(stats.spearmanr(p_, g)[0]) if np.std(p_) > 0 else 0.0
         return (pear + spear) / 2, {"pearson": pear, "spearmanr": spear}
     if spec.answer_type == "text":
-        em = float(np.mean([_norm(a) == _norm(b) for a, b in zip(pred, gold, strict=False)]))
+        em = float(np.mean([normalise_text(a) == normalise_text(b) for a, b in zip(pred, gold, strict=False)]))
         return em, {"exact_match": em}
     p_, g = np.asarray(pred, int), np.asarray(gold, int)
     acc = float(np.mean(p_ == g))
@@ -42,5 +42,6 @@ def compute(spec: TaskSpec, pred: Sequence, gold: Sequence) -> tuple[float, dict
     return (acc + f) / 2, {"accuracy": acc, "f1": f}
 
 
-def _norm(s: str) -> str:
+def normalise_text(s: str) -> str:
+    """Exact match ignores case, surrounding space and a final full stop."""
     return " ".join(str(s).lower().strip().rstrip(".").split())

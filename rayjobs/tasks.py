@@ -11,6 +11,7 @@ LMs all train and evaluate from it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -36,13 +37,17 @@ class TaskError(ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    """`label` indexes `choices`; free-text tasks carry `answer` (label -1), regression `value`."""
+    """`label` indexes `choices`; free-text tasks carry `answer` (label -1), regression `value`.
+
+    `uid` identifies the example within its task (the record's `id`, else its file line or dataset
+    row), so per-example outputs of different runs, models and prompts join on it."""
 
     text: str
     choices: tuple[str, ...]
     label: int
     answer: str | None = None
     value: float | None = None
+    uid: str = ""
 
     @property
     def target_text(self) -> str:
@@ -305,16 +310,23 @@ def _read_local(spec: TaskSpec, path: Path) -> list[Example]:
     for where, rec in records:
         if fmt == "natinstruct":
             if spec.answer_type == "text":
-                out.append(Example(str(rec["input"]), (), -1, answer=str((rec.get("output") or [""])[0])))
-                continue
-            out.append(Example(str(rec["input"]), tuple(spec.choices or ()),
-                               _label_index(spec, tuple(spec.choices or ()), rec.get("output"), where)))
+                ex = Example(str(rec["input"]), (), -1, answer=str((rec.get("output") or [""])[0]))
+            else:
+                ex = Example(str(rec["input"]), tuple(spec.choices or ()),
+                             _label_index(spec, tuple(spec.choices or ()), rec.get("output"), where))
         elif fmt == "choices":
             choices = tuple(str(c) for c in rec["choices"])
-            out.append(Example(str(rec["text"]), choices, _label_index(spec, choices, rec["label"], where)))
+            ex = Example(str(rec["text"]), choices, _label_index(spec, choices, rec["label"], where))
         else:
-            out.append(_render(spec, rec, where))
+            ex = _render(spec, rec, where)
+        rid = rec.get("id") if isinstance(rec, dict) else None
+        out.append(dataclasses.replace(ex, uid=str(rid) if rid not in (None, "") and not _isnan(rid)
+                                       else f"{path.name}:{where.rsplit(':', 1)[1]}"))
     return out
+
+
+def _isnan(v: Any) -> bool:
+    return isinstance(v, float) and v != v
 
 
 def _read_hf(spec: TaskSpec) -> tuple[list[Example], list[Example]]:
@@ -330,7 +342,8 @@ def _read_hf(spec: TaskSpec) -> tuple[list[Example], list[Example]]:
         except Exception as e:  # hub unreachable, unknown id, ...
             raise TaskError(f"task {spec.name!r}: cannot load HF dataset {spec.hf.id}"
                             f"{'/' + spec.hf.subset if spec.hf.subset else ''} split {split}: {e}") from None
-        pools.append([_render(spec, dict(r), f"{spec.hf.id}[{split}][{i}]", spec.hf.label_values)
+        pools.append([dataclasses.replace(_render(spec, dict(r), f"{spec.hf.id}[{split}][{i}]", spec.hf.label_values),
+                                          uid=f"{split}:{i}")
                       for i, r in enumerate(ds)
                       if not (isinstance(r.get(spec.label_field), int) and r.get(spec.label_field) < 0)])
     return pools[0], pools[1]

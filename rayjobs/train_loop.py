@@ -21,9 +21,10 @@ import torch
 from rayjobs import metrics
 from rayjobs.mixture import load_mixture
 from rayjobs.models import TaskModel, build_task_model
+from rayjobs.models.base import answer
 from rayjobs.plan import TrialSpec
-from rayjobs.tasks import Example, TaskRegistry
-from rayjobs.templates import PromptTemplate, render_train, resolve
+from rayjobs.tasks import Example, TaskRegistry, TaskSpec
+from rayjobs.templates import BASE, PromptTemplate, render_train, resolve
 
 
 @dataclass
@@ -55,47 +56,114 @@ def _to(batch: dict[str, Any], device: str) -> dict[str, Any]:
     return {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
 
 
-def evaluate(tm: TaskModel, examples: list[Example], batch_size: int, device: str = "cpu") -> tuple[float, dict]:
+# -- evaluation: the one scoring path, with per-example outputs ------------------------------------------
+def score_examples(tm: TaskModel, examples: list[Example], batch_size: int, device: str = "cpu",
+                   generate: bool = False) -> list[dict[str, Any]]:
+    """Predictions records of `examples` (rendered already), in order, through `TaskModel.score`."""
     tm.module.eval()
-    preds: list[Any] = []
+    out: list[dict[str, Any]] = []
     for chunk in _batches(examples, batch_size, None):
-        preds.extend(tm.predict(_to(tm.collate(chunk), device)))
-    spec = tm.task  # type: ignore[attr-defined]
-    return metrics.compute(spec, preds, TaskModel.gold(examples))
+        batch = _to(tm.collate(chunk), device)
+        out.extend(tm.score(batch, generate=generate))
+    return out
+
+
+def prediction_rows(task: str, template: str, split: str, examples: list[Example],
+                    records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Scored records joined with the examples' ids and gold answers: rows of the `predictions` table."""
+    rows = []
+    for e, r in zip(examples, records, strict=True):
+        gold = e.label if e.answer is None and e.value is None and e.label >= 0 else None
+        row = {**r, "example_id": e.uid, "template": template, "task": task, "split": split, "gold": gold,
+               "gold_text": e.answer, "gold_value": e.value}
+        if gold is not None and r.get("prediction") is not None:
+            row["correct"] = r["prediction"] == gold
+        elif e.answer is not None and r.get("pred_text") is not None:
+            row["correct"] = metrics.normalise_text(r["pred_text"]) == metrics.normalise_text(e.answer)
+        rows.append(row)
+    return rows
+
+
+def evaluate(tm: TaskModel, examples: list[Example], batch_size: int, device: str = "cpu") -> tuple[float, dict]:
+    """(p, metrics) of rendered examples."""
+    score, mets, _ = evaluate_template(tm, examples, batch_size, device)
+    return score, mets
+
+
+def evaluate_template(tm: TaskModel, examples: list[Example], batch_size: int, device: str = "cpu",
+                      template: str = BASE, split: str = "eval") -> tuple[float, dict, list[dict[str, Any]]]:
+    records = score_examples(tm, examples, batch_size, device)
+    spec = tm.task
+    score, mets = metrics.compute(spec, [answer(r) for r in records], TaskModel.gold(examples))
+    return score, mets, prediction_rows(spec.name, template, split, examples, records)
 
 
 def evaluate_prompts(tm: TaskModel, examples: list[Example], templates: list[PromptTemplate], batch_size: int,
-                     device: str = "cpu") -> tuple[float, dict]:
+                     device: str = "cpu") -> tuple[float, dict, list[dict[str, Any]]]:
     """The mean score over the templates (zero-shot evaluation averages over prompts), each template's
-    score and metrics kept in the run's metrics."""
-    per = [evaluate(tm, [t.render(e) for e in examples], batch_size, device) for t in templates]
-    means = {k: float(np.mean([m[k] for _, m in per])) for k in per[0][1]}
-    return float(np.mean([s for s, _ in per])), {**means, "prompts": [t.name for t in templates],
-                                                 "prompt_scores": [s for s, _ in per],
-                                                 "prompt_metrics": [m for _, m in per]}
+    score and metrics kept in the run's metrics, and every (example, template)'s predictions row."""
+    per = [evaluate_template(tm, [t.render(e) for e in examples], batch_size, device, template=t.name)
+           for t in templates]
+    means = {k: float(np.mean([m[k] for _, m, _ in per])) for k in per[0][1]}
+    rows = [r for _, _, rs in per for r in rs]
+    return float(np.mean([s for s, _, _ in per])), {**means, "prompts": [t.name for t in templates],
+                                                    "prompt_scores": [s for s, _, _ in per],
+                                                    "prompt_metrics": [m for _, m, _ in per]}, rows
 
 
-def train_and_evaluate(trial: TrialSpec, ctx: TrainContext | None = None) -> dict[str, Any]:
-    """Train one stage and evaluate it; returns the result row (without bookkeeping columns)."""
-    ctx = ctx or TrainContext()
-    t0 = time.time()
-    seed_everything(trial.seed)
+# -- recipe steps ----------------------------------------------------------------------------------------
+@dataclass
+class TrialData:
+    """What one trial trains and evaluates on, rendered with its prompt templates."""
+
+    train_spec: TaskSpec
+    eval_spec: TaskSpec
+    train: list[Example]  # rendered with the training template(s)
+    eval: list[Example]  # raw: rendered per evaluation template
+    eval_templates: list[PromptTemplate]
+    origins: list[str]
+
+
+@dataclass
+class FitResult:
+    backend: Any
+    steps: int
+    micro_batch: int
+    losses: list[float]
+    train_time_s: float
+
+
+@dataclass
+class EvalResult:
+    score: float
+    metrics: dict[str, Any]
+    predictions: list[dict[str, Any]]
+
+
+def prepare_data(trial: TrialSpec) -> TrialData:
+    """Step 1: the trial's training sample and evaluation pool (deterministic in seed and split seed)."""
     registry = TaskRegistry.load(trial.task_files, trial.data_root)
     split = dict(seed=trial.seed, eval_fraction=trial.eval_fraction, split_seed=trial.split_seed)
-    setup = trial.setup
-    fam = setup.model.family
+    fam = trial.setup.model.family
+    train_tpl = trial.setup.prompts.train
     if trial.sources:  # multi-task: n_train examples from each source; the target is evaluated zero-shot
         train_data = load_mixture(registry, trial.sources, trial.eval_task, trial.n_train, **split,
-                                  render=lambda spec, exs: render_train(exs, resolve(spec, setup.prompts.train, fam),
-                                                                        trial.seed))
+                                  render=lambda spec, exs: render_train(exs, resolve(spec, train_tpl, fam), trial.seed))
+        train = list(train_data.train)
     else:
         train_data = registry.load_data(trial.train_task, trial.n_train, trial.n_eval, **split)
+        train = render_train(train_data.train, resolve(train_data.spec, train_tpl, fam), trial.seed)
     eval_data = train_data if trial.eval_task == trial.train_task else registry.load_data(
         trial.eval_task, 0, trial.n_eval, **split)
-    eval_examples = list(eval_data.eval)
+    return TrialData(train_data.spec, eval_data.spec, train, list(eval_data.eval),
+                     resolve(eval_data.spec, trial.setup.prompts.eval, fam), [train_data.origin, eval_data.origin])
 
+
+def prepare_model(trial: TrialSpec, data: TrialData) -> TaskModel:
+    """Step 2: the model with its adaptation, initialised from the source checkpoint for a transfer."""
+    setup = trial.setup
     torch.manual_seed(trial.seed)  # head initialisation
-    tm = build_task_model(setup.model, setup.adaptation, train_data.spec)
+    tm = build_task_model(setup.model, setup.adaptation, data.train_spec)
     if trial.source_run_key:
         from analysis.store import ResultStore
 
@@ -104,22 +172,26 @@ def train_and_evaluate(trial: TrialSpec, ctx: TrainContext | None = None) -> dic
         # non-reentrant (transformers 5's default, explicit for 4.x): with a frozen embedding (PEFT
         # methods) the reentrant variant drops the gradients of trainable parameters in checkpointed blocks
         tm.module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return tm
 
+
+def fit(tm: TaskModel, examples: list[Example], trial: TrialSpec, ctx: TrainContext) -> FitResult:
+    """Step 3: the optimisation loop.
+
+    Sharding: every rank shuffles the whole list with the same seed and takes its slice of each
+    global micro-batch (micro * world_size examples), so an optimiser step sees the same global
+    batch for any world size; with world_size 1 this is exactly the single-process order. A last
+    global batch smaller than world_size is dropped (every rank must run the same number of passes).
+    """
     from rayjobs.backend import make_backend
 
     hp = trial.hparams
-    examples = list(train_data.train) if trial.sources else render_train(
-        train_data.train, resolve(train_data.spec, setup.prompts.train, fam), trial.seed)
-    # Sharding: every rank shuffles the whole list with the same seed and takes its slice of each
-    # global micro-batch (micro * world_size examples), so an optimiser step sees the same global
-    # batch for any world size; with world_size 1 this is exactly the single-process order. A last
-    # global batch smaller than world_size is dropped (every rank must run the same number of passes).
     micro = max(1, hp.batch_size // (ctx.world_size * hp.grad_accum_steps))
     steps_per_epoch = math.ceil(len(examples) / (micro * ctx.world_size * hp.grad_accum_steps))
     total_steps = max(1, math.ceil(steps_per_epoch * hp.epochs))
     if hp.max_steps:
         total_steps = min(total_steps, hp.max_steps)
-    backend = make_backend(tm, hp, setup, ctx, total_steps, micro)
+    backend = make_backend(tm, hp, trial.setup, ctx, total_steps, micro)
 
     rng = random.Random(trial.seed)
     step, losses, t_train = 0, [], time.time()
@@ -140,35 +212,61 @@ def train_and_evaluate(trial: TrialSpec, ctx: TrainContext | None = None) -> dic
         epoch += 1
         if ctx.progress:
             ctx.progress({"epoch": epoch, "step": step, "loss": float(np.mean(losses[-len(batches):]))})
-    train_time = time.time() - t_train
+    return FitResult(backend, step, micro, losses, time.time() - t_train)
 
-    score, all_metrics = evaluate_prompts(backend.model_for_eval(), eval_examples,
-                                          resolve(eval_data.spec, setup.prompts.eval, fam), hp.eval_batch_size,
-                                          ctx.device)
-    checkpoint = None
-    if trial.save_checkpoint:
-        from analysis.store import ResultStore
 
-        folder = ResultStore(trial.results_dir).checkpoint_dir(trial.run_key)
-        if ctx.rank == 0:
-            checkpoint = str(backend.save(folder, {"run_key": trial.run_key, "task": trial.train_task,
-                                                   "setup": setup.key, "adaptation": setup.adaptation.method}))
-        else:
-            backend.save(folder, None)
+def evaluate_trial(tm: TaskModel, data: TrialData, trial: TrialSpec, ctx: TrainContext) -> EvalResult:
+    """Step 4: the evaluation pool under every evaluation template, with one predictions row each."""
+    score, mets, rows = evaluate_prompts(tm, data.eval, data.eval_templates, trial.hparams.eval_batch_size,
+                                         ctx.device)
+    return EvalResult(float(score), mets, rows)
+
+
+def save_checkpoint(fitted: FitResult, trial: TrialSpec, ctx: TrainContext) -> str | None:
+    """Step 5: the trained parameters of a source run (every rank takes part under ZeRO-3; rank 0 writes)."""
+    if not trial.save_checkpoint:
+        return None
+    from analysis.store import ResultStore
+
+    folder = ResultStore(trial.results_dir).checkpoint_dir(trial.run_key)
+    setup = trial.setup
+    meta = {"run_key": trial.run_key, "task": trial.train_task, "setup": setup.key,
+            "adaptation": setup.adaptation.method}
+    saved = fitted.backend.save(folder, meta if ctx.rank == 0 else None)
+    return str(saved) if ctx.rank == 0 else None
+
+
+def result_row(trial: TrialSpec, data: TrialData, tm: TaskModel, fitted: FitResult, ev: EvalResult,
+               checkpoint: str | None, ctx: TrainContext, t0: float) -> dict[str, Any]:
+    """Step 6: the `runs` row (plus the loss curve and predictions, which the trial stores apart)."""
+    setup, hp = trial.setup, trial.hparams
     trainable, total = tm.param_counts()
     return {
         "run_key": trial.run_key, "experiment": trial.experiment, "kind": trial.kind, "setup": setup.key,
         "model": setup.model.name, "adaptation": setup.adaptation.method,
         "source": trial.source, "target": trial.target, "sources": trial.sources, "seed": trial.seed,
         "source_run_key": trial.source_run_key, "baseline_run_key": trial.baseline_run_key,
-        "n_train": len(examples), "n_eval": len(eval_examples),
-        "hparams": {**hp.model_dump(), "world_size": ctx.world_size, "micro_batch": micro, "steps": step,
-                    "data": [train_data.origin, eval_data.origin]},
-        "metric": eval_data.spec.metric,
-        "score": float(score), "metrics": {**all_metrics, "final_train_loss": float(np.mean(losses[-10:]))},
+        "n_train": len(data.train), "n_eval": len(data.eval),
+        "hparams": {**hp.model_dump(), "world_size": ctx.world_size, "micro_batch": fitted.micro_batch,
+                    "steps": fitted.steps, "data": data.origins},
+        "metric": data.eval_spec.metric,
+        "score": ev.score, "metrics": {**ev.metrics, "final_train_loss": float(np.mean(fitted.losses[-10:]))},
         "trainable_params": trainable, "total_params": total,
-        "train_time_s": train_time, "wall_time_s": time.time() - t0,
+        "train_time_s": fitted.train_time_s, "wall_time_s": time.time() - t0,
         "host": socket.gethostname(), "checkpoint": checkpoint, "status": "ok",
-        "loss_curve": losses,
+        "loss_curve": fitted.losses, "predictions": ev.predictions,
     }
 
+
+def train_and_evaluate(trial: TrialSpec, ctx: TrainContext | None = None) -> dict[str, Any]:
+    """Train one stage and evaluate it; returns the result row (without bookkeeping columns)."""
+    ctx = ctx or TrainContext()
+    t0 = time.time()
+    seed_everything(trial.seed)
+    data = prepare_data(trial)
+    tm = prepare_model(trial, data)
+    fitted = fit(tm, data.train, trial, ctx)
+    tm_eval = fitted.backend.model_for_eval()
+    ev = evaluate_trial(tm_eval, data, trial, ctx)
+    ckpt = save_checkpoint(fitted, trial, ctx)
+    return result_row(trial, data, tm, fitted, ev, ckpt, ctx, t0)

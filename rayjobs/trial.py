@@ -60,6 +60,9 @@ def execute(spec: TrialSpec, progress: Any = None) -> dict[str, Any]:
     except Exception as e:
         store.write_result(_failed_row(spec, e, time.time() - t0))
         raise
+    predictions = row.pop("predictions", None)
+    if predictions:  # before the run row: the run row marks the run done
+        store.write_predictions(spec.run_key, predictions)
     curve = row.pop("loss_curve", None)
     if curve:
         stride = max(1, len(curve) // MAX_LOSS_POINTS)

@@ -123,19 +123,21 @@ def test_peft_source_checkpoint_holds_only_trained_params_and_reloads(
             assert own[k].shape != state[k].shape or not torch.equal(own[k].detach(), state[k])
 
 
-def direct_loglik(tm, prompt: str, cont: str) -> float:
-    """One sequence at a time, no padding: sum of log p(answer token | everything before it)."""
+def direct_loglik(tm, prompt: str, cont: str, per_token: bool = False) -> float:
+    """One sequence at a time, no padding: sum (or mean) of log p(answer token | everything before it)."""
     tok = tm.tokenizer
     if isinstance(tm, CausalModel):
         p = tok(prompt, add_special_tokens=False)["input_ids"]
         c = tok(" " + cont, add_special_tokens=False)["input_ids"]
         ids = torch.tensor([p + c])
         logp = torch.log_softmax(tm.module(input_ids=ids).logits[0].float(), -1)
-        return float(sum(logp[len(p) + i - 1, t] for i, t in enumerate(c)))
-    enc = tok(prompt, return_tensors="pt")
-    labels = tok(text_target=cont, return_tensors="pt")["input_ids"]
-    logp = torch.log_softmax(tm.module(**enc, labels=labels).logits[0].float(), -1)
-    return float(sum(logp[i, t] for i, t in enumerate(labels[0])))
+        terms = [logp[len(p) + i - 1, t] for i, t in enumerate(c)]
+    else:
+        enc = tok(prompt, return_tensors="pt")
+        labels = tok(text_target=cont, return_tensors="pt")["input_ids"]
+        logp = torch.log_softmax(tm.module(**enc, labels=labels).logits[0].float(), -1)
+        terms = [logp[i, t] for i, t in enumerate(labels[0])]
+    return float(sum(terms) / (len(terms) if per_token else 1))
 
 
 @pytest.mark.parametrize("family", ["seq2seq", "causal"])
@@ -149,11 +151,21 @@ def test_rank_classification_matches_a_direct_loglikelihood(registry: TaskRegist
     examples = [tpl.render(e) for e in data.eval]  # prompts of different lengths: padding is exercised
     with torch.no_grad():
         direct = torch.tensor([[direct_loglik(tm, e.text, c) for c in e.choices] for e in examples])
+        direct_mean = torch.tensor([[direct_loglik(tm, e.text, c, per_token=True) for c in e.choices]
+                                    for e in examples])
         batched = tm._score([e.text for e in examples for _ in e.choices],
-                            [c for e in examples for c in e.choices]).view(len(examples), -1)
+                            [c for e in examples for c in e.choices])[0].view(len(examples), -1)
         preds = tm.predict(tm.collate(examples))
+        records = tm.score(tm.collate(examples))
     assert torch.allclose(batched, direct, atol=1e-4), (batched - direct).abs().max()
     assert preds == direct.argmax(-1).tolist()
+    # the scoring interface: summed and per-token log-likelihoods, softmax over choices, in label order
+    got = torch.tensor([r["logprobs"] for r in records], dtype=torch.float)
+    got_mean = torch.tensor([r["logprobs_mean"] for r in records], dtype=torch.float)
+    probs = torch.tensor([r["probs"] for r in records], dtype=torch.float)
+    assert torch.allclose(got, direct, atol=1e-4) and torch.allclose(got_mean, direct_mean, atol=1e-4)
+    assert torch.allclose(probs, torch.softmax(direct.double(), -1).float(), atol=1e-5)
+    assert [r["choices"] for r in records] == [list(e.choices) for e in examples]
 
 
 def test_generation_answers_free_text_and_regression(registry: TaskRegistry) -> None:

@@ -1,32 +1,47 @@
-"""What the training loop needs from a model, whatever its family.
+"""What the training loop and every scorer need from a model, whatever its family.
 
 A `TaskModel` wraps an `nn.Module` with the task-specific pieces: how a batch of `Example`s is
-tensorised, the training loss, and predictions in the task's answer space. Checkpoints hold only
-the parameters that were trained (all of them for full fine-tuning, biases for BitFit, the added
-modules for PEFT methods), so the same save/load serves every adaptation method.
+tensorised, the training loss, and `score`: the one scoring interface. `score` returns per example
+the log-likelihood of every answer choice (summed and length-normalised), the choice probabilities
+(softmax over the choices of the scores used to predict), the prediction, and for free-text /
+regression answers the generated text or value. Training-time evaluation, bulk scoring jobs and the
+Serve app all go through it, so a served prediction equals the stored one. Scores are raw model
+scores from one forward pass: no generation settings (repetition penalty, sampling) touch them.
+
+Checkpoints hold only the parameters that were trained (all of them for full fine-tuning, biases for
+BitFit, the added modules for PEFT methods), so the same save/load serves every adaptation method.
 """
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from rayjobs import checkpoint
 from rayjobs.tasks import Example
 
-CKPT_WEIGHTS = "trained.safetensors"
-CKPT_META = "meta.json"
+CKPT_WEIGHTS = checkpoint.WEIGHTS
+CKPT_META = checkpoint.META
+
+
+def choice_record(choices: tuple[str, ...], summed: torch.Tensor, mean: torch.Tensor, use_mean: bool = False
+                  ) -> dict[str, Any]:
+    """One example's scored choices (1-D tensors over its valid choices) as a predictions record."""
+    used = (mean if use_mean else summed).double()
+    probs = torch.softmax(used, -1)
+    return {"choices": list(choices), "logprobs": summed.double().tolist(), "logprobs_mean": mean.double().tolist(),
+            "probs": probs.tolist(), "prediction": int(used.argmax())}
 
 
 class TaskModel(ABC):
     module: nn.Module
     #: parameter-name prefixes of the task head; re-initialised per task, never transferred
     head_prefixes: tuple[str, ...] = ()
+    task: Any
 
     @abstractmethod
     def collate(self, examples: list[Example]) -> dict[str, Any]: ...
@@ -35,8 +50,17 @@ class TaskModel(ABC):
     def loss(self, batch: dict[str, Any]) -> torch.Tensor: ...
 
     @abstractmethod
+    def score(self, batch: dict[str, Any], generate: bool = False) -> list[dict[str, Any]]:
+        """Per example a predictions record: choices, logprobs, logprobs_mean, probs, prediction (choice
+        tasks); pred_text (free text) or pred_value (regression)."""
+
+    def prompt_perplexity(self, texts: list[str]) -> list[float | None]:
+        """Perplexity of each rendered prompt under the model (SPELL); None where the family has no LM."""
+        return [None] * len(texts)
+
     def predict(self, batch: dict[str, Any]) -> list[Any]:
         """Predictions comparable with `gold()`: choice indices, answer strings or floats."""
+        return [answer(r) for r in self.score(batch)]
 
     @staticmethod
     def gold(examples: list[Example]) -> list[Any]:
@@ -60,30 +84,17 @@ class TaskModel(ABC):
         return any(name.startswith(p) or f".{p}" in name for p in self.head_prefixes)
 
     def save(self, folder: str | Path, meta: dict[str, Any] | None = None) -> Path:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file(self.trainable_state(), str(folder / CKPT_WEIGHTS))
-        (folder / CKPT_META).write_text(json.dumps(meta or {}, indent=1, sort_keys=True, default=str))
-        return folder
+        return checkpoint.save(folder, self.trainable_state(), meta)
 
     def load(self, folder: str | Path, skip_head: bool = True) -> int:
         """Load trained parameters from a source checkpoint; the target's task head stays fresh."""
-        path = Path(folder) / CKPT_WEIGHTS
-        if not path.is_file():
-            raise FileNotFoundError(f"source checkpoint {path} not found")
-        state = load_file(str(path))
-        own = dict(self.module.named_parameters())
-        loaded = 0
-        with torch.no_grad():
-            for name, tensor in state.items():
-                if skip_head and self.is_head(name):
-                    continue
-                if name not in own:
-                    raise KeyError(f"checkpoint {folder} has parameter {name!r} the model does not have "
-                                   "(different model or adaptation?)")
-                if own[name].shape != tensor.shape:
-                    raise ValueError(f"checkpoint {folder}: shape of {name!r} is {tuple(tensor.shape)}, "
-                                     f"model expects {tuple(own[name].shape)}")
-                own[name].copy_(tensor)
-                loaded += 1
-        return loaded
+        return checkpoint.load_into(self.module, folder, skip=self.is_head if skip_head else (lambda _: False))
+
+
+def answer(record: dict[str, Any]) -> Any:
+    """The answer of a predictions record in the form the task metric compares with the gold."""
+    if record.get("prediction") is not None:
+        return record["prediction"]
+    if record.get("pred_value") is not None:
+        return record["pred_value"]
+    return record.get("pred_text")

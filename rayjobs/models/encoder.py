@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from rayjobs.config import ModelSpec
-from rayjobs.models.base import TaskModel
+from rayjobs.models.base import TaskModel, choice_record
 from rayjobs.models.loading import ModelError, from_pretrained_or_config, load_tokenizer
 from rayjobs.tasks import Example, TaskSpec
 
@@ -47,18 +47,20 @@ class EncoderClassifier(TaskModel):
             enc["labels"] = torch.tensor([e.value for e in examples], dtype=torch.float)
         else:
             enc["labels"] = torch.tensor([e.label for e in examples], dtype=torch.long)
-        return dict(enc)
+        return {**enc, "examples": examples}
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self.module(**batch).loss
+        return self.module(**{k: v for k, v in batch.items() if k != "examples"}).loss
 
     @torch.no_grad()
-    def predict(self, batch: dict[str, Any]) -> list[Any]:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = self.module(**inputs).logits
+    def score(self, batch: dict[str, Any], generate: bool = False) -> list[dict[str, Any]]:
+        """Label log-probabilities = log-softmax of the head's logits (summed = mean: one 'token')."""
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "examples")}
+        logits = self.module(**inputs).logits.float()
         if self.task.regression:
-            return logits.squeeze(-1).tolist()
-        return logits.argmax(-1).tolist()
+            return [{"pred_value": float(v)} for v in logits.squeeze(-1).tolist()]
+        lp = torch.log_softmax(logits, -1)
+        return [choice_record(e.choices, row, row) for e, row in zip(batch["examples"], lp, strict=True)]
 
 
 class EncoderMultipleChoice(TaskModel):
@@ -86,10 +88,10 @@ class EncoderMultipleChoice(TaskModel):
         out = {k: v.view(len(examples), n_choices, -1) for k, v in enc.items()}
         out["labels"] = torch.tensor([e.label for e in examples], dtype=torch.long)
         out["choice_mask"] = torch.tensor(valid).view(len(examples), n_choices)
-        return out
+        return {**out, "examples": examples}
 
     def _logits(self, batch: dict[str, Any]) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", "choice_mask")}
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "choice_mask", "examples")}
         logits = self.module(**inputs).logits
         return logits.masked_fill(~batch["choice_mask"], float("-inf"))
 
@@ -97,5 +99,8 @@ class EncoderMultipleChoice(TaskModel):
         return torch.nn.functional.cross_entropy(self._logits(batch), batch["labels"])
 
     @torch.no_grad()
-    def predict(self, batch: dict[str, Any]) -> list[Any]:
-        return self._logits(batch).argmax(-1).tolist()
+    def score(self, batch: dict[str, Any], generate: bool = False) -> list[dict[str, Any]]:
+        """Choice log-probabilities = log-softmax over the (input, choice) pair scores of the example."""
+        lp = torch.log_softmax(self._logits(batch).float(), -1)
+        return [choice_record(e.choices, row[:len(e.choices)], row[:len(e.choices)])
+                for e, row in zip(batch["examples"], lp, strict=True)]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from rayjobs.config import ModelSpec
-from rayjobs.models.base import TaskModel
+from rayjobs.models.base import TaskModel, choice_record
 from rayjobs.models.loading import from_pretrained_or_config, load_tokenizer
 from rayjobs.tasks import Example, TaskSpec
 
@@ -40,12 +40,13 @@ def _special_ids(tokenizer: Any) -> tuple[int, int | None]:
     return pad, eos
 
 
-def _choice_logprobs(logits: torch.Tensor, labels: torch.Tensor, mean: bool) -> torch.Tensor:
-    """Per-sequence log-likelihood of `labels` (-100 = not scored) under `logits` (aligned, not shifted)."""
+def _choice_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence (summed, length-normalised) log-likelihood of `labels` (-100 = not scored) under
+    `logits` (aligned, not shifted)."""
     mask = labels != -100
     lp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     total = (lp * mask).sum(-1)
-    return total / mask.sum(-1).clamp(min=1) if mean else total
+    return total, total / mask.sum(-1).clamp(min=1)
 
 
 class _TextToText(TaskModel):
@@ -74,6 +75,15 @@ class _TextToText(TaskModel):
         ids = {"eos_token_id": self.eos_id, "bos_token_id": self.tokenizer.bos_token_id or self.tokenizer.cls_token_id}
         return {k: v for k, v in ids.items() if k not in own and v is not None}
 
+    def _greedy(self) -> Any:
+        """Plain greedy decoding, whatever the checkpoint's generation_config asks (repetition penalty,
+        sampling, beams): a black box's answers must not depend on shipped decoding defaults."""
+        from transformers import GenerationConfig
+
+        return GenerationConfig(max_new_tokens=self.max_target, do_sample=False, num_beams=1,
+                                pad_token_id=self.pad_id, eos_token_id=self.eos_id,
+                                decoder_start_token_id=getattr(self.module.config, "decoder_start_token_id", None))
+
     @property
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
@@ -83,30 +93,39 @@ class _TextToText(TaskModel):
                                    add_special_tokens=special, return_tensors="pt"))
 
     @torch.no_grad()
-    def predict(self, batch: dict[str, Any]) -> list[Any]:
+    def score(self, batch: dict[str, Any], generate: bool = False) -> list[dict[str, Any]]:
+        """Choice tasks: rank classification (every choice's log-likelihood given the prompt; the
+        prediction and probabilities use the summed or mean score as `choice_scoring` says). Free-text
+        and score answers, or `generate=True`: greedy decoding with default generation settings."""
         examples: list[Example] = batch["examples"]
-        if self.task.answer_type == "choice":
-            return self._rank(examples)
-        texts = self._generate(examples)
-        if self.task.answer_type == "score":
-            return [parse_number(t) for t in texts]
-        return texts
+        out: list[dict[str, Any]] = [{} for _ in examples]
+        if self.task.answer_type == "choice" and all(e.choices for e in examples):
+            out = self._rank(examples)
+        if generate or self.task.answer_type != "choice":
+            for rec, text in zip(out, self._generate(examples), strict=True):
+                rec["pred_text"] = text
+                if self.task.answer_type == "score":
+                    rec["pred_value"] = parse_number(text)
+        return out
 
-    def _rank(self, examples: list[Example]) -> list[int]:
-        n = max(len(e.choices) for e in examples)
-        prompts, conts, valid = [], [], []
-        for e in examples:
-            for j in range(n):
+    def _rank(self, examples: list[Example]) -> list[dict[str, Any]]:
+        prompts, conts, owner = [], [], []
+        for i, e in enumerate(examples):
+            for c in e.choices:
                 prompts.append(e.text)
-                conts.append(e.choices[j] if j < len(e.choices) else e.choices[0])
-                valid.append(j < len(e.choices))
-        scores = self._score(prompts, conts).view(len(examples), n)
-        scores = scores.masked_fill(~torch.tensor(valid, device=scores.device).view(len(examples), n), float("-inf"))
-        return scores.argmax(-1).tolist()
+                conts.append(c)
+                owner.append(i)
+        summed, mean = self._score(prompts, conts)
+        recs, j = [], 0
+        for e in examples:
+            n = len(e.choices)
+            recs.append(choice_record(e.choices, summed[j:j + n], mean[j:j + n], self.mean_scoring))
+            j += n
+        return recs
 
     @abstractmethod
-    def _score(self, prompts: list[str], continuations: list[str]) -> torch.Tensor:
-        """Log-likelihood of each continuation given its prompt."""
+    def _score(self, prompts: list[str], continuations: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed, length-normalised) log-likelihood of each continuation given its prompt."""
 
     @abstractmethod
     def _generate(self, examples: list[Example]) -> list[str]:
@@ -146,12 +165,23 @@ class Seq2SeqModel(_TextToText):
         enc = {k: v.to(self.device) for k, v in self._encode(prompts, self.max_length).items()}
         labels = self._targets(continuations).to(self.device)
         logits = self.module(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels).logits
-        return _choice_logprobs(logits, labels, self.mean_scoring)
+        return _choice_logprobs(logits, labels)
+
+    @torch.no_grad()
+    def prompt_perplexity(self, texts: list[str]) -> list[float | None]:
+        """The prompt scored as the decoder's target given an empty encoder input (T5 has no plain LM)."""
+        empty = {k: v.to(self.device) for k, v in self._encode([""] * len(texts), 8).items()}
+        labels = self.tokenizer(text_target=texts, truncation=True, max_length=self.max_length, padding=True,
+                                return_tensors="pt")["input_ids"]
+        labels = labels.masked_fill(labels == self.pad_id, -100).to(self.device)
+        logits = self.module(input_ids=empty["input_ids"], attention_mask=empty["attention_mask"], labels=labels).logits
+        _, mean = _choice_logprobs(logits, labels)
+        return torch.exp(-mean).tolist()
 
     def _generate(self, examples: list[Example]) -> list[str]:
         enc = {k: v.to(self.device) for k, v in self._encode([e.text for e in examples], self.max_length).items()}
         out = self.module.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                                   max_new_tokens=self.max_target, do_sample=False, num_beams=1)
+                                   generation_config=self._greedy())
         return self.tokenizer.batch_decode(out, skip_special_tokens=True)
 
 
@@ -198,7 +228,23 @@ class CausalModel(_TextToText):
 
     def _score(self, prompts: list[str], continuations: list[str]) -> torch.Tensor:
         batch = {k: v.to(self.device) for k, v in self._join(prompts, continuations, eos=False).items()}
-        return _choice_logprobs(*self._shifted(batch), self.mean_scoring)
+        return _choice_logprobs(*self._shifted(batch))
+
+    @torch.no_grad()
+    def prompt_perplexity(self, texts: list[str]) -> list[float | None]:
+        """exp(-mean log-likelihood) of the prompt's tokens after the first (each predicted from its prefix)."""
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        ids = [x[-self.max_length:] for x in ids]
+        width = max(2, max(len(x) for x in ids))
+        inp = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
+        lab = torch.full((len(ids), width), -100, dtype=torch.long)
+        att = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, x in enumerate(ids):
+            inp[i, :len(x)], att[i, :len(x)] = torch.tensor(x), 1
+            lab[i, 1:len(x)] = torch.tensor(x[1:], dtype=torch.long)
+        batch = {"input_ids": inp.to(self.device), "attention_mask": att.to(self.device), "labels": lab.to(self.device)}
+        _, mean = _choice_logprobs(*self._shifted(batch))
+        return torch.exp(-mean).tolist()
 
     def _generate(self, examples: list[Example]) -> list[str]:
         self.tokenizer.padding_side = "left"
@@ -208,7 +254,6 @@ class CausalModel(_TextToText):
             self.tokenizer.padding_side = "right"
         enc = {k: v.to(self.device) for k, v in enc.items()}
         out = self.module.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                                   max_new_tokens=self.max_target, do_sample=False, num_beams=1,
-                                   pad_token_id=self.pad_id, eos_token_id=self.eos_id)
+                                   generation_config=self._greedy())
         new = out[:, enc["input_ids"].shape[1]:]
         return [t.split("\n")[0].strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
