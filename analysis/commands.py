@@ -58,7 +58,7 @@ def _dump(obj: Any) -> None:
 
 
 def _table(cols: list[str], rows: list[tuple]) -> None:
-    from rayjobs.cli import print_table
+    from analysis.textout import print_table
 
     print_table(cols, rows)
 

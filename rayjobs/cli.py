@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis.store import DB_NAME, ResultStore, StoreError
+from analysis.textout import print_table
 from rayjobs.config import ConfigError
 from rayjobs.models.loading import ModelError
 from rayjobs.tasks import TaskError
@@ -24,14 +25,9 @@ def default_db() -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from rayjobs.pairwise import main as pairwise_main
+    from rayjobs.driver import run_from_args
 
-    argv = ["--config", args.config]
-    if args.results:
-        argv += ["--results", args.results]
-    if args.smoke:
-        argv += ["--smoke"]
-    return pairwise_main(argv)
+    return run_from_args(args)
 
 
 def _cmd_sql(args: argparse.Namespace) -> int:
@@ -51,34 +47,18 @@ def _cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_table(cols: list[str], rows: list[tuple]) -> None:
-    def fmt(v: object) -> str:
-        if isinstance(v, float):
-            return f"{v:.4f}"
-        return "" if v is None else str(v)
-
-    cells = [[fmt(v) for v in r] for r in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=False)))
-    print("  ".join("-" * w for w in widths))
-    for r in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=False)))
-    print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="transferlab", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="run a pairwise-transfer experiment config on Ray")
-    r.add_argument("config")
-    r.add_argument("--results", help="results folder (overrides the config's results_dir)")
-    r.add_argument("--smoke", action="store_true", help="tiny sizes, one seed: check a config end to end")
+    from rayjobs.driver import add_job_arguments
+    from rayjobs.job import job_kinds
+
+    run_help = (f"run a job config on Ray (any kind: {', '.join(job_kinds())}; the config's `job:` names it); "
+                "runs already stored are skipped, so re-running resumes")
+    r = sub.add_parser("run", help=run_help, description=run_help)
+    add_job_arguments(r)
     r.set_defaults(func=_cmd_run)
-
-    from rayjobs.multitask import add_subcommand as add_multitask
-
-    add_multitask(sub)
 
     q = sub.add_parser("sql", help="run SQL over the results store and print the rows")
     q.add_argument("query")

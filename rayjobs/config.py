@@ -7,12 +7,21 @@ result is part of the run key (see `runkey.py`); resources and locations are not
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -152,16 +161,34 @@ class RunSpec(_Strict):
     verbose: int = Field(default=1, ge=0, le=3)
 
 
-class ExperimentConfig(_Strict):
+TASKWEB_SEEDS = [10, 15, 20, 25, 30, 35, 40, 42]
+
+
+class JobConfig(_Strict):
+    """The fields every job kind shares; `job` names the kind (`transferlab run` dispatches on it).
+
+    Input paths (`data_root`, `task_files`, and a kind's own input files) are relative to the config
+    file; `results_dir` is an output and relative to where the command runs.
+    """
+
+    job: str = "pairwise"
     name: str
     results_dir: str = "results"
     data_root: str | None = Field(default=None, description="folder with tasks/natinstruct; default ../shared/data")
     task_files: list[str] = Field(default_factory=list, description="extra task registry YAML files")
-    tasks: TaskSelection
-    seeds: list[int] = Field(default_factory=lambda: [10, 15, 20, 25, 30, 35, 40, 42], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: list(TASKWEB_SEEDS), min_length=1)
     sizes: SizeSpec = SizeSpec()
     setups: list[SetupSpec] = Field(min_length=1)
     run: RunSpec = RunSpec()
+    # the file it came from, so later (semantic) errors name it like validation errors do
+    _source: str = PrivateAttr(default="config")
+
+    #: dotted fields holding input paths, resolved against the config file's folder
+    input_paths: ClassVar[tuple[str, ...]] = ("data_root", "task_files")
+
+    @property
+    def source_file(self) -> str:
+        return self._source
 
     @field_validator("seeds")
     @classmethod
@@ -171,9 +198,16 @@ class ExperimentConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _unique_setups(self) -> ExperimentConfig:
+    def _unique_setups(self) -> JobConfig:
         unique_setup_keys(self.setups)
         return self
+
+
+class ExperimentConfig(JobConfig):
+    """A pairwise (intermediate-task) transfer grid."""
+
+    job: Literal["pairwise"] = "pairwise"
+    tasks: TaskSelection
 
 
 def unique_setup_keys(setups: list[SetupSpec]) -> None:
@@ -205,22 +239,95 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{p}:{where} malformed YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        raise ConfigError(f"{p}: the config file is empty")
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
     return data
 
 
-def load_typed(path: str | os.PathLike, cls: type[M], overrides: dict[str, Any] | None = None) -> M:
-    """Load a YAML file and validate it into `cls`; errors name the file and the field."""
-    data = load_yaml(path)
-    if overrides:
-        data = {**data, **overrides}
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any] | None, where: str) -> dict[str, Any]:
+    """`key=value` overrides (dotted keys, list indices as numbers, values parsed as YAML) on raw config data."""
+    if not overrides:
+        return data
+    items = overrides.items() if isinstance(overrides, dict) else [_split_override(o, where) for o in overrides]
+    data = copy.deepcopy(data)
+    for key, value in items:
+        parts = key.split(".")
+        cur: Any = data
+        for i, part in enumerate(parts[:-1]):
+            nxt = parts[i + 1]
+            if isinstance(cur, list):
+                if not part.isdigit() or int(part) >= len(cur):
+                    raise ConfigError(f"{where}: override `{key}`: no list item {part!r}")
+                cur = cur[int(part)]
+            else:
+                if cur.get(part) is None:
+                    cur[part] = [] if nxt.isdigit() else {}
+                cur = cur[part]
+        last = parts[-1]
+        if isinstance(cur, list):
+            if not last.isdigit() or int(last) >= len(cur):
+                raise ConfigError(f"{where}: override `{key}`: no list item {last!r}")
+            cur[int(last)] = value
+        elif isinstance(cur, dict):
+            cur[last] = value
+        else:
+            raise ConfigError(f"{where}: override `{key}`: {'.'.join(parts[:-1])} is not a mapping")
+    return data
+
+
+def _split_override(text: str, where: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"{where}: override {text!r} is not KEY=VALUE (e.g. seeds=[1,2] or setups.0.train.epochs=1)")
     try:
-        return cls.model_validate(data)
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def resolve_inputs(data: dict[str, Any], fields: tuple[str, ...], base: Path) -> dict[str, Any]:
+    """Make the relative input paths named by dotted `fields` absolute, relative to `base`."""
+    def fix(v: Any) -> Any:
+        if isinstance(v, str) and v and not Path(v).expanduser().is_absolute():
+            return str((base / v).resolve())
+        if isinstance(v, str):
+            return str(Path(v).expanduser())
+        if isinstance(v, list):
+            return [fix(x) for x in v]
+        return v
+
+    data = dict(data)
+    for dotted in fields:
+        head, _, rest = dotted.partition(".")
+        if head not in data or data[head] is None:
+            continue
+        if rest:
+            if isinstance(data[head], dict):
+                data[head] = resolve_inputs(data[head], (rest,), base)
+        else:
+            data[head] = fix(data[head])
+    return data
+
+
+def load_typed(path: str | os.PathLike, cls: type[M], overrides: list[str] | dict[str, Any] | None = None,
+               data: dict[str, Any] | None = None) -> M:
+    """Load a YAML file and validate it into `cls`; errors name the file and the field. Input paths of
+    a `JobConfig` are resolved against the file's folder."""
+    data = apply_overrides(load_yaml(path) if data is None else data, overrides, str(path))
+    if issubclass(cls, JobConfig):
+        data = resolve_inputs(data, cls.input_paths, Path(path).resolve().parent)
+    try:
+        cfg = cls.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(str(path), e)) from None
+    if isinstance(cfg, JobConfig):
+        cfg._source = str(path)
+    return cfg
 
 
-def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+def load_config(path: str | os.PathLike, overrides: list[str] | dict[str, Any] | None = None) -> ExperimentConfig:
     """Load and validate a pairwise experiment config."""
     return load_typed(path, ExperimentConfig, overrides)

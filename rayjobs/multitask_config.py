@@ -20,18 +20,11 @@ Model, adaptation, hyperparameters, sizes and Ray settings reuse the pairwise jo
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from rayjobs.config import (
-    RunSpec,
-    SetupSpec,
-    SizeSpec,
-    _Strict,
-    load_typed,
-    unique_setup_keys,
-)
+from rayjobs.config import JobConfig, SizeSpec, _Strict, load_typed
 from rayjobs.templates import PromptTemplate
 
 ChoiceKind = Literal["top", "bottom", "random", "all", "most_similar", "mix"]
@@ -93,11 +86,8 @@ class ChoiceSpec(_Strict):
         return list(self.k) if self.k is not None else [5]
 
 
-class MultitaskConfig(_Strict):
-    name: str
-    results_dir: str = "results"
-    data_root: str | None = Field(default=None, description="folder with tasks/natinstruct; default ../shared/data")
-    task_files: list[str] = Field(default_factory=list, description="extra task registry YAML files")
+class MultitaskConfig(JobConfig):
+    job: Literal["multitask"] = "multitask"
     targets: list[str] = Field(min_length=1, description="evaluated zero-shot; never trained on")
     pool: list[str] | None = Field(default=None, description="candidate sources; default: tasks with a local file")
     n_per_source: int = Field(default=2000, gt=0, description="prompted examples sampled from each source")
@@ -108,17 +98,10 @@ class MultitaskConfig(_Strict):
     eval_templates: list[PromptTemplate] = Field(
         default_factory=list, description="extra prompt templates (strings over {input}) for every target")
     seeds: list[int] = Field(default_factory=lambda: [42], min_length=1)
-    sizes: SizeSpec = SizeSpec()
-    setups: list[SetupSpec] = Field(min_length=1)
-    run: RunSpec = RunSpec()
-    # the file it came from, so later (semantic) errors name it like validation errors do
-    _source: str = PrivateAttr(default="config")
 
-    @property
-    def source_file(self) -> str:
-        return self._source
+    input_paths: ClassVar[tuple[str, ...]] = ("data_root", "task_files", "selection.store")
 
-    @field_validator("seeds", "targets")
+    @field_validator("targets")
     @classmethod
     def _unique(cls, v: list[Any]) -> list[Any]:
         if len(set(v)) != len(v):
@@ -148,14 +131,8 @@ class MultitaskConfig(_Strict):
             raise ValueError(f"{', '.join(stray)} do not apply to a multi-task sweep (use n_per_source)")
         return v
 
-    @model_validator(mode="after")
-    def _unique_setups(self) -> MultitaskConfig:
-        unique_setup_keys(self.setups)
-        return self
 
-
-def load_multitask_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> MultitaskConfig:
+def load_multitask_config(path: str | os.PathLike, overrides: list[str] | dict[str, Any] | None = None
+                          ) -> MultitaskConfig:
     """Load and validate a multi-task sweep config; errors name the file and the field."""
-    cfg = load_typed(path, MultitaskConfig, overrides)
-    cfg._source = str(path)
-    return cfg
+    return load_typed(path, MultitaskConfig, overrides)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -20,7 +20,7 @@ from rayjobs.templates import identity, resolve
 # Bump when the training/evaluation semantics change so old results are not reused.
 RUN_KEY_VERSION = 2
 
-Kind = Literal["source", "target", "transfer", "multitask"]
+Kind = str  # source | target | transfer | multitask | ... (one per stage of a job kind)
 
 
 class TrialSpec(BaseModel):
@@ -49,6 +49,12 @@ class TrialSpec(BaseModel):
     baseline_run_key: str | None = None
     save_checkpoint: bool = False
     results_dir: str
+    after: list[str] = []  # run keys this trial needs besides its source (not part of its identity)
+
+    @property
+    def depends_on(self) -> list[str]:
+        """Run keys that must be stored before this trial can start."""
+        return [k for k in [self.source_run_key, *self.after] if k]
 
     @property
     def label(self) -> str:

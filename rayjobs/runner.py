@@ -105,6 +105,32 @@ def distributed_concurrency(trials: list[TrialSpec]) -> int | None:
     return max(1, max(fits))
 
 
+#: how progress lines name the trials of a kind
+STAGE_NAMES = {"source": "sources", "target": "baselines", "transfer": "transfers"}
+
+
+def run_trials(name: str, todo: list[TrialSpec], run: RunSpec, store: Any) -> list[str]:
+    """Run trials in dependency order (a trial starts once every key in its `depends_on` is stored);
+    ingest after each wave; returns the run keys that failed. Trials waiting on a failed run are
+    reported and left for a re-run."""
+    done = store.finished_keys()
+    pending = list(todo)
+    failed: list[str] = []
+    while pending:
+        ready = [t for t in pending if all(d in done for d in t.depends_on)]
+        if not ready:
+            break
+        kinds = list(dict.fromkeys(STAGE_NAMES.get(t.kind, t.kind) for t in ready))
+        failed += run_stage(f"{name}-{'-'.join(kinds)}", ready, run, store.root / "tune").failed
+        store.ingest()
+        done = store.finished_keys()
+        ready_keys = {t.run_key for t in ready}
+        pending = [t for t in pending if t.run_key not in ready_keys]
+    if pending:
+        print(f"transferlab: {len(pending)} runs wait for failed runs they depend on; re-run to retry", flush=True)
+    return failed
+
+
 def finish(store: Any, trials: list[TrialSpec], view: str) -> int:
     """A job's last lines: where the results are, how to query them, and exit 1 if runs are missing."""
     print(f"transferlab: results database {store.db_path}")

@@ -14,12 +14,14 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from rayjobs.config import AdaptationSpec, ExperimentConfig, ModelSpec, SetupSpec, TaskSelection
+from rayjobs.config import AdaptationSpec, ExperimentConfig, JobConfig, ModelSpec, SetupSpec, TaskSelection
+from rayjobs.multitask_config import RANKED_KINDS, MultitaskConfig
 from rayjobs.tasks import DEFAULT_DATA_ROOT, TaskRegistry
 
 TINY = {
@@ -108,18 +110,71 @@ def smoke_tasks(cfg: ExperimentConfig) -> TaskSelection:
     return sel.model_copy(update={"sources": src, "targets": None if sel.targets is None else pick(sel.targets, 3)})
 
 
-def smoke_variant(cfg: ExperimentConfig) -> ExperimentConfig:
+def smoke_pairwise(cfg: ExperimentConfig) -> ExperimentConfig:
     sizes = cfg.sizes.model_copy(update={"source_train": 24, "target_train": 24, "eval": 24})
     return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1], "sizes": sizes,
                                   "tasks": smoke_tasks(cfg), "setups": [_smoke_setup(s) for s in cfg.setups]})
 
 
+def smoke_multitask(cfg: MultitaskConfig) -> MultitaskConfig:
+    """The same kinds of choice, shrunk to run end to end in minutes on a CPU with no hub.
+
+    Tiny sizes, one seed, tiny models for hub ids; at most 2 targets (1 when a setup is distributed:
+    a Ray Train group per trial is slow on a laptop), those with local data first; the pool cut to
+    tasks with local data; one small k per choice (at most 3, a mix at most 2; with a distributed
+    setup one choice per kind and k = 1, so the mixes reuse the top-1 / bottom-1 runs). A choice restricted
+    to targets that were cut moves to the first kept target, so every kind of choice still runs.
+    """
+    registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
+
+    def local(t: str) -> bool:
+        return has_local_data(registry, t)
+
+    distributed = any(s.deepspeed is not None or s.resources.workers > 1 for s in cfg.setups)
+    targets = sorted(cfg.targets, key=lambda t: not local(t))[:1 if distributed else 2]
+    pool = cfg.pool
+    if pool is not None and sum(map(local, pool)) >= 2:
+        pool = [t for t in pool if local(t)]
+    choices = []
+    kinds: set[str] = set()
+    for ch in cfg.choices:
+        if distributed and ch.kind in kinds:  # one choice per kind: each run is a worker group
+            continue
+        kinds.add(ch.kind)
+        update: dict[str, Any] = {}
+        if ch.targets is not None:
+            update["targets"] = [t for t in ch.targets if t in targets] or targets[:1]
+        if ch.kind in RANKED_KINDS:
+            ints = [k for k in ch.ks if k != "all"]
+            small = 1 if distributed else (2 if ch.kind == "mix" else 3)
+            update["k"] = [min(min(ints), small)] if ints else ["all"]
+        choices.append(ch.model_copy(update=update))
+    sizes = cfg.sizes.model_copy(update={"eval": 24})
+    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1], "n_per_source": 16,
+                                  "sizes": sizes, "targets": targets, "pool": pool, "choices": choices,
+                                  "most_similar": {t: s for t, s in cfg.most_similar.items() if t in targets},
+                                  "setups": [_smoke_setup(s) for s in cfg.setups]})
+
+
+
+
+#: job kind -> how its configs shrink (every kind's shrinking lives in this module)
+SMOKE: dict[str, Callable[[Any], Any]] = {"pairwise": smoke_pairwise, "multitask": smoke_multitask}
+
+
+def smoke_variant(cfg: JobConfig) -> JobConfig:
+    """The config shrunk for `--smoke`, by its job kind."""
+    if cfg.job not in SMOKE:
+        raise ValueError(f"job kind {cfg.job!r} has no --smoke variant (add one to rayjobs/smoke.py)")
+    return SMOKE[cfg.job](cfg)
+
+
 def config_kind(path: Path) -> str | None:
-    """`pairwise`, `multitask`, or None for a task-registry file (no setups)."""
+    """The job kind a config names (`job:`, default pairwise), or None for a task-registry file."""
     raw = yaml.safe_load(path.read_text()) or {}
     if "setups" not in raw:
         return None
-    return "multitask" if "choices" in raw else "pairwise"
+    return str(raw.get("job", "pairwise"))
 
 
 def smoke_all(paths: list[Path], results: Path, timeout: int = 600) -> list[dict[str, Any]]:
@@ -134,8 +189,7 @@ def smoke_all(paths: list[Path], results: Path, timeout: int = 600) -> list[dict
             subprocess.run([sys.executable, "-m", "rayjobs.cli", "import", "taskweb",
                             str(DEFAULT_DATA_ROOT / "taskweb"), "--db", str(taskweb)], check=True,
                            capture_output=True)
-        cmd = [sys.executable, "-m", f"rayjobs.{kind}", "--config", str(path), "--smoke",
-               "--results", str(results / path.stem)]
+        cmd = [sys.executable, "-m", "rayjobs.cli", "run", str(path), "--smoke", "--results", str(results / path.stem)]
         t0 = time.time()
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)

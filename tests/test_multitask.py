@@ -26,7 +26,8 @@ from analysis.store import ResultStore
 from rayjobs.cli import main as cli_main
 from rayjobs.config import ConfigError
 from rayjobs.mixture import load_mixture
-from rayjobs.multitask import candidate_pool, choose_sets, plan, smoke_variant
+from rayjobs.multitask import candidate_pool, choose_sets, plan
+from rayjobs.smoke import smoke_variant
 from rayjobs.multitask_config import load_multitask_config
 from rayjobs.tasks import TaskError, TaskRegistry
 from rayjobs.templates import render_train, resolve
@@ -60,7 +61,7 @@ def selection_db(folder: Path) -> Path:
 
 def write_cfg(folder: Path, **over: Any) -> Path:
     cfg: dict[str, Any] = {
-        "name": "mt", "data_root": str(DATA), "targets": ["cb", "copa"], "pool": POOL, "n_per_source": 8,
+        "job": "multitask", "name": "mt", "data_root": str(DATA), "targets": ["cb", "copa"], "pool": POOL, "n_per_source": 8,
         "selection": {"store": str(folder / "selection.duckdb"), "selector": "toy", "setup": "ft:toy"},
         "choices": [{"kind": "top", "k": 1}], "seeds": [7], "sizes": {"eval": 16},
         "setups": [{"model": TINY, "train": {"epochs": 1, "batch_size": 8}}],
@@ -281,8 +282,8 @@ def test_cli_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) ->
                         str(tmp_path / "res")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "field `choices.0.k`: k=9 but target 'cb' has only 6" in r.stderr
-    # `transferlab multitask` (registered in rayjobs/cli.py) runs the same entry point
-    assert cli_main(["multitask", str(path), "--results", str(tmp_path / "res")]) == 2
+    # `transferlab run` runs the same driver
+    assert cli_main(["run", str(path), "--results", str(tmp_path / "res")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "transferlab: error:" in err and "k=9 but target 'cb'" in err
 

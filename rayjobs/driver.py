@@ -1,0 +1,91 @@
+"""The one driver: runs any job kind from its config, with the same flags everywhere.
+
+    transferlab run CONFIG [--results DIR] [--db FILE] [--smoke] [KEY=VALUE ...]
+    python -m rayjobs.<kind> --config CONFIG [...]          # the same, for `ray job submit`
+
+Every kind goes the same way: load and validate the config as the kind it names (`job:`), apply
+`KEY=VALUE` overrides (dotted keys: `seeds=[1,2]`, `setups.0.train.epochs=1`), shrink it with
+`--smoke`, plan (every check that can fail before Ray starts), skip run keys already stored, run the
+rest on Ray Tune in dependency order, ingest, print the kind's report and where the results are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from analysis.store import ResultStore
+from rayjobs.config import ConfigError, JobConfig
+from rayjobs.job import Job, get_job, job_kinds, load_job_config
+from rayjobs.runner import finish, run_trials
+
+
+def run_job(job: Job, cfg: JobConfig, results_dir: str, db: str | None = None) -> int:
+    """Plan, skip what is stored, run the rest, report; exit status 0 when every run is stored."""
+    store = ResultStore(results_dir, db_path=db)
+    store.ensure_writable()
+    plan = job.plan(cfg, store)
+    for step in plan.before_run:
+        step(store)
+    store.ingest()
+    done = store.finished_keys()
+    todo = [t for t in plan.trials if t.run_key not in done]
+    what = plan.summary or f"{len(plan.trials)} runs"
+    print(f"transferlab: {job.kind} {cfg.name!r}: {what}, {len(plan.trials) - len(todo)} already stored, "
+          f"{len(todo)} to run; results in {store.root}", flush=True)
+    if todo:
+        run_trials(cfg.name, todo, cfg.run, store)
+    for line in job.report(cfg, store):
+        print(line)
+    return finish(store, plan.trials, plan.view)
+
+
+def add_job_arguments(ap: argparse.ArgumentParser, config_flag: bool = False) -> None:
+    """The common flags of every job (one place for all kinds)."""
+    if config_flag:
+        ap.add_argument("--config", required=True, help="job config YAML (its `job:` field names the kind)")
+    else:
+        ap.add_argument("config", help="job config YAML (its `job:` field names the kind: "
+                                       f"{', '.join(job_kinds())}; default pairwise)")
+    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                    help="override config fields, e.g. seeds=[1,2] setups.0.train.epochs=1 (values are YAML)")
+    ap.add_argument("--results", help="results folder (default: the config's results_dir)")
+    ap.add_argument("--db", help="DuckDB file the results are ingested into (default: RESULTS/transferlab.duckdb)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="shrink the config to run end to end on a laptop: tiny sizes and models, one seed, "
+                         "a few steps (default: off)")
+
+
+def run_from_args(args: argparse.Namespace, expect: str | None = None) -> int:
+    job, cfg = load_job_config(args.config, args.overrides, default_kind=expect or "pairwise")
+    if expect is not None and job.kind != expect:
+        raise ConfigError(f"{args.config}: a `job: {job.kind}` config; run it with `transferlab run "
+                          f"{args.config}` or `python -m {job_module(job.kind)} --config {args.config}`")
+    if args.smoke:
+        from rayjobs.smoke import smoke_variant
+
+        cfg = smoke_variant(cfg)
+    return run_job(job, cfg, str(Path(args.results or cfg.results_dir)), args.db)
+
+
+def job_module(kind: str) -> str:
+    from rayjobs.job import JOB_MODULES
+
+    return JOB_MODULES[kind]
+
+
+def module_main(kind: str, argv: list[str] | None = None) -> int:
+    """`python -m rayjobs.<kind> --config FILE ...`: the driver, checking the config is of that kind."""
+    job = get_job(kind)
+    ap = argparse.ArgumentParser(prog=f"python -m {job_module(kind)}",
+                                 description=job.description or f"run a {kind} job config on Ray",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_job_arguments(ap, config_flag=True)
+    return run_from_args(ap.parse_args(argv), expect=kind)
+
+
+def guarded_module_main(kind: str) -> None:
+    from rayjobs.cli import guarded
+
+    sys.exit(guarded(module_main, kind))

@@ -1,0 +1,99 @@
+"""What a job kind is, and the registry `transferlab run` dispatches on.
+
+A job kind is one module under `rayjobs/` that defines a typed config (a `JobConfig` subclass whose
+`job` field names the kind), `plan` (the config expanded into trials with run keys, after every check
+that can fail before Ray starts), and `report` (the lines printed after the run). The driver
+(`rayjobs/driver.py`) does the rest for every kind: flags, overrides, smoke shrinking, skipping stored
+run keys, running trials in dependency order on Ray Tune, ingest, and the closing lines.
+
+Adding a kind: write the module, subclass `Job`, and add one line to `JOB_MODULES`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from rayjobs.config import ConfigError, JobConfig, load_typed, load_yaml
+
+if TYPE_CHECKING:
+    from analysis.store import ResultStore
+    from rayjobs.plan import TrialSpec
+
+#: job kind -> module defining it (imported on first use, so `--help` stays fast)
+JOB_MODULES: dict[str, str] = {
+    "pairwise": "rayjobs.pairwise",
+    "multitask": "rayjobs.multitask",
+}
+
+
+@dataclass
+class Plan:
+    """A job's trials (in any order: the runner follows `TrialSpec.depends_on`) and what to say about them."""
+
+    trials: list[TrialSpec]
+    summary: str = ""  # e.g. "12 runs" or "40 (choice, target) cells -> 12 distinct runs"
+    view: str = "runs"  # the SQL view the closing lines point at
+    before_run: list[Callable[[ResultStore], None]] = field(default_factory=list)  # e.g. record selections
+
+
+class Job(ABC):
+    """One job kind."""
+
+    kind: ClassVar[str]
+    config_cls: ClassVar[type[JobConfig]]
+    description: ClassVar[str] = ""
+
+    @abstractmethod
+    def plan(self, cfg: Any, store: ResultStore) -> Plan:
+        """Validate everything that can be validated before Ray starts; expand into trials."""
+
+    def report(self, cfg: Any, store: ResultStore) -> list[str]:
+        """Lines printed after the run (a matrix, a table); nothing by default."""
+        return []
+
+
+def job_kinds() -> list[str]:
+    return sorted(JOB_MODULES)
+
+
+def get_job(kind: str, where: str = "config") -> Job:
+    if kind not in JOB_MODULES:
+        raise ConfigError(f"{where}: field `job`: unknown job kind {kind!r} (known: {', '.join(job_kinds())})")
+    module = importlib.import_module(JOB_MODULES[kind])
+    return module.JOB
+
+
+def load_job_config(path: str, overrides: list[str] | None = None, default_kind: str = "pairwise"
+                    ) -> tuple[Job, JobConfig]:
+    """The job a config names (`job:`, else `default_kind`) and the config validated as that kind."""
+    data = load_yaml(path)
+    kind = data.get("job", default_kind)
+    for o in overrides or []:
+        if o.partition("=")[0].strip() == "job":
+            kind = o.partition("=")[2].strip()
+    if not isinstance(kind, str):
+        raise ConfigError(f"{path}: field `job`: expected a job kind name ({', '.join(job_kinds())})")
+    job = get_job(kind, str(path))
+    try:
+        cfg = load_typed(path, job.config_cls, overrides, data=data)
+    except ConfigError as e:
+        hint = _kind_hint(data, kind)
+        raise ConfigError(f"{e}{hint}") from None
+    return job, cfg
+
+
+def _kind_hint(data: dict[str, Any], kind: str) -> str:
+    """A config of another kind without `job:` fails on that kind's fields: say which kind it looks like."""
+    if "job" in data:
+        return ""
+    for other in job_kinds():
+        if other == kind:
+            continue
+        own = set(get_job(other).config_cls.model_fields) - set(JobConfig.model_fields)
+        if own and own & set(data) and not (set(data) - set(get_job(other).config_cls.model_fields)):
+            return f"\n(this looks like a `job: {other}` config: add `job: {other}` at the top)"
+    return ""
