@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from rayjobs.config import ExperimentConfig, SetupSpec, TrainSpec
+from rayjobs.config import AdaptationSpec, ExperimentConfig, ModelSpec, SetupSpec, TrainSpec
 from rayjobs.tasks import TaskRegistry, TaskSpec
 from rayjobs.templates import identity, resolve
 
@@ -69,11 +69,35 @@ def run_key(payload: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+#: fields each spec had when RUN_KEY_VERSION 2 was set; a field added later enters the run key only when
+#: it differs from its default, so adding an option never changes the keys of stored runs
+V2_FIELDS: dict[type[BaseModel], set[str]] = {
+    ModelSpec: {"path", "family", "config", "tokenizer", "max_length", "head", "dtype", "choice_scoring",
+                "max_target_length"},
+    AdaptationSpec: {"method", "params"},
+    TrainSpec: {"epochs", "learning_rate", "batch_size", "weight_decay", "warmup_ratio", "grad_accum_steps",
+                "max_grad_norm", "max_steps", "gradient_checkpointing"},
+}
+
+
+def identity_dump(spec: BaseModel, exclude: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
+    """`spec` as it enters a run key: v2 fields always, later fields only where they are not the default."""
+    known = V2_FIELDS[type(spec)]
+    out = {}
+    for name, field in type(spec).model_fields.items():
+        if name in exclude:
+            continue
+        value = getattr(spec, name)
+        if name in known or value != field.get_default(call_default_factory=True):
+            out[name] = value.model_dump() if isinstance(value, BaseModel) else value
+    return out
+
+
 def _setup_identity(setup: SetupSpec, hparams: TrainSpec) -> dict[str, Any]:
     ident: dict[str, Any] = {
-        "model": setup.model.model_dump(exclude={"name"}),
-        "adaptation": setup.adaptation.model_dump(),
-        "train": hparams.model_dump(exclude={"eval_batch_size"}),
+        "model": identity_dump(setup.model, {"name"}),
+        "adaptation": identity_dump(setup.adaptation),
+        "train": identity_dump(hparams, {"eval_batch_size"}),
     }
     if setup.deepspeed is not None:  # numerics, not placement, change results
         ident["precision"] = setup.deepspeed.precision

@@ -222,7 +222,7 @@ def evaluate_trial(tm: TaskModel, data: TrialData, trial: TrialSpec, ctx: TrainC
     return EvalResult(float(score), mets, rows)
 
 
-def save_checkpoint(fitted: FitResult, trial: TrialSpec, ctx: TrainContext) -> str | None:
+def save_checkpoint(fitted: FitResult, trial: TrialSpec, data: TrialData, ctx: TrainContext) -> str | None:
     """Step 5: the trained parameters of a source run (every rank takes part under ZeRO-3; rank 0 writes)."""
     if not trial.save_checkpoint:
         return None
@@ -230,8 +230,10 @@ def save_checkpoint(fitted: FitResult, trial: TrialSpec, ctx: TrainContext) -> s
 
     folder = ResultStore(trial.results_dir).checkpoint_dir(trial.run_key)
     setup = trial.setup
+    # enough to rebuild the model from the checkpoint alone (serving a stored run, embeddings)
     meta = {"run_key": trial.run_key, "task": trial.train_task, "setup": setup.key,
-            "adaptation": setup.adaptation.method}
+            "adaptation": setup.adaptation.method, "setup_spec": setup.model_dump(mode="json"),
+            "task_spec": data.train_spec.model_dump(mode="json")}
     saved = fitted.backend.save(folder, meta if ctx.rank == 0 else None)
     return str(saved) if ctx.rank == 0 else None
 
@@ -268,5 +270,5 @@ def train_and_evaluate(trial: TrialSpec, ctx: TrainContext | None = None) -> dic
     fitted = fit(tm, data.train, trial, ctx)
     tm_eval = fitted.backend.model_for_eval()
     ev = evaluate_trial(tm_eval, data, trial, ctx)
-    ckpt = save_checkpoint(fitted, trial, ctx)
+    ckpt = save_checkpoint(fitted, trial, data, ctx)
     return result_row(trial, data, tm, fitted, ev, ckpt, ctx, t0)
