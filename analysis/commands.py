@@ -258,6 +258,30 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_groups(args: argparse.Namespace) -> int:
+    from analysis.db import open_store
+    from analysis.pvi_grouping import plan_groups, write_groups_config
+
+    with open_store(args.db) as con:
+        plan = plan_groups(con, args.setup, args.threshold, args.rule, args.welch, args.seed, args.tasks, args.prefer)
+    if args.write_config:
+        write_groups_config(plan, args.write_config)
+    if args.json:
+        _dump(plan.to_dict())
+        return 0
+    print(f"setup {plan.setup}: {len(plan.tasks)} tasks, {len(plan.tests)} tests ({plan.variant} t-test for pairs, "
+          f"one-way ANOVA for triples; similar when p > {plan.threshold:g}; seeds: {plan.seeds})")
+    for name in ("pvi", "dissimilar"):
+        print(f"{name} groups ({plan.rule if name == 'pvi' else 'smallest p per task'}): "
+              + ("; ".join(", ".join(g) for g in getattr(plan, name)) or "none"))
+    _table(["tasks", "test", "n", "statistic", "p", "effect", "effect_size", "similar"],
+           [(" | ".join(t.tasks), t.test, "/".join(map(str, t.n)), t.statistic, f"{t.p:.3g}", t.effect,
+             t.effect_size, t.is_similar) for t in plan.tests])
+    if args.write_config:
+        print(f"wrote {args.write_config}")
+    return 0
+
+
 # -- registration -----------------------------------------------------------------------------------------
 def register(sub: argparse._SubParsersAction, default_db: Callable[[], str]) -> None:
     """Add the analysis subcommands to the `transferlab` parser."""
@@ -343,3 +367,14 @@ def register(sub: argparse._SubParsersAction, default_db: Callable[[], str]) -> 
     p.add_argument("--setup", action="append", help="setup(s) to draw (repeatable; default 'mean')")
     p.add_argument("--thresholds", type=_floats, default=list(DEFAULT_THRESHOLDS))
     p.add_argument("--graph-min-abs", type=float, default=0.02, help="draw graph edges with |score| above this")
+
+    p = add("groups", "PVI task groups for multi-task learning (t-test / ANOVA within one setup)", _cmd_groups)
+    p.add_argument("--setup", required=True, help="model family unit of the PVI runs, e.g. full:minilm")
+    p.add_argument("--threshold", type=float, default=0.01, help="similar when p > this (default 0.01)")
+    p.add_argument("--rule", choices=["greedy", "cliques"], default="greedy", help="greedy: disjoint; cliques: overlapping")
+    p.add_argument("--prefer", choices=["p", "size"], default="p", help="greedy order: by p, or larger groups first")
+    p.add_argument("--welch", action="store_true", help="Welch's t-test for pairs (default Student's)")
+    p.add_argument("--seed", type=int, help="one seed's PVI pair (default: each instance's mean over seeds)")
+    p.add_argument("--tasks", type=_names, help="only these tasks (comma-separated)")
+    p.add_argument("--write-config", help="write the YAML fragment `groups: {pvi, dissimilar, single}` here")
+    p.add_argument("--json", action="store_true")
