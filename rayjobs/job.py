@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 JOB_MODULES: dict[str, str] = {
     "pairwise": "rayjobs.pairwise",
     "multitask": "rayjobs.multitask",
+    "score": "rayjobs.score",
 }
 
 

@@ -158,8 +158,19 @@ def smoke_multitask(cfg: MultitaskConfig) -> MultitaskConfig:
 
 
 
+def smoke_score(cfg: Any) -> Any:
+    """A few examples of at most two local tasks; models that need a hub become the offline MiniLM scorer."""
+    registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
+    tasks = sorted(cfg.tasks, key=lambda t: not has_local_data(registry, t))[:2]
+    offline = ("builtin:", "sentence:builtin:", "run:", "http://", "https://", "/", ".", "~")
+    models = [m if m.ref.startswith(offline) else m.model_copy(update={"ref": "builtin:minilm"}) for m in cfg.models]
+    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1], "n": 8, "tasks": tasks,
+                                  "models": models[:2]})
+
+
 #: job kind -> how its configs shrink (every kind's shrinking lives in this module)
-SMOKE: dict[str, Callable[[Any], Any]] = {"pairwise": smoke_pairwise, "multitask": smoke_multitask}
+SMOKE: dict[str, Callable[[Any], Any]] = {"pairwise": smoke_pairwise, "multitask": smoke_multitask,
+                                          "score": smoke_score}
 
 
 def smoke_variant(cfg: JobConfig) -> JobConfig:
@@ -172,7 +183,7 @@ def smoke_variant(cfg: JobConfig) -> JobConfig:
 def config_kind(path: Path) -> str | None:
     """The job kind a config names (`job:`, default pairwise), or None for a task-registry file."""
     raw = yaml.safe_load(path.read_text()) or {}
-    if "setups" not in raw:
+    if "tasks" in raw and isinstance(raw["tasks"], dict) and "name" not in raw:  # a task registry file
         return None
     return str(raw.get("job", "pairwise"))
 

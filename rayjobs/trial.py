@@ -40,6 +40,19 @@ def inject_fault(spec: TrialSpec, rank: int | None = None) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+#: executor name -> "module:function(trial, ctx) -> result row"; a job kind that does not train adds one
+EXECUTORS = {"train": "rayjobs.train_loop:train_and_evaluate", "score": "rayjobs.score:score_trial"}
+
+
+def executor(name: str) -> Any:
+    import importlib
+
+    if name not in EXECUTORS:
+        raise ValueError(f"unknown trial executor {name!r} (known: {sorted(EXECUTORS)})")
+    module, fn = EXECUTORS[name].split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
 def execute(spec: TrialSpec, progress: Any = None) -> dict[str, Any]:
     """Run one trial to a stored result row (used by Tune and directly by benchmarks)."""
     store = ResultStore(spec.results_dir)
@@ -54,9 +67,9 @@ def execute(spec: TrialSpec, progress: Any = None) -> dict[str, Any]:
 
             row = train_distributed(spec)
         else:
-            from rayjobs.train_loop import TrainContext, train_and_evaluate
+            from rayjobs.train_loop import TrainContext
 
-            row = train_and_evaluate(spec, TrainContext(progress=progress))
+            row = executor(spec.executor)(spec, TrainContext(progress=progress))
     except Exception as e:
         store.write_result(_failed_row(spec, e, time.time() - t0))
         raise
