@@ -1,6 +1,6 @@
 """`transferlab` subcommands of the analyses (registered by `rayjobs.cli`).
 
-  import taskweb DIR | import sizes FILE       published data into the store
+  import taskweb DIR | import its DIR | import sizes FILE   published data into the store
   analyze matrix|commutativity|transitivity|setup-similarity
   selectors                                    list stored selectors
   compute-selector roe|taskshop|random|size    compute and store a selector's scores
@@ -70,11 +70,14 @@ def _pct(v: float | None) -> str:
 # -- handlers -------------------------------------------------------------------------------------------
 def _cmd_import(args: argparse.Namespace) -> int:
     from analysis.db import open_store
+    from analysis.its_import import import_its
     from analysis.taskweb_import import import_task_sizes, import_taskweb
 
     with open_store(args.db, create=True) as con:
         if args.what == "taskweb":
             report = import_taskweb(con, args.path, strict=args.strict)
+        elif args.what == "its":
+            report = import_its(con, args.path, strict=args.strict)
         else:
             report = import_task_sizes(con, args.path, strict=args.strict)
     if args.json:
@@ -132,8 +135,16 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 def _cmd_selectors(args: argparse.Namespace) -> int:
     from analysis.db import open_store
-    from analysis.selectors import stored_selectors
+    from analysis.selectors import registered_selectors, stored_selectors
 
+    if args.registered:
+        reg = registered_selectors()
+        if args.json:
+            _dump(reg)
+        else:
+            _table(["name", "needs --setup", "scores stored first", "what"],
+                   [(r["name"], r["needs_setup"], r["stored"], r["doc"]) for r in reg])
+        return 0
     with open_store(args.db) as con:
         rows = stored_selectors(con)
     if args.json:
@@ -219,13 +230,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     cats = load_categories(args.categories) if args.categories else None
     with open_store(args.db) as con:
-        res = evaluate_selection(con, args.selector, args.setup, args.lam, args.k, args.targets, cats, args.seed)
+        res = evaluate_selection(con, args.selector, args.setup, args.lam, args.k, args.targets, cats, args.seed,
+                                 metrics=args.metrics, pool=args.pool)
     if args.json:
         _dump(res)
         return 0
     rk = f"regret_at_{args.k}"
     lam = f", lambda={res['lambda']:g}" if res["lambda"] is not None else ""
-    print(f"selector {res['selector']} (stored as {res['stored_as']}) on {res['setup']}{lam}")
+    pool = f", pool {res['pool']}" if res["pool"] else ""
+    print(f"selector {res['selector']} (stored as {res['stored_as']}) on {res['setup']}{lam}{pool}, "
+          f"{res['metric_family']} metrics")
     rows = [(c, v["n_targets"], _pct(v["ndcg"]), _pct(v[rk])) for c, v in res["by_category"].items()]
     rows.append(("overall", len(res["by_target"]), _pct(res["ndcg"]), _pct(res[rk])))
     _table(["category", "targets", "NDCG %", f"Regret@{args.k} %"], rows)
@@ -286,6 +300,7 @@ def _cmd_groups(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction, default_db: Callable[[], str]) -> None:
     """Add the analysis subcommands to the `transferlab` parser."""
     from analysis.analytics import DEFAULT_THRESHOLDS
+    from analysis.metric_families import FAMILIES
 
     def add(name: str, helptext: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext, description=helptext)
@@ -293,9 +308,11 @@ def register(sub: argparse._SubParsersAction, default_db: Callable[[], str]) -> 
         p.set_defaults(func=func)
         return p
 
-    p = add("import", "import published results (TaskWeb release, task sizes) into the store", _cmd_import)
-    p.add_argument("what", choices=["taskweb", "sizes"], help="taskweb: a release folder; sizes: task,train_examples CSV")
-    p.add_argument("path", help="the TaskWeb folder (e.g. ../shared/data/taskweb) or the sizes CSV")
+    p = add("import", "import published results (TaskWeb release, Lin et al.'s ITS, task sizes) into the store",
+            _cmd_import)
+    p.add_argument("what", choices=["taskweb", "its", "sizes"],
+                   help="taskweb: a release folder; its: Lin et al.'s Table 7 folder; sizes: task,train_examples CSV")
+    p.add_argument("path", help="the folder (e.g. ../shared/data/taskweb, ../shared/data/its) or the sizes CSV")
     p.add_argument("--strict", action="store_true", help="import nothing if any row is malformed")
     p.add_argument("--json", action="store_true")
 
@@ -307,6 +324,7 @@ def register(sub: argparse._SubParsersAction, default_db: Callable[[], str]) -> 
     p.add_argument("--json", action="store_true")
 
     p = add("selectors", "list the stored selectors", _cmd_selectors)
+    p.add_argument("--registered", action="store_true", help="list the registered (computable) names instead")
     p.add_argument("--json", action="store_true")
 
     p = add("compute-selector", "compute a selector's scores and store them", _cmd_compute)
@@ -351,6 +369,9 @@ def register(sub: argparse._SubParsersAction, default_db: Callable[[], str]) -> 
     p.add_argument("--targets", type=_names, default=None, help="targets to evaluate (default: Table 2's 20 for TaskWeb data)")
     p.add_argument("--categories", help="JSON/YAML category map {category: [tasks]} (default: Table 2's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random selector")
+    p.add_argument("--metrics", choices=list(FAMILIES), default="taskweb",
+                   help="metric family: taskweb (Kim et al.) or lin / lin-mean (Lin et al.); default taskweb")
+    p.add_argument("--pool", help="rank only the sources of this pool (table source_pools, e.g. its-qa)")
     p.add_argument("--json", action="store_true")
 
     p = add("select", "top-k, bottom-k and random-k sources for a target (multi-task sets)", _cmd_select)

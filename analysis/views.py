@@ -8,6 +8,7 @@ Relations:
   imports             one row per imported file: provenance, path, sha256, rows kept / skipped
   selector_scores     F(source -> target) of every stored selector, with method and params
   task_sizes          training-set sizes (SIZE baseline), imported or taken from source runs
+  source_pools        named candidate-source pools (`evaluate-selection --pool`), e.g. Lin et al.'s Table 3
   target_hparams      pinned hyper-parameter config per (setup, target) for target performance
   setup_transfers     transfer scores of the real setups (not the published 'all:all' average)
   analysis_transfers  setup_transfers plus the pseudo-setup 'mean' (average over real setups)
@@ -39,6 +40,10 @@ CREATE TABLE IF NOT EXISTS selector_scores (
 
 CREATE TABLE IF NOT EXISTS task_sizes (
     task VARCHAR, n_train BIGINT, provenance VARCHAR, PRIMARY KEY (task, provenance));
+
+-- Named candidate pools: evaluating with `--pool NAME` ranks only these sources for every target.
+CREATE TABLE IF NOT EXISTS source_pools (
+    pool VARCHAR, source VARCHAR, provenance VARCHAR, PRIMARY KEY (pool, source));
 
 -- Which hyper-parameter config of a target counts as "the" transfer run when a release holds
 -- several (TaskWeb's t5l copa: batch sizes 8 and 32; its configs/t5l_finetune.json names 8).
