@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,15 +61,22 @@ def load_categories(path: str | Path) -> dict[str, list[str]]:
     return data
 
 
+#: where task categories come from when no category map names a task; the `transferlab` CLI (which
+#: composes analysis with the job layer) points it at the task registry. analysis itself knows no registry.
+CATEGORY_SOURCE: list[Callable[[], dict[str, str]]] = []
+
+
+def set_category_source(source: Callable[[], dict[str, str]]) -> None:
+    CATEGORY_SOURCE[:] = [source]
+    _registry_categories.cache_clear()
+
+
 @functools.lru_cache(maxsize=1)
 def _registry_categories() -> dict[str, str]:
-    """Table 1 categories of the task registry (loaded once per process)."""
+    """Task -> category from the configured source (loaded once per process); empty without one."""
     try:
-        from rayjobs.tasks import TaskRegistry
-
-        reg = TaskRegistry.load()
-        return {name: reg.get(name).category or "other" for name in reg.names}
-    except Exception:  # no registry: categories are only labels
+        return CATEGORY_SOURCE[0]() if CATEGORY_SOURCE else {}
+    except Exception:  # a broken registry file: categories are only labels
         return {}
 
 

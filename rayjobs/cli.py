@@ -47,6 +47,13 @@ def _cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registry_categories() -> dict[str, str]:
+    from rayjobs.tasks import TaskRegistry
+
+    reg = TaskRegistry.load()
+    return {name: reg.get(name).category or "other" for name in reg.names}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="transferlab", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -90,6 +97,9 @@ def guarded(fn: Callable[..., int | None], *args: Any) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from analysis.ranking import set_category_source
+
+    set_category_source(_registry_categories)  # analysis knows no task registry; the CLI composes the two
     args = build_parser().parse_args(argv)
     try:
         return guarded(args.func, args)
