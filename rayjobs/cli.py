@@ -20,8 +20,17 @@ DEFAULT_RESULTS = os.environ.get("TRANSFERLAB_RESULTS", "results")
 
 
 def default_db() -> str:
-    """The configured store: $TRANSFERLAB_DB, else <$TRANSFERLAB_RESULTS or ./results>/transferlab.duckdb."""
-    return os.environ.get("TRANSFERLAB_DB") or str(Path(DEFAULT_RESULTS) / DB_NAME)
+    """The store a reading command uses without `--db`: $TRANSFERLAB_DB; else the newest store under
+    $TRANSFERLAB_RESULTS (default ./results): `results/transferlab.duckdb`, `results/<experiment>/
+    transferlab.duckdb` (where `transferlab run` writes) or `results/*.duckdb` (imports); else the
+    path `results/transferlab.duckdb` (commands that create a store create it there)."""
+    if os.environ.get("TRANSFERLAB_DB"):
+        return os.environ["TRANSFERLAB_DB"]
+    root = Path(DEFAULT_RESULTS)
+    found = [p for p in [root / DB_NAME, *root.glob(f"*/{DB_NAME}"), *root.glob("*.duckdb")] if p.is_file()]
+    if not found:
+        return str(root / DB_NAME)
+    return str(max(found, key=lambda p: p.stat().st_mtime))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -135,3 +135,27 @@ def test_layers_analysis_imports_neither_jobs_nor_serving_nor_the_cli() -> None:
     for path in sorted((REPO / "rayjobs").rglob("*.py")):
         if path.name != "cli.py":
             assert "serving" not in _imports(path), f"{path.relative_to(REPO)} imports serving"
+
+
+def test_reading_commands_find_the_store_run_wrote(tmp_path: Path) -> None:
+    """`transferlab run` writes results/<experiment>/transferlab.duckdb; `sql` without --db reads the newest
+    store under ./results (so the README's SQL works right after `make demo`); $TRANSFERLAB_DB wins."""
+    import os
+    import time
+
+    from tests.conftest import cli
+
+    for i, name in enumerate(["old", "quickstart"]):
+        store = ResultStore(tmp_path / "results" / name)
+        store.ensure_writable()
+        store.write_result({"run_key": f"k{i}", "experiment": name, "kind": "source", "score": 0.5})
+        store.ingest()
+        time.sleep(0.05)
+    r = cli("sql", "SELECT experiment FROM runs", "--json", cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == [{"experiment": "quickstart"}]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TRANSFERLAB_DB": str(tmp_path / "results" / "old" /
+                                                                          "transferlab.duckdb")}
+    r = cli("sql", "SELECT experiment FROM runs", "--json", cwd=tmp_path, env=env)
+    assert json.loads(r.stdout) == [{"experiment": "old"}]
