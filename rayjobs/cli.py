@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     from analysis.commands import register
 
     register(sub, default_db)
+    __import__("serving.cli").cli.add_subcommand(sub, default_db)  # transferlab serve
     return p
 
 
