@@ -87,6 +87,12 @@ async def _http(_: Request, e: HTTPException) -> JSONResponse:
     return _error(e.status_code, str(e.detail), "invalid_request_error", headers=getattr(e, "headers", None))
 
 
+@api.exception_handler(Exception)
+async def _bug(_: Request, e: Exception) -> JSONResponse:
+    """A server-side fault (not a bad request): still JSON, with the exception named."""
+    return _error(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+
+
 def require_token(request: Request) -> None:
     """Bearer-token check, on when TRANSFERLAB_API_TOKEN is set where the ingress replica runs."""
     token = os.environ.get(TOKEN_ENV)
@@ -248,6 +254,7 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
     logging = {"enable_access_log": settings.access_log}
     scorer = Scorer.options(
         num_replicas=settings.num_replicas, logging_config=logging,
+        max_ongoing_requests=max(256, 2 * settings.max_batch_size),  # room to fill the next batch
         ray_actor_options={"num_cpus": settings.scorer_cpus, "num_gpus": settings.scorer_gpus},
         user_config={"max_batch_size": settings.max_batch_size,
                      "batch_wait_timeout_s": settings.batch_wait_timeout_s},
