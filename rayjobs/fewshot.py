@@ -89,18 +89,6 @@ def fewshot_template(template: PromptTemplate, demos: list[Example], separator: 
 
 
 # -- plan ------------------------------------------------------------------------------------------------
-def encode_train_task(task: str, shots: Shots, separator: str) -> str:
-    return f"{task}@shots={shots}@sep={separator!r}"
-
-
-def decode_train_task(train_task: str) -> tuple[str, Shots, str]:
-    import ast
-
-    task, shots, sep = train_task.split("@", 2)
-    k = shots.removeprefix("shots=")
-    return task, ("classes" if k == "classes" else int(k)), ast.literal_eval(sep.removeprefix("sep="))
-
-
 def check_fewshot(cfg: FewshotConfig, registry: TaskRegistry) -> None:
     where = cfg.source_file
     for t in cfg.tasks:
@@ -137,20 +125,20 @@ def expand_fewshot(cfg: FewshotConfig, registry: TaskRegistry, results_dir: str)
     for setup in cfg.setups:
         for task in cfg.tasks:
             data = f"{registry.origin(task)}|{prompt_identity(setup, registry.get(task))}"
-            train_task = encode_train_task(task, cfg.shots, cfg.separator)
+            shown = f"{data}|shots={cfg.shots}|separator={cfg.separator!r}"
             for seed in cfg.seeds:
-                key = trial_key(kind="fewshot", setup=setup, hparams=setup.train, train_task=train_task,
-                                train_origin=data, eval_task=task, eval_origin=data, seed=seed, n_train=sz.train,
-                                **split)
-                trials.append(TrialSpec(run_key=key, experiment=cfg.name, kind="fewshot", setup=setup,
-                                        hparams=setup.train, train_task=train_task, eval_task=task, target=task,
-                                        seed=seed, n_train=sz.train, data_root=cfg.data_root,
-                                        task_files=list(cfg.task_files), results_dir=results_dir, **split))
+                key = trial_key(kind="fewshot", setup=setup, hparams=setup.train, train_task=task, train_origin=shown,
+                                eval_task=task, eval_origin=data, seed=seed, n_train=sz.train, **split)
+                trials.append(TrialSpec(run_key=key, experiment=cfg.name, kind="fewshot", executor="fewshot",
+                                        setup=setup, hparams=setup.train, train_task=task, eval_task=task,
+                                        target=task, seed=seed, n_train=sz.train, data_root=cfg.data_root,
+                                        task_files=list(cfg.task_files), results_dir=results_dir,
+                                        params={"shots": cfg.shots, "separator": cfg.separator}, **split))
     return trials
 
 
-# -- the trial's recipe (rayjobs/train_loop.py RECIPES) --------------------------------------------------
-def score_fewshot(trial: TrialSpec, ctx: Any) -> dict[str, Any]:
+# -- the trial's executor (rayjobs/trial.py EXECUTORS) ------------------------------------------------------
+def score_fewshot(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     """Build the model, score the held-out pool k-shot under every evaluation template; nothing is trained."""
     import torch
 
@@ -161,6 +149,7 @@ def score_fewshot(trial: TrialSpec, ctx: Any) -> dict[str, Any]:
     from rayjobs.train_loop import (
         EvalResult,
         FitResult,
+        TrainContext,
         TrialData,
         evaluate_prompts,
         result_row,
@@ -168,8 +157,9 @@ def score_fewshot(trial: TrialSpec, ctx: Any) -> dict[str, Any]:
     )
 
     t0 = time.time()
+    ctx = ctx or TrainContext()
     seed_everything(trial.seed)
-    task, shots, separator = decode_train_task(trial.train_task)
+    task, shots, separator = trial.eval_task, trial.params["shots"], trial.params["separator"]
     registry = TaskRegistry.load(trial.task_files, trial.data_root)
     data = registry.load_data(task, trial.n_train, trial.n_eval, seed=trial.seed, eval_fraction=trial.eval_fraction,
                               split_seed=trial.split_seed)

@@ -124,16 +124,6 @@ class TaskBatcher:
 
 
 # -- plan ------------------------------------------------------------------------------------------------
-def encode_train_task(members: list[str], sampling_id: str) -> str:
-    """`TrialSpec.train_task` of an MTL trial: the members and, for two or more, the sampling."""
-    return "+".join(members) + (f"@{sampling_id}" if len(members) > 1 else "")
-
-
-def decode_train_task(train_task: str) -> tuple[list[str], str]:
-    members, _, sampling = train_task.partition("@")
-    return members.split("+"), sampling or "proportional"
-
-
 def check_mtl(cfg: MtlConfig, registry: TaskRegistry) -> list[str]:
     """Every member a classification task with data; encoder setups the multi-head model supports."""
     where = cfg.source_file
@@ -178,8 +168,9 @@ def expand_mtl(cfg: MtlConfig, registry: TaskRegistry, results_dir: str) -> tupl
                     key = _key(setup, members, seed, cfg, registry)
                     if key not in trials:
                         trials[key] = TrialSpec(
-                            run_key=key, experiment=cfg.name, kind="mtl", setup=setup, hparams=setup.train,
-                            train_task=encode_train_task(members, cfg.sampling_id), eval_task="+".join(members),
+                            run_key=key, experiment=cfg.name, kind="mtl", executor="mtl", setup=setup,
+                            hparams=setup.train, train_task="+".join(members), eval_task="+".join(members),
+                            params={"sampling": cfg.sampling_id if len(members) > 1 else "proportional"},
                             sources=members, seed=seed, n_train=sz.train, data_root=cfg.data_root,
                             task_files=list(cfg.task_files), results_dir=results_dir, **split)
                     rows.append({"experiment": cfg.name, "grouping": grouping, "group_id": "+".join(members),
@@ -217,7 +208,7 @@ def record_groups(store: ResultStore, rows: list[dict]) -> None:
                     f"(SELECT DISTINCT {cols} FROM _groups EXCEPT SELECT {cols} FROM mtl_groups)")
 
 
-# -- the trial's recipe (rayjobs/train_loop.py RECIPES) --------------------------------------------------
+# -- the trial's executor (rayjobs/trial.py EXECUTORS) ------------------------------------------------------
 def trial_device(trial: TrialSpec, ctx: Any) -> str:
     """The GPU when the setup asks for one and the worker has it, else the context's device."""
     import torch
@@ -227,7 +218,7 @@ def trial_device(trial: TrialSpec, ctx: Any) -> str:
     return str(ctx.device)
 
 
-def train_and_evaluate_mtl(trial: TrialSpec, ctx: Any) -> dict[str, Any]:
+def train_and_evaluate_mtl(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     """Train the shared encoder and every member's head with `fit`; evaluate each member on its held-out pool."""
     from dataclasses import replace
 
@@ -236,11 +227,20 @@ def train_and_evaluate_mtl(trial: TrialSpec, ctx: Any) -> dict[str, Any]:
     from rayjobs.models.adaptation import apply_adaptation
     from rayjobs.models.multihead import MultiHeadModel, tag
     from rayjobs.templates import render_train, resolve
-    from rayjobs.train_loop import EvalResult, TrialData, evaluate_prompts, fit, result_row, seed_everything
+    from rayjobs.train_loop import (
+        EvalResult,
+        TrainContext,
+        TrialData,
+        evaluate_prompts,
+        fit,
+        result_row,
+        seed_everything,
+    )
 
     t0 = time.time()
+    ctx = ctx or TrainContext()
     seed_everything(trial.seed)
-    members, sampling = decode_train_task(trial.train_task)
+    members, sampling = list(trial.sources or []), trial.params.get("sampling", "proportional")
     registry = TaskRegistry.load(trial.task_files, trial.data_root)
     fam = trial.setup.model.family
     train: list[Example] = []

@@ -8,7 +8,6 @@ backward/step (see `backend.py`) instead of through Trainer's own integration.
 
 from __future__ import annotations
 
-import importlib
 import math
 import random
 import socket
@@ -270,17 +269,9 @@ def result_row(trial: TrialSpec, data: TrialData, tm: TaskModel, fitted: FitResu
     }
 
 
-#: trial kinds with a recipe of their own ("module:function", same signature as `train_and_evaluate`),
-#: built from the steps above: multi-head MTL (trains with `fit`), few-shot scoring (trains nothing)
-RECIPES: dict[str, str] = {"mtl": "rayjobs.mtl:train_and_evaluate_mtl", "fewshot": "rayjobs.fewshot:score_fewshot"}
-
-
 def train_and_evaluate(trial: TrialSpec, ctx: TrainContext | None = None) -> dict[str, Any]:
     """Train one stage and evaluate it; returns the result row (without bookkeeping columns)."""
     ctx = ctx or TrainContext()
-    if trial.kind in RECIPES:
-        module, _, fn = RECIPES[trial.kind].partition(":")
-        return getattr(importlib.import_module(module), fn)(trial, ctx)
     t0 = time.time()
     seed_everything(trial.seed)
     data = prepare_data(trial)

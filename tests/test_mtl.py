@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -24,18 +22,9 @@ from rayjobs.models.loading import ModelError
 from rayjobs.models.multihead import MultiHeadModel, TaskExample, tag
 from rayjobs.mtl import TaskBatcher
 from rayjobs.tasks import TaskRegistry
+from tests.conftest import DATA, TINY_BERT, cli, needs_data
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
-pytestmark = pytest.mark.skipif(not (DATA / "tasks").is_dir(), reason="../shared/data not present")
-
-TINY_BERT = {"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-             "intermediate_size": 32}
-
-
-@pytest.fixture(scope="module")
-def registry() -> TaskRegistry:
-    return TaskRegistry.load(data_root=DATA)
+pytestmark = needs_data
 
 
 def examples(task: str, n: int) -> list[TaskExample]:
@@ -169,8 +158,7 @@ def test_mtl_job_on_ray_stores_runs_member_predictions_and_groups(tmp_path: Path
     cfg = tmp_path / "mtl.yaml"
     cfg.write_text(MTL_CFG.format(data=DATA))
     results = tmp_path / "res"
-    cmd = [sys.executable, "-m", "rayjobs.cli", "run", str(cfg), "--results", str(results)]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    r = cli("run", str(cfg), "--results", str(results))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "4 (grouping, group, setup, seed) cells -> 3 distinct runs, 0 already stored, 3 to run" in r.stdout
     con = duckdb.connect(str(results / "transferlab.duckdb"), read_only=True)
@@ -200,6 +188,9 @@ def test_mtl_job_on_ray_stores_runs_member_predictions_and_groups(tmp_path: Path
         if "scitail" in members:
             acc = sum(c for t, *_, c in rows if t == "scitail") / 12
             assert _rest[5]["member_scores"]["scitail"] == pytest.approx(acc)
+            view = con.execute("SELECT accuracy, n_eval FROM mtl_member_scores WHERE run_key = ? AND task = 'scitail'",
+                               [key]).fetchall()  # analysis/views.py reads the rows this job writes
+            assert view == [(pytest.approx(acc), 12)]
         assert _rest[4] == pytest.approx(sum(_rest[5]["member_scores"].values()) / len(members))
 
     groups = con.execute("SELECT experiment, grouping, group_id, members, run_key, seed FROM mtl_groups "
@@ -211,7 +202,7 @@ def test_mtl_job_on_ray_stores_runs_member_predictions_and_groups(tmp_path: Path
     assert [g[4] for g in groups] == [pair[0], pair[0], runs[("cb",)][0], runs[("scitail",)][0]]
     con.close()
 
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = cli("run", str(cfg), "--results", str(results))
     assert r.returncode == 0 and "3 already stored, 0 to run" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
     con = duckdb.connect(str(results / "transferlab.duckdb"), read_only=True)
     assert con.execute("SELECT count(*) FROM mtl_groups").fetchone()[0] == 4

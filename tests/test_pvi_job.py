@@ -4,8 +4,6 @@ read from stored predictions against the formula, and the few-shot LLM baseline.
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import duckdb
@@ -21,13 +19,9 @@ from rayjobs.models import build_task_model
 from rayjobs.tasks import Example, TaskError, TaskRegistry
 from rayjobs.templates import IDENTITY, NullTemplate, PromptTemplate, identity, resolve
 from rayjobs.train_loop import evaluate_template
+from tests.conftest import DATA, TINY_BERT, cli, needs_data
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
-pytestmark = pytest.mark.skipif(not (DATA / "tasks").is_dir(), reason="../shared/data not present")
-
-TINY_BERT = {"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-             "intermediate_size": 32}
+pytestmark = needs_data
 
 # PVI of every pair in a store, straight from the contract: a 'pvi_x' run names its 'pvi_null' run in
 # baseline_run_key; both score the same example ids; probs are in the task's label order (1-based lists).
@@ -38,11 +32,6 @@ JOIN predictions px ON px.key = x.run_key
 JOIN predictions pn ON pn.key = n.run_key AND pn.example_id = px.example_id AND pn.task = px.task
 WHERE x.kind = 'pvi_x' ORDER BY px.task, px.example_id
 """
-
-
-@pytest.fixture(scope="module")
-def registry() -> TaskRegistry:
-    return TaskRegistry.load(data_root=DATA)
 
 
 def tiny_encoder(task: str, registry: TaskRegistry, seed: int = 0):  # noqa: ANN201
@@ -116,6 +105,8 @@ def test_pvi_from_stored_predictions_equals_the_formula(tmp_path: Path, registry
     _store_pair(store, x_rows, n_rows, "scitail")
     with store.connect(read_only=True) as con:
         got = con.execute(PVI_SQL).fetchall()
+        view = dict(con.execute("SELECT example_id, pvi FROM pvi").fetchall())  # analysis/views.py
+    assert view == pytest.approx({uid: v for _, uid, _, v in got}, abs=1e-12)
     gold = {e.uid: e.label for e in data.eval}
     assert len(got) == 8 and {g for _, _, g, _ in got} == {0, 1}
     for _, uid, g, pvi in got:
@@ -171,11 +162,6 @@ setups:
 """
 
 
-def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rayjobs.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
-
-
 @pytest.mark.integration
 def test_pvi_job_on_ray_stores_run_pairs_on_the_held_out_pool_and_resumes(tmp_path: Path,
                                                                          registry: TaskRegistry) -> None:
@@ -208,6 +194,11 @@ def test_pvi_job_on_ray_stores_run_pairs_on_the_held_out_pool_and_resumes(tmp_pa
         assert not ids["pvi_x"] & {e.uid for e in data.train}  # neither model trained on what it scores
     pvi = con.execute(PVI_SQL).fetchall()
     assert len(pvi) == 24 and all(math.isfinite(v) for *_, v in pvi)
+    view = con.execute("SELECT task, example_id, split, pvi FROM pvi ORDER BY task, example_id").fetchall()
+    assert [(t, i, v) for t, i, _, v in view] == [(t, i, pytest.approx(v)) for t, i, _, v in pvi]
+    assert {s for _, _, s, _ in view} == {"eval"}
+    assert con.execute("SELECT task, n_instances FROM pvi_tasks ORDER BY task").fetchall() == [("cb", 12),
+                                                                                             ("scitail", 12)]
     con.close()
 
     mtimes = {p.name: p.stat().st_mtime_ns for p in (results / "runs").glob("*.parquet")}
