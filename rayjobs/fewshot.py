@@ -177,6 +177,7 @@ def score_fewshot(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
         warnings.simplefilter("ignore", RuntimeWarning)
         row = result_row(trial, TrialData(data.spec, data.spec, demos, list(data.eval), templates, [data.origin]),
                          tm, fitted, EvalResult(float(score), mets, rows), None, ctx, t0)
+    row.update(adaptation="none", trainable_params=0)  # used as it is
     row["metrics"] = {k: v for k, v in row["metrics"].items() if k != "final_train_loss"}
     row["metrics"]["demos"] = [d.uid for d in demos]
     row["hparams"] = {**row["hparams"], "shots": shots, "separator": separator}

@@ -296,22 +296,28 @@ def _unique_ids(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 # -- job -------------------------------------------------------------------------------------------------
 def member_lines(store: ResultStore, cfg: MtlConfig) -> list[str]:
-    """Per grouping and group: each member's score, mean over seeds."""
-    with store.connect(read_only=True) as con:
-        rows = con.execute(
-            "SELECT g.grouping, g.group_id, r.setup, unnest(map_keys(m)) AS task, unnest(map_values(m)) AS score "
-            "FROM (SELECT DISTINCT grouping, group_id, run_key FROM mtl_groups WHERE experiment = ?) g "
-            "JOIN (SELECT run_key, setup, CAST(json_extract(metrics, '$.member_scores') AS MAP(VARCHAR, DOUBLE)) AS m "
-            "      FROM runs WHERE status = 'ok' AND kind = 'mtl') r USING (run_key)", [cfg.name]).fetchall()
-    if not rows:
-        return []
-    cells: dict[tuple[str, str, str, str], list[float]] = {}
-    for grouping, gid, setup, task, score in rows:
-        cells.setdefault((setup, grouping, gid, task), []).append(score)
-    lines = ["MTL member scores (task metric, mean over seeds):",
-             f"{'setup':20s} {'grouping':10s} {'group':32s} {'task':12s} {'seeds':>5s} {'score':>7s}"]
-    for (setup, grouping, gid, task), v in sorted(cells.items()):
-        lines.append(f"{setup:20s} {grouping:10s} {gid:32s} {task:12s} {len(v):5d} {float(np.mean(v)):7.3f}")
+    """Paper 003 Tables 3-6: each member's accuracy and macro-F1 (mean over seeds +- 95% CI) next to its
+    single-task baseline (the `mtl_comparison` view)."""
+    from analysis.errors import AnalysisError
+    from analysis.pvi_grouping import comparison_table
+
+    with store.connect() as con:
+        try:
+            rows = comparison_table(con, cfg.name)
+        except AnalysisError:
+            return []
+
+    def cell(v: float | None, ci: float | None = None) -> str:
+        return "-" if v is None else f"{v:.3f}" + (f"+-{ci:.3f}" if ci is not None and ci == ci else "")
+
+    lines = ["MTL members (mean over seeds +- 95% CI; single = the task's group of one; diff = MTL - single):",
+             f"{'grouping':10s} {'group':28s} {'task':10s} {'seeds':>5s} {'accuracy':>14s} {'macro-F1':>14s} "
+             f"{'single F1':>9s} {'diff F1':>8s}"]
+    for r in rows:
+        diff = "-" if r["diff_macro_f1"] is None else f"{r['diff_macro_f1']:+.3f}"
+        lines.append(f"{r['grouping']:10s} {r['group_id']:28s} {r['task']:10s} {r['n_seeds']:5d} "
+                     f"{cell(r['accuracy'], r['ci_accuracy']):>14s} {cell(r['macro_f1'], r['ci_macro_f1']):>14s} "
+                     f"{cell(r['single_macro_f1']):>9s} {diff:>8s}")
     return lines
 
 

@@ -132,6 +132,19 @@ def test_lora_and_bitfit_train_the_heads(registry: TaskRegistry) -> None:
         assert len(trainable) < len(list(tm.module.parameters())), method
 
 
+def test_member_ids_are_qualified_only_where_two_members_share_one() -> None:
+    from rayjobs.mtl import _unique_ids
+
+    local = [{"task": "cb", "example_id": "task1388-a", "template": "input"},
+             {"task": "scitail", "example_id": "task1554-b", "template": "input"}]
+    assert _unique_ids(local) == local
+    hf = [{"task": "rte", "example_id": "validation:0", "template": "input"},
+          {"task": "boolq", "example_id": "validation:0", "template": "input"},
+          {"task": "boolq", "example_id": "validation:1", "template": "input"}]
+    assert [r["example_id"] for r in _unique_ids(hf)] == ["rte/validation:0", "boolq/validation:0",
+                                                          "boolq/validation:1"]
+
+
 # -- the job -----------------------------------------------------------------------------------------------
 MTL_CFG = """
 job: mtl

@@ -264,6 +264,7 @@ def test_fewshot_run_ranks_choices_by_their_log_likelihood_after_the_demonstrati
     data = registry.load_data("cb", 40, 6, seed=5)
     demos = [next(e for e in data.train if e.label == k) for k in range(3)]  # first of each class, label order
     assert row["kind"] == "fewshot" and row["target"] == "cb" and row["n_train"] == 3
+    assert row["adaptation"] == "none" and row["trainable_params"] == 0 and row["train_time_s"] == 0
     assert row["metrics"]["demos"] == [d.uid for d in demos]
     with store.connect(read_only=True) as con:
         preds = con.execute("SELECT example_id, split, template, choices, logprobs, probs, prediction FROM predictions "
