@@ -156,6 +156,44 @@ def smoke_multitask(cfg: MultitaskConfig) -> MultitaskConfig:
                                   "setups": [_smoke_setup(s) for s in cfg.setups]})
 
 
+def _local_first(cfg: JobConfig, tasks: list[str], k: int) -> list[str]:
+    registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
+    return sorted(tasks, key=lambda t: not has_local_data(registry, t))[:k]
+
+
+def smoke_pvi(cfg: Any) -> Any:
+    """2 tasks (local data first), 24 training and 24 held-out examples each, one seed."""
+    sizes = cfg.sizes.model_copy(update={"train": 24, "eval": 24})
+    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1], "sizes": sizes,
+                                  "tasks": _local_first(cfg, cfg.tasks, 2),
+                                  "setups": [_smoke_setup(s) for s in cfg.setups]})
+
+
+def smoke_mtl(cfg: Any) -> Any:
+    """Per grouping its first group whose members all have local data (else its first), cut to 2 members;
+    single-task groups only for the members kept; 24 + 24 examples per task, one seed."""
+    registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
+    groups: dict[str, list[list[str]]] = {}
+    for grouping, gs in cfg.groups.items():
+        if grouping == "single" or not gs:
+            continue
+        local = [g for g in gs if all(has_local_data(registry, t) for t in g)]
+        groups[grouping] = [(local or gs)[0][:2]]
+    kept = list(dict.fromkeys(t for gs in groups.values() for g in gs for t in g))
+    singles = [g for g in cfg.groups.get("single", []) if len(g) == 1 and g[0] in kept]
+    if singles or not groups:
+        groups["single"] = singles or [g[:1] for g in cfg.groups.get("single", [])[:1]]
+    sizes = cfg.sizes.model_copy(update={"train": 24, "eval": 24})
+    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1], "sizes": sizes,
+                                  "groups": groups, "setups": [_smoke_setup(s) for s in cfg.setups]})
+
+
+def smoke_fewshot(cfg: Any) -> Any:
+    """2 tasks (local data first), demonstrations from 24 training examples, 16 held-out, one seed."""
+    sizes = cfg.sizes.model_copy(update={"train": 24, "eval": 16})
+    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1], "sizes": sizes,
+                                  "tasks": _local_first(cfg, cfg.tasks, 2),
+                                  "setups": [_smoke_setup(s) for s in cfg.setups]})
 
 
 def smoke_score(cfg: Any) -> Any:
@@ -170,7 +208,8 @@ def smoke_score(cfg: Any) -> Any:
 
 #: job kind -> how its configs shrink (every kind's shrinking lives in this module)
 SMOKE: dict[str, Callable[[Any], Any]] = {"pairwise": smoke_pairwise, "multitask": smoke_multitask,
-                                          "score": smoke_score}
+                                          "score": smoke_score, "pvi": smoke_pvi, "mtl": smoke_mtl,
+                                          "fewshot": smoke_fewshot}
 
 
 def smoke_variant(cfg: JobConfig) -> JobConfig:
