@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from analysis.store import DB_NAME, StoreError
+from analysis.store import DB_NAME, ResultStore, StoreError
 from analysis.textout import print_table
 from rayjobs.config import ConfigError
 from rayjobs.models.loading import ModelError
@@ -66,6 +66,17 @@ def _sql_description() -> str:
             'Example: transferlab sql "SELECT source, target, score FROM transfer_scores ORDER BY score DESC LIMIT 5"')
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from analysis.status import render, summarise
+
+    summary = summarise(ResultStore(args.results))
+    if args.json:
+        print(json.dumps(summary, default=str))
+    else:
+        print("\n".join(render(summary)))
+    return 0
+
+
 def _registry_categories() -> dict[str, str]:
     from rayjobs.tasks import TaskRegistry
 
@@ -100,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--db", default=default_db(), help="DuckDB results store (default: %(default)s)")
     q.add_argument("--json", action="store_true", help="print rows as a JSON list of objects (default: a text table)")
     q.set_defaults(func=_cmd_sql)
+
+    st = sub.add_parser("status", help="an experiment's progress from its result files (works while it runs): "
+                                       "done / failed (with errors) / remaining per stage, ETA")
+    st.add_argument("--results", required=True, help="the job's results folder (its --results)")
+    st.add_argument("--json", action="store_true", help="print the summary as JSON")
+    st.set_defaults(func=_cmd_status)
 
     from analysis.commands import register
 

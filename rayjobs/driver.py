@@ -15,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from analysis.status import write_plan
 from analysis.store import ResultStore
 from rayjobs.config import ConfigError, JobConfig
 from rayjobs.job import Job, get_job, job_kinds, load_job_config
@@ -35,6 +36,7 @@ def run_job(job: Job, cfg: JobConfig, results_dir: str, db: str | None = None) -
     what = plan.summary or f"{len(plan.trials)} runs"
     print(f"transferlab: {job.kind} {cfg.name!r}: {what}, {len(plan.trials) - len(todo)} already stored, "
           f"{len(todo)} to run; results in {store.root}", flush=True)
+    write_plan(store, cfg.name, job.kind, {t.run_key: t.kind for t in plan.trials})
     if todo:
         run_trials(cfg.name, todo, cfg.run, store)
     for line in job.report(cfg, store):

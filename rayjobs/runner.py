@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rayjobs import observe
 from rayjobs.config import RunSpec
 from rayjobs.plan import TrialSpec
 
@@ -45,7 +46,7 @@ def init_ray(run: RunSpec) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(runtime_env=env, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", runtime_env=env, include_dashboard=False, log_to_driver=True)
 
 
 def trial_resources(spec: dict[str, Any]) -> Any:
@@ -123,6 +124,7 @@ def run_trials(name: str, todo: list[TrialSpec], run: RunSpec, store: Any) -> li
         kinds = list(dict.fromkeys(STAGE_NAMES.get(t.kind, t.kind) for t in ready))
         failed += run_stage(f"{name}-{'-'.join(kinds)}", ready, run, store.root / "tune").failed
         store.ingest()
+        observe.rows_ingested(store.last_ingested)
         done = store.finished_keys()
         ready_keys = {t.run_key for t in ready}
         pending = [t for t in pending if t.run_key not in ready_keys]
@@ -197,7 +199,7 @@ def run_stage(name: str, trials: list[TrialSpec], run: RunSpec, storage: Path) -
             name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(storage),
             failure_config=tune.FailureConfig(max_failures=run.max_failures, fail_fast=False),
-            callbacks=[_progress_callback(stage, t0)],
+            callbacks=[_progress_callback(stage, t0), *observe.tune_callbacks()],
             verbose=run.verbose,
         ),
     )

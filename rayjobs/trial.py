@@ -14,6 +14,7 @@ import traceback
 from typing import Any
 
 from analysis.store import ResultStore
+from rayjobs import observe
 from rayjobs.plan import TrialSpec
 
 MAX_LOSS_POINTS = 2000
@@ -22,9 +23,10 @@ MAX_LOSS_POINTS = 2000
 def inject_fault(spec: TrialSpec, rank: int | None = None) -> None:
     """Failure injection for tests: TRANSFERLAB_FAULT="<action>[@rank<N>]:<label substring>".
 
-    <action> is `raise` or `kill` (SIGKILL). Without `@rank<N>` it fires in the trial process (the
-    coordinator of a distributed trial); with it, only in Ray Train worker N of a distributed trial,
-    so a test can fail one rank while the others wait in a collective.
+    <action> is `raise`, `kill` (SIGKILL) or `kill-once` (SIGKILL on the first attempt only). Without
+    `@rank<N>` it fires in the trial process (the coordinator of a distributed trial); with it, only
+    in Ray Train worker N of a distributed trial, so a test can fail one rank while the others wait
+    in a collective.
     """
     rule = os.environ.get("TRANSFERLAB_FAULT", "")
     if not rule or ":" not in rule:
@@ -36,7 +38,12 @@ def inject_fault(spec: TrialSpec, rank: int | None = None) -> None:
     if pattern and pattern in spec.label:
         if action == "raise":
             raise RuntimeError(f"injected failure for {spec.label}" + ("" if rank is None else f" on rank {rank}"))
-        if action == "kill":
+        if action == "kill-once":  # first attempt only (a marker in the results folder): tests retries
+            marker = os.path.join(spec.results_dir, f".fault-{spec.run_key}")
+            if os.path.exists(marker):
+                return
+            open(marker, "w").close()
+        if action in ("kill", "kill-once"):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -61,6 +68,7 @@ def execute(spec: TrialSpec, progress: Any = None) -> dict[str, Any]:
     if done is not None and done["status"] == "ok":
         return done
     t0 = time.time()
+    observe.trial_started(spec)
     try:
         inject_fault(spec)
         if spec.setup.resources.workers > 1 or spec.setup.deepspeed is not None:
@@ -72,6 +80,7 @@ def execute(spec: TrialSpec, progress: Any = None) -> dict[str, Any]:
 
             row = executor(spec.executor)(spec, TrainContext(progress=progress))
     except Exception as e:
+        observe.trial_failed(spec)
         store.write_result(_failed_row(spec, e, time.time() - t0))
         raise
     predictions = row.pop("predictions", None)
@@ -81,7 +90,9 @@ def execute(spec: TrialSpec, progress: Any = None) -> dict[str, Any]:
     if curve:
         stride = max(1, len(curve) // MAX_LOSS_POINTS)
         row["metrics"] = {**row["metrics"], "loss_curve": curve[::stride], "loss_curve_stride": stride}
+    row["metrics"] = {**(row.get("metrics") or {}), **observe.placement()}
     store.write_result(row)
+    observe.trial_finished(spec, row)
     return row
 
 
