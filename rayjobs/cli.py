@@ -121,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     from analysis.commands import register
 
     register(sub, default_db)
-    __import__("serving.cli").cli.add_subcommand(sub, default_db)  # transferlab serve
+    from serving.cli import add_subcommand as add_serve
+
+    add_serve(sub, default_db)  # transferlab serve
     return p
 
 
