@@ -28,6 +28,7 @@ JOB_MODULES: dict[str, str] = {
     "pairwise": "rayjobs.pairwise",
     "multitask": "rayjobs.multitask",
     "score": "rayjobs.score",
+    "embed": "rayjobs.embed",
 }
 
 
