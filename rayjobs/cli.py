@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from analysis.store import DB_NAME, ResultStore, StoreError
+from analysis.store import DB_NAME, StoreError
 from analysis.textout import print_table
 from rayjobs.config import ConfigError
 from rayjobs.models.loading import ModelError
@@ -20,8 +22,17 @@ DEFAULT_RESULTS = os.environ.get("TRANSFERLAB_RESULTS", "results")
 
 
 def default_db() -> str:
-    """The configured store: $TRANSFERLAB_DB, else <$TRANSFERLAB_RESULTS or ./results>/transferlab.duckdb."""
-    return os.environ.get("TRANSFERLAB_DB") or str(Path(DEFAULT_RESULTS) / DB_NAME)
+    """The store a reading command uses without `--db`: $TRANSFERLAB_DB; else the newest store under
+    $TRANSFERLAB_RESULTS (default ./results): `results/transferlab.duckdb`, `results/<experiment>/
+    transferlab.duckdb` (where `transferlab run` writes) or `results/*.duckdb` (imports); else the
+    path `results/transferlab.duckdb` (commands that create a store create it there)."""
+    if os.environ.get("TRANSFERLAB_DB"):
+        return os.environ["TRANSFERLAB_DB"]
+    root = Path(DEFAULT_RESULTS)
+    found = [p for p in [root / DB_NAME, *root.glob(f"*/{DB_NAME}"), *root.glob("*.duckdb")] if p.is_file()]
+    if not found:
+        return str(root / DB_NAME)
+    return str(max(found, key=lambda p: p.stat().st_mtime))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -37,20 +48,28 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_sql(args: argparse.Namespace) -> int:
-    db = Path(args.db)
-    store = ResultStore(db.parent, db_path=db)
-    with store.connect(read_only=True) as con:
-        try:
-            cur = con.execute(args.query)
-        except Exception as e:  # duckdb raises many error types; all are user errors here
-            raise StoreError(f"SQL error: {e}") from None
-        cols = [d[0] for d in cur.description] if cur.description else []
-        rows = cur.fetchall()
+    from analysis.sql_guard import open_guarded, run_guarded
+
+    with open_guarded(args.db) as con:
+        cols, rows = run_guarded(con, args.query)
     if args.json:
         print(json.dumps([dict(zip(cols, r, strict=False)) for r in rows], default=str))
     else:
         print_table(cols, rows)
     return 0
+
+
+def _sql_description() -> str:
+    from analysis.sql_guard import store_relations
+
+    rel = store_relations()
+    return ("Run one read-only SQL query (DuckDB dialect) over the results store and print the rows.\n\n"
+            "Read-only: exactly one statement, and it must be a query (SELECT, WITH, FROM, DESCRIBE, SHOW);\n"
+            "the store is opened read-only and file, network and extension access are disabled.\n\n"
+            + textwrap.fill("Tables: " + ", ".join(rel["table"]), 100) + "\n"
+            + textwrap.fill("Views: " + ", ".join(rel["view"]), 100) + "\n"
+            "(analysis/store.py and analysis/views.py define them.)\n\n"
+            'Example: transferlab sql "SELECT source, target, score FROM transfer_scores ORDER BY score DESC LIMIT 5"')
 
 
 def _registry_categories() -> dict[str, str]:
@@ -60,8 +79,16 @@ def _registry_categories() -> dict[str, str]:
     return {name: reg.get(name).category or "other" for name in reg.names}
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("transferlab")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout without `pip install -e .`
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="transferlab", description=__doc__)
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     from rayjobs.driver import add_job_arguments
@@ -79,10 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_job_arguments(e)
     e.set_defaults(func=_cmd_embed)
 
-    q = sub.add_parser("sql", help="run SQL over the results store and print the rows")
-    q.add_argument("query")
-    q.add_argument("--db", default=default_db(), help="DuckDB file (default: %(default)s)")
-    q.add_argument("--json", action="store_true", help="print rows as a JSON list of objects")
+    q = sub.add_parser("sql", help="run one read-only SQL query over the results store and print the rows",
+                       description=_sql_description(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("query", help="one SELECT statement, quoted as one shell argument")
+    q.add_argument("--db", default=default_db(), help="DuckDB results store (default: %(default)s)")
+    q.add_argument("--json", action="store_true", help="print rows as a JSON list of objects (default: a text table)")
     q.set_defaults(func=_cmd_sql)
 
     from analysis.commands import register
