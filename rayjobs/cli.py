@@ -41,6 +41,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from rayjobs.driver import run_from_args
+
+    return run_from_args(args, expect="embed")
+
+
 def _cmd_sql(args: argparse.Namespace) -> int:
     from analysis.sql_guard import open_guarded, run_guarded
 
@@ -104,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help=run_help, description=run_help)
     add_job_arguments(r)
     r.set_defaults(func=_cmd_run)
+
+    embed_help = ("compute FUTE task embeddings (a `job: embed` config, paper 004): DTEs and MTEs in one space per "
+                  "surrogate, as trials with run keys; re-running resumes (the same as `run`)")
+    e = sub.add_parser("embed", help=embed_help, description=embed_help)
+    add_job_arguments(e)
+    e.set_defaults(func=_cmd_embed)
 
     q = sub.add_parser("sql", help="run one read-only SQL query over the results store and print the rows",
                        description=_sql_description(), formatter_class=argparse.RawDescriptionHelpFormatter)

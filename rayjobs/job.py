@@ -31,6 +31,7 @@ JOB_MODULES: dict[str, str] = {
     "pvi": "rayjobs.pvi",
     "mtl": "rayjobs.mtl",
     "fewshot": "rayjobs.fewshot",
+    "embed": "rayjobs.embed",
 }
 
 
