@@ -12,6 +12,8 @@ docstring's first line is its help text. Registered here:
   oracle                   the stored transfer scores themselves, T(s -> t) of the setup
   feature, feature-l2, unigram, max, max-reverse
                            soft-prompt similarities of Lin et al. (paper 001), `analysis.prompt_similarity`
+  fute, fute-dte@<space>, fute-mte@<space>
+                           FUTE's cosines of stored task embeddings (paper 004), `analysis.task_embeddings`
 A stored name that is not registered (e.g. 'roe-minilm', recomputed with `analysis.roe`) resolves to itself.
 Rankings break score ties by source name (ascending) everywhere, so tied SIZE scores rank deterministically.
 
@@ -350,6 +352,31 @@ def _prompt_similarity(con: duckdb.DuckDBPyConnection, req: Request) -> str:
     from analysis.prompt_similarity import compute_prompt_similarity  # safetensors/torch only when used
 
     return compute_prompt_similarity(con, req.name, req.setup or "")
+
+
+@selector("fute", doc="FUTE (paper 004): cos(DTE(s), DTE(t)) of the one embedding space with DTEs "
+                       "(several spaces: name one, fute-dte@<space>)")
+def _fute(con: duckdb.DuckDBPyConnection, req: Request) -> str:
+    """FUTE over the only stored space with dataset task embeddings."""
+    from analysis.task_embeddings import spaces, store_fute
+
+    found = [s for s in spaces(con) if s["n_dte"] >= 2]
+    if len(found) != 1:
+        listing = ", ".join(f"fute-dte@{s['space']} ({s['name']})" for s in found) or "none stored"
+        raise AnalysisError(f"selector 'fute' needs exactly one embedding space with DTEs; name one: {listing}")
+    return store_fute(con, str(found[0]["space"]), "dte")
+
+
+@selector("fute-dte@", prefix=True,
+          doc="FUTE (paper 004): F(s->t) = cos(DTE(s), DTE(t)) in the named embedding space (id, id prefix or name)")
+@selector("fute-mte@", prefix=True,
+          doc="FUTE: F(s->t) = mean cos(MTE(model trained on s), DTE(t)) over s's models, in the named space")
+def _fute_space(con: duckdb.DuckDBPyConnection, req: Request) -> str:
+    """FUTE's cosines in one embedding space, stored as `fute-<via>@<space id>`."""
+    from analysis.task_embeddings import store_fute
+
+    via, _, space = req.name[len("fute-"):].partition("@")
+    return store_fute(con, space, via)
 
 
 __all__ = ["BUILTIN", "DEFAULT_LAMBDA", "MEAN", "REGISTRY", "Request", "SelectorSpec", "compute_oracle",

@@ -26,6 +26,9 @@ Relations:
   t_quantiles         Student t quantiles for confidence intervals (filled from scipy by analysis.pvi_grouping)
   mtl_member_scores   accuracy and macro-F1 of each member task of an MTL run, from its predictions
   mtl_comparison      per grouping and member: mean over seeds, 95% CI, single-task baseline, difference
+  task_embeddings     FUTE (paper 004): one row per stored dataset / model task embedding (rayjobs.embed):
+                      its space, DTE or MTE, task, model, prompt, dims and vector file
+  embedding_spaces    per space: name, spec, probe pool composition, counts of DTEs and MTEs
 """
 
 ANALYSIS_SQL = """
@@ -298,4 +301,27 @@ FROM ci c
 LEFT JOIN single s ON s.experiment = c.experiment AND s.setup = c.setup AND s.task = c.task
                   AND s.template = c.template
 LEFT JOIN t_quantiles t ON t.q = 0.975 AND t.df = s.n_seeds - 1;
+
+-- FUTE (paper 004): the index of the task embeddings the embed job stored (rayjobs.embed). A view over the
+-- embed runs' rows, so it can never disagree with them; the vectors are files (`file`, relative to the
+-- results folder; `abs_file` where the trial wrote it). Embeddings of different spaces are never compared.
+CREATE OR REPLACE VIEW task_embeddings AS
+SELECT json_extract_string(metrics, '$.space') AS space, json_extract_string(metrics, '$.space_name') AS space_name,
+       json_extract_string(metrics, '$.embedding') AS kind, target AS task, json_extract_string(metrics, '$.data') AS data,
+       model, json_extract_string(metrics, '$.prompt') AS prompt, source AS source_task,
+       CAST(json_extract(metrics, '$.dims') AS BIGINT) AS dims, json_extract_string(metrics, '$.file') AS file,
+       checkpoint AS abs_file, json_extract_string(metrics, '$.method') AS method,
+       json_extract_string(metrics, '$.variant') AS variant, json_extract_string(metrics, '$.loss') AS loss,
+       json_extract_string(metrics, '$.ref') AS ref, seed, n_train, wall_time_s, run_key, experiment, created_at
+FROM runs WHERE kind = 'embed' AND status = 'ok';
+
+CREATE OR REPLACE VIEW embedding_spaces AS
+SELECT json_extract_string(r.metrics, '$.space') AS space, any_value(json_extract_string(r.metrics, '$.space_name')) AS name,
+       any_value(json_extract(r.hparams, '$.space')) AS spec, any_value(json_extract(r.hparams, '$.composition')) AS pool,
+       any_value(r.seed) AS seed, any_value(json_extract_string(r.metrics, '$.variant')) AS variant,
+       count(*) FILTER (WHERE json_extract_string(r.metrics, '$.embedding') = 'DTE') AS n_dte,
+       count(*) FILTER (WHERE json_extract_string(r.metrics, '$.embedding') = 'MTE') AS n_mte,
+       any_value(CAST(json_extract(r.metrics, '$.dims') AS BIGINT)) AS dims
+FROM runs r WHERE r.kind = 'embed' AND r.status = 'ok'
+GROUP BY 1;
 """

@@ -28,6 +28,10 @@ JOB_MODULES: dict[str, str] = {
     "pairwise": "rayjobs.pairwise",
     "multitask": "rayjobs.multitask",
     "score": "rayjobs.score",
+    "pvi": "rayjobs.pvi",
+    "mtl": "rayjobs.mtl",
+    "fewshot": "rayjobs.fewshot",
+    "embed": "rayjobs.embed",
 }
 
 

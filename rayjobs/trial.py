@@ -48,7 +48,9 @@ def inject_fault(spec: TrialSpec, rank: int | None = None) -> None:
 
 
 #: executor name -> "module:function(trial, ctx) -> result row"; a job kind that does not train adds one
-EXECUTORS = {"train": "rayjobs.train_loop:train_and_evaluate", "score": "rayjobs.score:score_trial"}
+EXECUTORS = {"train": "rayjobs.train_loop:train_and_evaluate", "score": "rayjobs.score:score_trial",
+             "mtl": "rayjobs.mtl:train_and_evaluate_mtl", "fewshot": "rayjobs.fewshot:score_fewshot",
+             "probe": "rayjobs.embed:probe_trial", "embed": "rayjobs.embed:embed_trial"}
 
 
 def executor(name: str) -> Any:

@@ -389,21 +389,31 @@ def test_rayjob_runtime_env_matches_runtime_env_yaml() -> None:
     assert "working_dir" not in job_env, "the RayJob runs the code baked into the image"
 
 
-def test_rayservice_import_path_exists_or_the_manifest_is_a_marked_template() -> None:
-    services = _kind("RayService")
-    assert services, "cluster/kuberay has no RayService manifest"
-    readme = (CLUSTER / "README.md").read_text()
-    for path, doc in services:
-        apps = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]
-        for app in apps:
-            module, attr = app["import_path"].split(":")
-            source = REPO / (module.replace(".", "/") + ".py")
-            if source.is_file():
-                tree = ast.parse(source.read_text())
-                names = {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets
-                         if isinstance(t, ast.Name)}
-                assert attr in names, f"{source} defines no top-level `{attr}` for {path.name}"
-            else:  # no Serve application yet: the manifest must say it is a template, everywhere
-                assert ".template." in path.name, f"{path.name}: {module} does not exist"
-                assert doc["metadata"].get("annotations", {}).get("transferlab/status") == "template"
-                assert path.name in readme and "template" in readme
+def test_rayservice_deploys_the_serve_application_of_serving_config_yaml() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.settings import ServeSettings
+
+    (path, doc), = _kind("RayService")
+    assert path.name == "rayservice.yaml" and "transferlab/status" not in doc["metadata"].get("annotations", {})
+    config = ServeDeploySchema.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"]))  # Serve's own schema
+    local = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serving" / "config.yaml").read_text()))
+    for app in config.applications:
+        assert app.import_path == local.applications[0].import_path
+        module, attr = app.import_path.split(":")
+        tree = ast.parse((REPO / (module.replace(".", "/") + ".py")).read_text())
+        assert attr in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, f"{module} has no {attr}()"
+        settings = ServeSettings.model_validate(app.args)  # every arg is a setting of the application
+        shared = _shared_claim()[1]
+        assert settings.db and settings.db.startswith(shared + "/") and settings.results.startswith(shared + "/")
+        # the scorer's resources fit on a worker of the service's cluster
+        spec = doc["spec"]["rayClusterConfig"]
+        nodes = [(_quantity(t["spec"]["containers"][0]["resources"]["limits"].get("cpu", 0)),
+                  _quantity(t["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)))
+                 for _, t in _pod_templates(spec)[1:]]
+        assert any(c >= settings.scorer_cpus and g >= settings.scorer_gpus for c, g in nodes), nodes
+    # the ingress checks TRANSFERLAB_API_TOKEN in whichever pod it lands: every pod gets it from the secret
+    for group, tpl in _pod_templates(doc["spec"]["rayClusterConfig"]):
+        env = {e["name"]: e for e in tpl["spec"]["containers"][0].get("env", [])}
+        assert "secretKeyRef" in env["TRANSFERLAB_API_TOKEN"]["valueFrom"], group
+    assert "rayservice.yaml" in (CLUSTER / "README.md").read_text()

@@ -159,3 +159,15 @@ def test_reading_commands_find_the_store_run_wrote(tmp_path: Path) -> None:
                                                                           "transferlab.duckdb")}
     r = cli("sql", "SELECT experiment FROM runs", "--json", cwd=tmp_path, env=env)
     assert json.loads(r.stdout) == [{"experiment": "old"}]
+
+
+def test_unreachable_hub_model_fails_before_ray_starts(tmp_path: Path) -> None:
+    from tests.conftest import cli
+
+    cfg = tmp_path / "hub.yaml"
+    cfg.write_text(f"name: hub\ndata_root: {DATA}\ntasks: {{sources: [cb, snli]}}\nseeds: [1]\n"
+                   "setups: [{model: {name: x, path: nosuch-org/nosuch-model-123, family: seq2seq}}]\n")
+    r = cli("run", str(cfg), "--results", str(tmp_path / "res"), env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "nosuch-org/nosuch-model-123" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "res" / "tune").exists()  # no trial was started
