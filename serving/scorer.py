@@ -24,6 +24,7 @@ from typing import Any
 
 from ray import serve
 
+from rayjobs import observe
 from rayjobs.blackbox import BlackBox, UnknownModelError, open_black_box
 from rayjobs.models.loading import ModelError
 from serving.batching import Failure, ScoreJob, score_jobs
@@ -147,6 +148,7 @@ class Scorer:
                        [ExampleIn.model_construct(**e).example(tpl, i) for i, e in enumerate(request["examples"])],
                        bool(request.get("generate")), bool(request.get("perplexity")))
         self.counts["requests"] += 1
+        observe.serve_request("Scorer")
         out = await self._batched(job)
         if isinstance(out, Failure):
             return _failure(out.status, out.message, out.type)
@@ -157,6 +159,7 @@ class Scorer:
         self.counts["batches"] += 1
         self.counts["batched_requests"] += len(jobs)
         self.counts["max_batch"] = max(self.counts["max_batch"], len(jobs))
+        observe.serve_batch("Scorer", len(jobs))
         return await asyncio.to_thread(score_jobs, jobs)
 
     # -- completions ------------------------------------------------------------------------------

@@ -457,6 +457,33 @@ def test_token_health_docs_and_models(service: Service) -> None:
     assert [c["id"] for c in cards[:2]] == ["builtin:minilm", service.lm]
 
 
+def test_zy_request_and_batch_metrics_reach_the_prometheus_endpoint(service: Service) -> None:
+    """The scorer's Ray metrics agree with its own counters: one request count per /v1/score, one
+    batch-size observation per batch (bucket counts: Ray exports buckets, its _sum is approximate)."""
+    import time
+
+    import ray
+
+    from tests.test_observability import buckets, scrape, total
+
+    _score(service, "builtin:minilm", [{"input": REVIEWS[0]}])
+    stats = service.stats()
+    port = ray.nodes()[0]["MetricsExportPort"]
+    deadline = time.time() + 60
+    while True:
+        s = scrape(port)
+        got = (total(s, "ray_transferlab_serve_requests_total", deployment="Scorer"),
+               total(s, "ray_transferlab_serve_batch_size_count", deployment="Scorer"))
+        if got == (stats["requests"], stats["batches"]) or time.time() > deadline:
+            break
+        time.sleep(3)
+    assert got == (stats["requests"], stats["batches"]) and stats["requests"] > 0
+    size = buckets(s, "ray_transferlab_serve_batch_size_bucket")
+    assert size[256] == stats["batches"]
+    if stats["max_batch"] > 1:  # a batch of several requests is above the first bucket
+        assert size[1] < stats["batches"]
+
+
 def test_zz_a_killed_replica_recovers(service: Service) -> None:
     """Runs last (name): kills the scoring replica; Serve replaces it and requests succeed after retries."""
     import ray
