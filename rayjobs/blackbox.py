@@ -57,9 +57,24 @@ class BlackBox(ABC):
     def score(self, template: PromptTemplate, examples: Sequence[Example], *, generate: bool = False,
               perplexity: bool = False, batch_size: int = 32) -> list[dict[str, Any]]:
         """Predictions records (choices, logprobs, logprobs_mean, probs, prediction, pred_text, prompt_ppl)."""
-        rendered = render(template, examples)
+        return self.score_many([(template, examples)], generate=generate, perplexity=perplexity,
+                               batch_size=batch_size)[0]
+
+    def score_many(self, requests: Sequence[tuple[PromptTemplate, Sequence[Example]]], *, generate: bool = False,
+                   perplexity: bool = False, batch_size: int | None = None) -> list[list[dict[str, Any]]]:
+        """Several (template, examples) requests in one model call (what a serving batch needs); the records
+        equal each request scored alone: every example is scored against its own rendered choices. All
+        requests must be of one answer type (all with choices, or all free text)."""
+        rendered = [render(t, exs) for t, exs in requests]
+        flat = [e for r in rendered for e in r]
+        task = adhoc_task(requests[0][0], flat)
         with self._lock:
-            return self._score(rendered, adhoc_task(template, rendered), generate, perplexity, batch_size)
+            records = self._score(flat, task, generate, perplexity, batch_size or max(1, len(flat)))
+        out, i = [], 0
+        for r in rendered:
+            out.append(records[i:i + len(r)])
+            i += len(r)
+        return out
 
     @abstractmethod
     def _score(self, examples: list[Example], task: TaskSpec, generate: bool, perplexity: bool,

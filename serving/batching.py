@@ -1,15 +1,14 @@
 """Score several requests in one model call: what the scoring deployment's `@serve.batch` runs.
 
 Requests that share a black box and options (and whose examples all have choices, or all lack them) are
-rendered with their own templates, concatenated and scored by one `BlackBox._score` call with one
+rendered with their own templates, concatenated and scored by one `BlackBox.score_many` call with one
 `TaskModel.score` batch, so N concurrent requests cost one forward pass instead of N. The records
 are those of `BlackBox.score` on each request alone: rank classification scores every example's own
 choices and an encoder head its own label set, so batching changes no number beyond float rounding.
 A group whose joint call fails is retried request by request, so one bad request (a template whose
 choices do not fit a classifier head) fails alone with its own message.
 
-`BlackBox` exposes scoring of one template only; this module uses its `_score` and `_lock` (same
-package family, the one scoring path) rather than adding a second inference path.
+The joint call is `BlackBox.score_many`, the same path as `BlackBox.score`.
 """
 
 from __future__ import annotations
@@ -42,17 +41,9 @@ class Failure:
     type: str = "invalid_request_error"
 
 
-def _score_group(box: BlackBox, rendered: list[list[Example]], templates: list[PromptTemplate],
+def _score_group(box: BlackBox, examples: list[list[Example]], templates: list[PromptTemplate],
                  generate: bool, perplexity: bool) -> list[list[dict[str, Any]]]:
-    flat = [e for r in rendered for e in r]
-    task = adhoc_task(templates[0], flat)
-    with box._lock:
-        records = box._score(flat, task, generate, perplexity, max(1, len(flat)))
-    out, i = [], 0
-    for r in rendered:
-        out.append(records[i:i + len(r)])
-        i += len(r)
-    return out
+    return box.score_many(list(zip(templates, examples, strict=True)), generate=generate, perplexity=perplexity)
 
 
 def _failure(e: Exception) -> Failure:
@@ -73,7 +64,7 @@ def score_jobs(jobs: Sequence[ScoreJob]) -> list[list[dict[str, Any]] | Failure]
             results[i] = Failure(422, str(e))
             continue
         kind = adhoc_task(job.template, rendered).answer_type
-        groups.setdefault((id(job.box), kind, job.generate, job.perplexity), []).append((i, rendered))
+        groups.setdefault((id(job.box), kind, job.generate, job.perplexity), []).append((i, job.examples))
     for members in groups.values():
         first = jobs[members[0][0]]
         try:
@@ -85,9 +76,9 @@ def score_jobs(jobs: Sequence[ScoreJob]) -> list[list[dict[str, Any]] | Failure]
             if len(members) == 1:
                 results[members[0][0]] = _failure(e)
                 continue
-            for i, rendered in members:
+            for i, examples in members:
                 try:
-                    results[i] = _score_group(first.box, [rendered], [jobs[i].template], first.generate,
+                    results[i] = _score_group(first.box, [examples], [jobs[i].template], first.generate,
                                               first.perplexity)[0]
                 except Exception as e1:  # noqa: BLE001
                     results[i] = _failure(e1)
