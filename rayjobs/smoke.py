@@ -225,16 +225,19 @@ def smoke_embed(cfg: Any) -> Any:
         return s.model_copy(update={"surrogate": tiny, "train": train, "trainable": [], "fisher_params": [],
                                     "fisher_examples": 4, "adaptation": s.adaptation.model_copy(update={"params": params})})
 
-    local = sorted(cfg.dte.tasks, key=lambda t: not has_local_data(registry, t))[:2]
+    local = [t for t in cfg.dte.tasks if has_local_data(registry, t)][:2]
     prompted = cfg.dte.prompted_tasks if cfg.dte.prompted_tasks == "all" else cfg.dte.prompted_tasks[:2]
     dte = cfg.dte.model_copy(update={"tasks": local, "n": 8, "n_prompted": 4,
                                      "prompted_tasks": ["cb", "mrpc"] if prompted == "all" else prompted})
-    pool = cfg.pool.model_copy(update={"tasks": cfg.pool.tasks[:2], "prompted_tasks": cfg.pool.prompted_tasks[:2],
-                                       "n_per_task": 4})
+    pool_tasks = [t for t in cfg.pool.tasks if has_local_data(registry, t)][:2]
+    needs_pool = bool(cfg.mte.pairwise or (cfg.mte.models and cfg.mte.prompts))
+    pool_prompted = cfg.pool.prompted_tasks[:2] or ([] if pool_tasks or not needs_pool else ["story_cloze"])
+    pool = cfg.pool.model_copy(update={"tasks": pool_tasks, "prompted_tasks": pool_prompted, "n_per_task": 4})
     models = [m if m.ref.startswith(offline) else m.model_copy(update={"ref": "builtin:minilm", "temperature": None})
               for m in cfg.mte.models[:1]]
     prompts = [p.model_copy(update={"templates": p.templates if isinstance(p.templates, str) else p.templates[:2],
-                                    "extra": p.extra[:1]}) for p in cfg.mte.prompts[:1]]
+                                    "extra": p.extra[:1]})
+               for p in cfg.mte.prompts if has_local_data(registry, p.task)][:1]
     pairwise = cfg.mte.pairwise.model_copy(update={"smoke": True}) if cfg.mte.pairwise else None
     mte = cfg.mte.model_copy(update={"models": models, "prompts": prompts, "pairwise": pairwise, "n_eval": 8,
                                      "batch_size": min(cfg.mte.batch_size, 8)})
