@@ -64,7 +64,8 @@ class TrialSpec(BaseModel):
     def label(self) -> str:
         what = {"source": f"{self.source}", "target": f"{self.target} (baseline)",
                 "transfer": f"{self.source}->{self.target}"}.get(self.kind, f"{self.sources}->{self.target}")
-        return f"{self.kind} {self.setup.key} {what} seed={self.seed}"
+        seed = self.seed if self.source_seed in (None, self.seed) else f"{self.source_seed}->{self.seed}"
+        return f"{self.kind} {self.setup.key} {what} seed={seed}"
 
 
 def run_key(payload: dict[str, Any]) -> str:

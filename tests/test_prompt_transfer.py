@@ -97,6 +97,7 @@ def test_separate_seed_lists_plan_and_pairing(tmp_path: Path, pairing: str) -> N
     want_pairs = ({(s, t) for s in src_seeds for t in tgt_seeds} if pairing == "cross"
                   else {(42, 112), (150, 28), (386, 52)})
     assert len(transfers) == 2 * 2 * len(want_pairs) and len({t.run_key for t in transfers}) == len(transfers)
+    assert len({t.label for t in transfers}) == len(transfers)  # logs tell the source seeds apart
     for (s, t) in [(s, t) for s in ["snli", "scitail"] for t in ["mrpc", "cb"]]:
         cell = [x for x in transfers if (x.source, x.target) == (s, t)]
         assert {(x.source_seed, x.seed) for x in cell} == want_pairs
