@@ -63,7 +63,9 @@ class TrialSpec(BaseModel):
     @property
     def label(self) -> str:
         what = {"source": f"{self.source}", "target": f"{self.target} (baseline)",
-                "transfer": f"{self.source}->{self.target}"}.get(self.kind, f"{self.sources}->{self.target}")
+                "transfer": f"{self.source}->{self.target}"}.get(self.kind)
+        if what is None:  # multi-task sets, MTL groups, scoring, PVI, embeddings: what it trains on or scores
+            what = f"{'+'.join(self.sources)}->{self.target}" if self.sources else (self.target or self.train_task)
         seed = self.seed if self.source_seed in (None, self.seed) else f"{self.source_seed}->{self.seed}"
         return f"{self.kind} {self.setup.key} {what} seed={seed}"
 
