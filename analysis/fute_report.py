@@ -10,6 +10,7 @@ writes them down and draws.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -107,19 +108,22 @@ def retrieval_figure(con: duckdb.DuckDBPyConnection, space: str, path: Path) -> 
 
 
 def prompt_figure(results: list[dict[str, Any]], path: Path) -> None:
-    """Per task: each prompt's FUTE cosine against its measured accuracy (bad prompts in red)."""
-    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.5), squeeze=False)
-    for ax, res in zip(axes[0], results, strict=True):
-        fute = res["methods"]["fute"]["scores"]
-        for p in res["prompts"]:
-            bad = p.startswith("bad")
-            ax.scatter(fute[p], res["true_scores"][p], c="#c44e52" if bad else "#4c72b0", s=50)
-            ax.annotate(p, (fute[p], res["true_scores"][p]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-        ax.set_xlabel("FUTE score: cos(MTE(MiniLM + prompt), DTE(task))")
-        ax.set_ylabel("measured accuracy of the prompt")
-        ax.set_title(f"{res['task']}: {res['n_prompts']} prompts")
+    """Per task (columns) and FUTE space (rows): each prompt's FUTE cosine against its measured accuracy (bad
+    prompts in red)."""
+    variants = [m for m in results[0]["methods"] if m.startswith("fute [")] or ["fute"]
+    fig, axes = plt.subplots(len(variants), len(results), figsize=(5.5 * len(results), 4.2 * len(variants)),
+                             squeeze=False)
+    for row, method in enumerate(variants):
+        for ax, res in zip(axes[row], results, strict=True):
+            fute = res["methods"][method]["scores"]
+            for p in res["prompts"]:
+                ax.scatter(fute[p], res["true_scores"][p], c="#c44e52" if p.startswith("bad") else "#4c72b0", s=50)
+                ax.annotate(p, (fute[p], res["true_scores"][p]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            ax.set_xlabel(f"{method}: cos(MTE(model + prompt), DTE(task))", fontsize=8)
+            ax.set_ylabel("measured accuracy of the prompt")
+            ax.set_title(f"{res['task']}: {res['n_prompts']} prompts", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -144,6 +148,38 @@ def taskshop_figure(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 # -- the report ---------------------------------------------------------------------------------------------------
+def _dte_separation(con: duckdb.DuckDBPyConnection, space: str, category_of: dict[str, str]) -> dict[str, Any]:
+    rows = te.embedding_rows(con, space=space, kind="DTE")
+    cos = te.cosine_matrix(con, rows)
+    within, across = [], []
+    for i in range(len(rows)):
+        for j in range(i + 1, len(rows)):
+            same = category_of.get(rows[i]["task"]) == category_of.get(rows[j]["task"])
+            (within if same else across).append(cos[i, j])
+    return {"within": float(np.mean(within)) if within else None, "across": float(np.mean(across)) if across else None,
+            "n_within": len(within), "n_across": len(across)}
+
+
+def space_summary(con: duckdb.DuckDBPyConnection, space: str, model: str, prompt_tasks: list[str]) -> dict[str, Any]:
+    """Retrieval, DTE category separation and FUTE's prompt ranking of one space, for a side-by-side table."""
+    sid = te.resolve_space(con, space)
+    info = next(s for s in te.spaces(con) if s["space"] == sid)
+    spec = con.execute("SELECT spec::VARCHAR FROM embedding_spaces WHERE space = ?", [sid]).fetchone()[0]
+    head = (json.loads(spec).get("surrogate") or {}).get("head", "?")
+    ret = te.own_task_retrieval(con, sid)
+    sep = _dte_separation(con, sid, {r["task"]: _category(r["task"]) for r in te.embedding_rows(con, space=sid, kind="DTE")})
+    ndcgs, bad = [], {}
+    for task in prompt_tasks:
+        try:
+            res = fe.prompt_selection(con, sid, model, task)
+        except AnalysisError:
+            continue
+        ndcgs.append(res["methods"]["fute"]["ndcg"])
+        bad[task] = f"{', '.join(map(str, res['bad_positions']['fute']))} of {res['n_prompts']}"
+    return {"space": sid, "name": info["name"], "head": f"{head} / {info['variant']}", "mean_rank": ret.get("mean_rank"),
+            "chance_mean_rank": ret.get("chance_mean_rank"), "top1": f"{ret.get('top1', 0)}/{ret['n_models']}",
+            "within": sep["within"], "across": sep["across"],
+            "prompt_ndcg": float(np.mean(ndcgs)) if ndcgs else None, "bad_positions": bad}
 def _selection_rows(rows: list[dict[str, Any]], k: int) -> list[list[Any]]:
     out = []
     for r in rows:
@@ -158,7 +194,7 @@ def _selection_rows(rows: list[dict[str, Any]], k: int) -> list[list[Any]]:
 def write_fute_report(con: duckdb.DuckDBPyConnection, out: str | Path, space: str, model: str,
                       prompt_tasks: list[str], local_setup: str | None, taskweb_space: str | None = None,
                       taskweb_setups: list[str] | None = None, cost: dict[str, Any] | None = None,
-                      notes: list[str] | None = None) -> dict[str, Any]:
+                      notes: list[str] | None = None, compare_spaces: list[str] | None = None) -> dict[str, Any]:
     """Write report.md and the figures into `out`; returns the numbers it wrote."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -191,10 +227,13 @@ def write_fute_report(con: duckdb.DuckDBPyConnection, out: str | Path, space: st
     cats = {r["task"]: _category(r["task"]) for r in te.embedding_rows(con, space=space)}
     sep = te.category_separation(con, space, cats)
     dte_cats = {r["task"]: _category(r["task"]) for r in te.embedding_rows(con, space=space, kind="DTE")}
-    numbers["categories"] = sep
+    sep_dte = _dte_separation(con, space, dte_cats)
+    numbers["categories"] = {"all": sep, "dte": sep_dte}
     md += ["## (b) Embeddings by task category", "",
            f"Mean cosine of two embeddings whose tasks share a category: **{_num(sep['within'], 4)}** "
            f"({sep['n_within']} pairs); across categories: **{_num(sep['across'], 4)}** ({sep['n_across']} pairs). "
+           f"DTEs alone: {_num(sep_dte['within'], 4)} within ({sep_dte['n_within']} pairs), "
+           f"{_num(sep_dte['across'], 4)} across ({sep_dte['n_across']}). "
            f"Categories: {', '.join(f'{t} {c}' for t, c in sorted(dte_cats.items()))}.", "",
            f"![projection](projection.png) (PCA, {100 * sum(proj['variance']):.0f}% of the variance in 2-D)", ""]
 
@@ -267,15 +306,24 @@ def write_fute_report(con: duckdb.DuckDBPyConnection, out: str | Path, space: st
     # (d) prompt selection
     md += ["## (d) Prompt selection", ""]
     presults = []
+    primary = f"fute [{info['name']}]"
     for task in prompt_tasks:
         try:
-            presults.append(fe.prompt_selection(con, space, model, task))
+            res = fe.prompt_selection(con, space, model, task)
         except AnalysisError as e:
             md += [f"- {task}: not evaluated: {e}"]
+            continue
+        for other in [space, *(compare_spaces or [])]:  # FUTE of every space next to the same baselines
+            o = res if other == space else fe.prompt_selection(con, other, model, task)
+            name = f"fute [{next(x['name'] for x in te.spaces(con) if x['space'] == o['space'])}]"
+            res["methods"][name] = o["methods"]["fute"]
+            res["bad_positions"][name] = o["bad_positions"]["fute"]
+        del res["bad_positions"]["fute"]
+        presults.append(res)
     numbers["prompts"] = presults
     if presults:
         prompt_figure(presults, out / "prompts.png")
-        summary = fe.prompt_selection_summary(presults)
+        summary = {m: v for m, v in fe.prompt_selection_summary(presults).items() if m != "fute"}
         numbers["prompt_summary"] = summary
         na = presults[0].get("not_applicable", {})
         md += [f"{model} with every prompt of {', '.join(prompt_tasks)} (plus bad and duplicated ones). Means over "
@@ -292,7 +340,7 @@ def write_fute_report(con: duckdb.DuckDBPyConnection, out: str | Path, space: st
             md += [f"**{res['task']}** ({n} prompts, {res['n_examples']} eval examples). Measured accuracy: "
                    + ", ".join(f"{p} {100 * a:.1f}" for p, a in sorted(res["true_scores"].items(), key=lambda x: -x[1]))
                    + ".", ""]
-            md += [f"FUTE's ranking: {', '.join(res['methods']['fute']['ranking'])}.", ""]
+            md += [f"FUTE's ranking in {info['name']}: {', '.join(res['methods'][primary]['ranking'])}.", ""]
             md += _md_table(["method", f"positions of the bad prompts (of {n})", "selected", "NDCG"],
                             [[m, ", ".join(map(str, pos)), res["methods"][m]["selected"], _pct(res["methods"][m]["ndcg"])]
                              for m, pos in res["bad_positions"].items()])
@@ -300,6 +348,21 @@ def write_fute_report(con: duckdb.DuckDBPyConnection, out: str | Path, space: st
                 md += [f"Duplicate `{d['copy']}` of `{d['prompt']}`: cos(MTE, MTE) = {d['mte_cosine']:.6f}, FUTE "
                        f"positions {d['positions'][0]} and {d['positions'][1]}.", ""]
         md += ["![prompts](prompts.png)", ""]
+
+    # the same measures in the other spaces of the experiment
+    if compare_spaces:
+        rows = []
+        for other in [space, *compare_spaces]:
+            summ = space_summary(con, other, model, prompt_tasks)
+            rows.append(summ)
+        numbers["spaces"] = rows
+        md += ["## The same measures in each space of the experiment", "",
+               "One probe pool, the same black boxes, data, seed and hyperparameters; only the surrogate differs.", ""]
+        md += _md_table(["space", "head / variant", "own-task rank of a source model's MTE (chance)", "top-1",
+                         "cos within / across categories (DTEs)", "FUTE prompt NDCG", "bad prompts' positions"],
+                        [[r["name"], r["head"], f"{_num(r['mean_rank'])} ({_num(r['chance_mean_rank'])})", r["top1"],
+                          f"{_num(r['within'], 3)} / {_num(r['across'], 3)}", _pct(r["prompt_ndcg"]),
+                          "; ".join(f"{t}: {p}" for t, p in r["bad_positions"].items())] for r in rows])
 
     # (e) cost
     if cost:

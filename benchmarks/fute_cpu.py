@@ -4,8 +4,9 @@
     python benchmarks/fute_cpu.py --skip-jobs          # only re-evaluate and re-draw from the store
 
 1. `transferlab embed configs/fute_cpu.yaml`: the pairwise quickstart grid (MiniLM source models and their
-   transfer matrix), every black box labelling the probe pool, eval scoring of every prompt, and the MiniLM
-   TaskEmb space with 8 DTEs and the MTEs of 3 source models and 11 MiniLM zero-shot prompts;
+   transfer matrix), every black box labelling the probe pool, eval scoring of every prompt, and two MiniLM
+   TaskEmb spaces (pair-scoring and classification heads), each with 8 DTEs and the MTEs of 3 source models
+   and 11 MiniLM zero-shot prompts;
 2. `transferlab embed configs/fute_taskweb.yaml`: few-shot DTEs of the TaskWeb tasks (32 prompted examples);
 3. the TaskWeb release imported into the same store (published transfers, RoE, LLM-similarity);
 4. reports/fute_cpu/report.md with retrieval.png, projection.png, taskshop.png, prompts.png and the cost
@@ -61,16 +62,17 @@ def main(argv: list[str] | None = None) -> int:
         import_taskweb(con, Path(args.data) / "taskweb")
         have = {r[0] for r in con.execute("SELECT DISTINCT setup FROM setup_transfers").fetchall()}
         setups = [s for s in TASKWEB_SETUPS if s in have]
-        n_prompts = con.execute("""SELECT count(*) FROM task_embeddings WHERE experiment = 'fute-cpu'
+        n_prompts = con.execute("""SELECT count(DISTINCT prompt) FROM task_embeddings WHERE experiment = 'fute-cpu'
                                    AND kind = 'MTE' AND task = 'cb' AND prompt IS NOT NULL""").fetchone()[0]
         cost = cost_report(con, "fute-cpu", k_p=n_prompts, k_d=4, what_if_call_seconds=[0.5, 2.0])
         cost["lines"].insert(0, f"Scenario: the {n_prompts} cb prompts of MiniLM to be ranked for each of k_D = 4 NLI "
                                 "datasets (the paper's setting: one prompt set, several datasets of a category).")
         notes = [f"wall time of the jobs in this invocation: {', '.join(f'{k} {v / 60:.1f} min' for k, v in times.items())}"
                  if times else "jobs not run in this invocation (--skip-jobs): numbers from the stored results"]
-        numbers = write_fute_report(con, args.out, space="minilm-taskemb", model="minilm-zs",
+        numbers = write_fute_report(con, args.out, space="minilm-pairs", model="minilm-zs",
                                     prompt_tasks=["cb", "scitail"], local_setup="full:minilm",
-                                    taskweb_space="minilm-taskemb-mc", taskweb_setups=setups, cost=cost, notes=notes)
+                                    taskweb_space="minilm-taskemb-mc", taskweb_setups=setups, cost=cost, notes=notes,
+                                    compare_spaces=["minilm-taskemb"])
     (Path(args.out) / "numbers.json").write_text(json.dumps(numbers, indent=1, default=str))
     print(f"wrote {Path(args.out) / 'report.md'} and its figures")
     return 0

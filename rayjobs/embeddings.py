@@ -153,13 +153,14 @@ def choice_logprobs(tm: TaskModel, batch: dict[str, Any]) -> torch.Tensor:
     from rayjobs.models.encoder import EncoderClassifier, EncoderMultipleChoice
     from rayjobs.models.text_to_text import _TextToText
 
+    batch = {k: v for k, v in batch.items() if k != "soft"}  # the targets are the loss's, not the model's
     own = getattr(tm, "choice_logits", None)
     if own is not None:
         logits = own(batch)
     elif isinstance(tm, EncoderMultipleChoice):
         logits = tm._logits(batch)
     elif isinstance(tm, EncoderClassifier):
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", "examples", "soft")}
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "examples")}
         logits = tm.module(**inputs).logits
     elif isinstance(tm, _TextToText):
         examples: list[Example] = batch["examples"]

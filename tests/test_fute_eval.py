@@ -169,9 +169,10 @@ def test_report_writes_the_numbers_and_figures_it_computes(tmp_path: Path) -> No
         numbers = write_fute_report(con, tmp_path / "rep", "SP", "zs", ["cb"], local_setup=None)
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "Space `space-SP` (id `SP`" in text
-    assert "FUTE's ranking: good, good-copy, bad-const, bad-swap." in text
-    assert "| fute | 100.00 | 100.00 |" in text and "spell: no prompt perplexity stored" in text
+    assert "FUTE's ranking in space-SP: good, good-copy, bad-const, bad-swap." in text
+    assert "| fute [space-SP] | 100.00 | 100.00 |" in text and "spell: no prompt perplexity stored" in text
+    assert "| fute [space-SP] | 3, 4 | good | 100.00 |" in text
     assert "Duplicate `good-copy` of `good`: cos(MTE, MTE) = 1.000000, FUTE positions 1 and 2." in text
     for fig in ("retrieval.png", "projection.png", "prompts.png"):
         assert (tmp_path / "rep" / fig).stat().st_size > 1000
-    assert numbers["prompt_summary"]["fute"]["rho"] == 1.0
+    assert numbers["prompt_summary"]["fute [space-SP]"]["rho"] == 1.0
