@@ -267,10 +267,50 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _families(text: str) -> list[str]:
+    from analysis.metric_families import FAMILIES
+
+    names = _names(text)
+    unknown = [n for n in names if n not in FAMILIES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown metric family {', '.join(unknown) or repr(text)} "
+                                         f"(choose from {', '.join(FAMILIES)})")
+    return names
+
+
+def _cmd_compare_all(args: argparse.Namespace) -> int:
+    from analysis.db import read_store
+    from analysis.selector_comparison import compare_all, table_rows, winner_sentences
+
+    if args.targets or args.categories or args.lam is not None:
+        raise AnalysisError("--selector all evaluates every target with each selector's defaults: "
+                            "drop --targets / --categories / --lambda")
+    with read_store(args.db) as con:
+        res = compare_all(con, args.setup, args.metrics, args.k, args.seed, pool=args.pool)
+    res["summary"] = winner_sentences(res)
+    if args.json:
+        _dump(res)
+        return 0
+    pool = f", pool {res['pool']}" if res["pool"] else ""
+    print(f"every selector on {res['setup']}{pool}, k={res['k']}; metric families side by side, never mixed")
+    cols, rows, reasons = table_rows(res)
+    _table(cols, rows)
+    for line in res["summary"]:
+        print(line)
+    for r in reasons:
+        print(f"n/a {r}")
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from analysis.db import read_store
     from analysis.ranking import evaluate_selection, evaluation_plan, load_categories
 
+    if args.selector == "all":
+        return _cmd_compare_all(args)
+    if len(args.metrics) != 1:
+        raise AnalysisError("several metric families go with --selector all only; name one")
+    args.metrics = args.metrics[0]
     cats = load_categories(args.categories) if args.categories else None
     with read_store(args.db) as con:
         targets, _ = evaluation_plan(con, args.setup, args.targets, cats)
@@ -351,7 +391,6 @@ _DB_NOTE = "Reads the store without changing it: the file stays byte-identical."
 def register(sub: argparse._SubParsersAction, default_db: Callable[[], str]) -> None:
     """Add the analysis subcommands to the `transferlab` parser (each with a description and option help)."""
     from analysis.analytics import DEFAULT_THRESHOLDS
-    from analysis.metric_families import FAMILIES
 
     thresholds = ",".join(f"{t:g}" for t in DEFAULT_THRESHOLDS)
 
@@ -438,7 +477,7 @@ def register(sub: argparse._SubParsersAction, default_db: Callable[[], str]) -> 
             "ranking by transfer score; per category and overall means. " + _DB_NOTE)
     p.add_argument("--selector", required=True,
                    help="roe, llm, taskshop-roe, taskshop-llm, taskshop-<stored>, random, size, oracle, "
-                        "or a stored name (required)")
+                        "or a stored name; 'all': every selector that applies, one table (required)")
     p.add_argument("--setup", required=True, help="ADAPTATION:MODEL, e.g. finetune:t5l (required)")
     p.add_argument("--lambda", dest="lam", type=float, default=None, help="TaskShop lambda (default: 0.7)")
     p.add_argument("--k", type=int, default=5,
@@ -447,8 +486,9 @@ def register(sub: argparse._SubParsersAction, default_db: Callable[[], str]) -> 
                    help="targets to evaluate, comma-separated (default: Table 2's 20 for TaskWeb data, else all)")
     p.add_argument("--categories", help="JSON/YAML category map {category: [tasks]} (default: Table 2's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random selector (default: %(default)s)")
-    p.add_argument("--metrics", choices=list(FAMILIES), default="taskweb",
-                   help="metric family: taskweb (Kim et al.) or lin / lin-mean (Lin et al.) (default: %(default)s)")
+    p.add_argument("--metrics", type=_families, default=["taskweb"],
+                   help="metric family: taskweb (Kim et al.) or lin / lin-mean (Lin et al.); with --selector all, "
+                        "several, comma-separated, side by side (default: taskweb)")
     p.add_argument("--pool", help="rank only the sources of this pool (table source_pools, e.g. its-qa) "
                                   "(default: every candidate)")
     json_flag(p)

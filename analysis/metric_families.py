@@ -187,10 +187,12 @@ def lin_metrics(con: duckdb.DuckDBPyConnection, preds: pa.Table, setup: str, tar
                                 FROM j GROUP BY ALL) GROUP BY variant, target)
             SELECT s.variant, s.target, max(s.n) AS n_sources, count(*) AS n_seeds,
                    avg(s.ndcg) AS ndcg, avg(s.regret) AS regret,
-                   any_value(t.pred_top) AS pred_top, any_value(t.gold_top) AS gold_top
+                   any_value(t.pred_top) AS pred_top, any_value(t.gold_top) AS gold_top,
+                   list(struct_pack(seed := s.seed, ndcg := s.ndcg, regret := s.regret) ORDER BY s.seed) AS by_seed
             FROM per_seed s JOIN tops t USING (variant, target)
             GROUP BY s.variant, s.target ORDER BY s.variant, s.target""", {**params, "k": k}).fetchall()
-    return [dict(zip(_COLS, r, strict=True)) for r in rows]
+    # by_seed: each (target, seed) ranking's values, the seeds' spread behind the mean
+    return [dict(zip([*_COLS, "by_seed"], r, strict=True)) for r in rows]
 
 
 @metric_family("lin-mean")

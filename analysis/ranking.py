@@ -140,7 +140,8 @@ def summarise(per_target: list[dict[str, Any]], targets: list[str], category_of:
     by_target = {t: {"category": category_of[t], "ndcg": by_t[t]["ndcg"], rk: by_t[t]["regret"],
                      "n_sources": by_t[t]["n_sources"], "predicted_top": list(by_t[t]["pred_top"]),
                      "gold_top": list(by_t[t]["gold_top"]),
-                     **({"n_seeds": by_t[t]["n_seeds"]} if by_t[t].get("n_seeds") is not None else {})}
+                     **({"n_seeds": by_t[t]["n_seeds"]} if by_t[t].get("n_seeds") is not None else {}),
+                     **({"by_seed": by_t[t]["by_seed"]} if by_t[t].get("by_seed") is not None else {})}
                 for t in targets}
     return {"ndcg": mean([by_t[t]["ndcg"] for t in targets]), rk: mean([by_t[t]["regret"] for t in targets]),
             "by_category": by_category, "by_target": by_target}

@@ -277,3 +277,44 @@ def test_cli_import_its_and_evaluate(tmp_path, capsys):
     assert main(["evaluate-selection", "--selector", "size", "--setup", SETUP, "--pool", "nope", "--db", db]) == 2
     err = capsys.readouterr().err
     assert err.startswith("transferlab: error: ") and "unknown source pool 'nope'" in err and "its-qa" in err
+
+
+# -- every selector in one table (the CPU experiment's table) -----------------------------------------------------
+def test_every_selector_in_one_table_by_family_with_seed_spread(tmp_path, capsys):
+    db = _tiny_store(tmp_path / "s.duckdb")
+    with open_store(db) as con:  # 'anti' ranks c > b > a, the reverse of 'pred'
+        sel.store_scores(con, "anti", "test", {}, pa.table({"source": ["a", "b", "c"], "target": ["t"] * 3,
+                                                             "score": [0.1, 0.5, 0.9]}))
+    from analysis.db import read_store
+    from analysis.selector_comparison import compare_all, winner_sentences
+
+    with read_store(db) as con:
+        res = compare_all(con, "pt:m", ["lin", "taskweb"], k=1, selectors=["pred", "anti", "feature", "oracle"])
+    l2, l3, l4 = math.log2(2), math.log2(3), math.log2(4)
+    ideal = 7 / l2 + 3 / l3 + 1 / l4  # both seeds' gains are {7, 3, 1}
+    pred = {1: (7 / l2 + 1 / l3 + 3 / l4) / ideal, 2: (1 / l2 + 3 / l3 + 7 / l4) / ideal}
+    anti = {1: (3 / l2 + 1 / l3 + 7 / l4) / ideal, 2: 1.0}  # seed 2's gold order is c, b, a
+    rows = {r["selector"]: r for r in res["rows"]}
+    assert rows["pred"]["lin"]["seed_ndcg"] == pytest.approx(pred, abs=1e-12)
+    assert rows["anti"]["lin"]["seed_ndcg"] == pytest.approx(anti, abs=1e-12)
+    assert rows["anti"]["lin"]["ndcg"] == pytest.approx((anti[1] + anti[2]) / 2, abs=1e-12)
+    # no prompt checkpoints in this store: a reason, not numbers, in both families
+    assert "error" in rows["feature"]["lin"] and "error" in rows["feature"]["taskweb"]
+    w = res["winners"]["lin"]
+    assert (w["selector"], w["runner_up"]) == ("anti", "pred")  # the oracle is the ceiling, not a contender
+    assert w["margin"] == pytest.approx(sum(anti.values()) / 2 - sum(pred.values()) / 2, abs=1e-12)
+    assert (w["seed_min"], w["seed_max"]) == pytest.approx((anti[1], 1.0), abs=1e-12)
+    # TaskWeb family: gold by T (a .3 > c .2 > b .1): pred's order a, b, c beats anti's c, b, a
+    tw = (2 ** 3 - 1) / l2, (2 ** 1 - 1) / l3, (2 ** 2 - 1) / l4
+    assert rows["pred"]["taskweb"]["ndcg"] == pytest.approx(sum(tw) / (7 / l2 + 3 / l3 + 1 / l4), abs=1e-12)
+    assert res["winners"]["taskweb"]["selector"] == "pred"
+    assert res["winners"]["taskweb"]["n_seeds"] == 0  # TaskWeb ranks the seed means once
+    assert winner_sentences(res)[0].startswith("lin: anti ranks best")
+    # the CLI: one table, both families, the verdict and why feature is n/a
+    assert main(["evaluate-selection", "--db", str(db), "--selector", "all", "--setup", "pt:m",
+                 "--metrics", "lin,taskweb", "--k", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "lin NDCG %" in out and "taskweb NDCG %" in out and "lin: anti ranks best" in out
+    assert "n/a feature:" in out
+    with pytest.raises(SystemExit):
+        main(["evaluate-selection", "--db", str(db), "--selector", "all", "--setup", "pt:m", "--metrics", "lin,x"])
