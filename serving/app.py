@@ -8,7 +8,9 @@
 Endpoints (OpenAPI at /docs): POST /v1/score (model + template + examples -> per-example predictions
 records, the `predictions` columns), POST /v1/completions (the OpenAI subset scoring needs: prompt,
 max_tokens, logprobs, echo), GET /v1/models, POST /v1/rank/sources (top-k sources for a target by a
-stored or computed selector, read-only over the store), GET /v1/stats, GET /healthz.
+stored or computed selector, `fute` included, read-only over the store), POST /v1/rank/models and
+POST /v1/rank/prompts (FUTE: black boxes / prompts ranked by cosine to a task's DTE, from stored
+embeddings), GET /v1/stats, GET /healthz.
 
 Errors are JSON `{"error": {"message", "type", "code"}, "detail"}` with a 4xx for every bad request
 (422 names the field, 413 too many examples, 404 unknown model / run key, 503 a model that failed to
@@ -39,6 +41,10 @@ from serving.schemas import (
     ErrorBody,
     ModelCard,
     ModelList,
+    RankModelsRequest,
+    RankModelsResponse,
+    RankPromptsRequest,
+    RankPromptsResponse,
     RankRequest,
     RankResponse,
     ScoreRequest,
@@ -207,6 +213,31 @@ class Ingress:
         out = await asyncio.to_thread(self._guard_store, rank_sources, self.settings.db, body.target, body.selector,
                                       body.k, body.setup, body.lam, body.seed)
         return RankResponse(**out)
+
+    @api.post("/v1/rank/models", response_model=RankModelsResponse, responses=ERRORS, dependencies=AUTH)
+    async def rank_models(self, body: RankModelsRequest) -> RankModelsResponse:
+        """FUTE (paper 004): top-k black boxes (fine-tuned models, model + prompt) for a target by
+        cos(MTE, DTE(target)), from the stored task embeddings of one space."""
+        from serving.ranking import rank_models
+
+        out = await asyncio.to_thread(self._guard_store, rank_models, self._db(), body.target, body.space, body.k,
+                                      body.data, body.models)
+        return RankModelsResponse(**out)
+
+    @api.post("/v1/rank/prompts", response_model=RankPromptsResponse, responses=ERRORS, dependencies=AUTH)
+    async def rank_prompts(self, body: RankPromptsRequest) -> RankPromptsResponse:
+        """FUTE (paper 004): one model's prompts for a task ranked by cos(MTE(model + prompt), DTE(task)),
+        from stored embeddings: no black-box call at query time."""
+        from serving.ranking import rank_prompts
+
+        out = await asyncio.to_thread(self._guard_store, rank_prompts, self._db(), body.task, body.model,
+                                      body.space, body.k, body.data)
+        return RankPromptsResponse(**out)
+
+    def _db(self) -> str:
+        if not self.settings.db:
+            raise ApiError(503, "no results store configured (args.db or TRANSFERLAB_DB)", "service_unavailable")
+        return str(self.settings.db)
 
     @staticmethod
     def _guard_store(fn: Any, *args: Any) -> Any:

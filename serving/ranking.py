@@ -53,10 +53,53 @@ def rank_sources(db: str | Path, target: str, selector: str, k: int = 5, setup: 
                         for i, r in enumerate(ranking[:k])]}
 
 
+def _space(con: duckdb.DuckDBPyConnection, space: str | None) -> str:
+    """The space a request names, or the only one stored; embeddings of two spaces are never compared."""
+    from analysis.task_embeddings import resolve_space, spaces
+
+    if space:
+        return resolve_space(con, space)
+    found = spaces(con)
+    if len(found) == 1:
+        return str(found[0]["space"])
+    if not found:
+        raise AnalysisError("no task embeddings stored (run an embed job: `transferlab embed CONFIG`)")
+    raise AnalysisError("several embedding spaces are stored: name one with 'space' ("
+                        + ", ".join(f"{s['space']} ({s['name']})" for s in found) + ")")
+
+
+def rank_models(db: str | Path, target: str, space: str | None = None, k: int = 5, data: str | None = None,
+                models: list[str] | None = None) -> dict[str, Any]:
+    """FUTE model selection: the black boxes of a space (fine-tuned models, model + prompt) ranked for
+    `target` by cos(MTE, DTE(target)); the top k."""
+    from analysis.task_embeddings import rank_models as rank
+
+    with read_only_store(db) as con:
+        res = rank(con, _space(con, space), target, data, models)
+    ranking = res["ranking"]
+    return {"space": res["space"], "target": target, "dte": res["dte"], "k": k, "n_candidates": len(ranking),
+            "models": [{key: r[key] for key in ("rank", "name", "model", "prompt", "source_task", "cosine",
+                                                "run_key")} for r in ranking[:k]]}
+
+
+def rank_prompts(db: str | Path, task: str, model: str, space: str | None = None, k: int = 5,
+                 data: str | None = None) -> dict[str, Any]:
+    """FUTE prompt selection: one model's prompts on `task` ranked by cos(MTE(model + prompt), DTE(task))."""
+    from analysis.task_embeddings import rank_prompts as rank
+
+    with read_only_store(db) as con:
+        res = rank(con, _space(con, space), task, model, data)
+    ranking = res["ranking"]
+    return {"space": res["space"], "task": task, "model": model, "dte": res["dte"], "k": k,
+            "n_candidates": len(ranking),
+            "prompts": [{key: r[key] for key in ("rank", "prompt", "cosine", "run_key")} for r in ranking[:k]]}
+
+
 def stored_runs(db: str | Path) -> list[dict[str, Any]]:
-    """Finished runs with a checkpoint (servable as run:<key>), newest first."""
+    """Finished runs with a model checkpoint (servable as run:<key>), newest first; an embed run's
+    `checkpoint` is its vector file, not a model."""
     with read_only_store(db) as con:
         rows = con.execute("""SELECT run_key, coalesce(target, source), setup, score FROM runs
-                              WHERE status = 'ok' AND checkpoint IS NOT NULL
+                              WHERE status = 'ok' AND checkpoint IS NOT NULL AND kind <> 'embed'
                               ORDER BY created_at DESC, run_key""").fetchall()
     return [{"id": f"run:{r[0]}", "task": r[1], "setup": r[2], "score": r[3]} for r in rows]

@@ -96,7 +96,9 @@ class ModelList(BaseModel):
 class RankRequest(_Strict):
     target: str = Field(min_length=1)
     selector: str = Field(min_length=1, description="roe | llm | taskshop-roe | taskshop-llm | oracle "
-                                                    "(measured transfer) | size | random | a stored name")
+                                                    "(measured transfer) | size | random | fute (DTE cosine "
+                                                    "of the only embedding space) | fute-dte@<space> | "
+                                                    "fute-mte@<space> | a stored name")
     setup: str | None = Field(default=None, description="transfer setup ADAPTATION:MODEL (TaskShop, oracle)")
     k: int = Field(default=5, ge=1, le=1000)
     lam: float | None = Field(default=None, ge=0, le=1, description="TaskShop's lambda (default 0.7)")
@@ -117,6 +119,62 @@ class RankResponse(BaseModel):
     k: int
     n_candidates: int
     sources: list[RankedSource]
+
+
+# -- /v1/rank/models and /v1/rank/prompts (FUTE, paper 004) ---------------------------------------------------
+class RankModelsRequest(_Strict):
+    target: str = Field(min_length=1, description="the target task: its DTE is the query")
+    space: str | None = Field(default=None, description="embedding space id, id prefix or name (default: the "
+                                                        "only stored space)")
+    k: int = Field(default=5, ge=1, le=1000)
+    data: str | None = Field(default=None, description="which DTE where the target has several ('registry', "
+                                                       "'prompted')")
+    models: list[str] | None = Field(default=None, min_length=1, description="rank only these black boxes")
+
+
+class RankedModel(BaseModel):
+    rank: int
+    name: str
+    model: str
+    prompt: str | None
+    source_task: str | None = Field(description="the task a fine-tuned source model was trained on")
+    cosine: float
+    run_key: str
+
+
+class RankModelsResponse(BaseModel):
+    space: str
+    target: str
+    dte: str = Field(description="run key of the target's DTE")
+    k: int
+    n_candidates: int
+    models: list[RankedModel]
+
+
+class RankPromptsRequest(_Strict):
+    task: str = Field(min_length=1, description="the task whose DTE the prompts are compared with")
+    model: str = Field(min_length=1, description="the black-box model the prompts were embedded with")
+    space: str | None = Field(default=None, description="embedding space id, id prefix or name (default: the "
+                                                        "only stored space)")
+    k: int = Field(default=5, ge=1, le=1000)
+    data: str | None = Field(default=None, description="which DTE where the task has several")
+
+
+class RankedPrompt(BaseModel):
+    rank: int
+    prompt: str
+    cosine: float
+    run_key: str
+
+
+class RankPromptsResponse(BaseModel):
+    space: str
+    task: str
+    model: str
+    dte: str
+    k: int
+    n_candidates: int
+    prompts: list[RankedPrompt]
 
 
 # -- /v1/completions (OpenAI subset) ---------------------------------------------------------------------

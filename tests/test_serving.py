@@ -28,6 +28,7 @@ import torch
 import yaml
 from analysis_support import TASKWEB, needs_taskweb, pristine_taskweb_db
 from test_analysis_selection import TABLE6, TABLE7
+from test_fute_embeddings import V, cos, put
 from test_scoring import tiny_lm_folder  # noqa: F401 - the module-scoped fixture, shared
 
 from analysis.store import ResultStore
@@ -177,6 +178,14 @@ def service(trained_source: dict[str, Any], tiny_lm_folder: Path, tmp_path_facto
     db = root / "store.duckdb"
     shutil.copy(pristine_taskweb_db(), db)
     ResultStore(trained_source["results"], db_path=db).ingest()  # the runs and predictions, into the copy
+    emb = ResultStore(root / "emb", db_path=db)  # one FUTE space with hand-made vectors (test_fute_embeddings)
+    for t in ("nli", "para", "sent"):
+        put(emb, f"dte-{t}", "S1aaaa", "DTE", t, V[t])
+    put(emb, "mte-nli", "S1aaaa", "MTE", "nli", V["m_nli"], model="full/nli", source_task="nli")
+    put(emb, "mte-para", "S1aaaa", "MTE", "para", V["m_para"], model="full/para", source_task="para")
+    for p, v in (("good", "p_good"), ("good-copy", "p_copy"), ("bad-x", "p_bad")):
+        put(emb, f"mte-{p}", "S1aaaa", "MTE", "nli", V[v], model="zs", prompt=p)
+    emb.ingest()
     saved = {k: os.environ.get(k) for k in (TOKEN_ENV, "RAY_AUTH_MODE")}
     os.environ[TOKEN_ENV] = TOKEN  # the ingress replica inherits it from the Ray this process starts
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=tempfile.mkdtemp(prefix="tl-ray-", dir="/tmp"),
@@ -373,6 +382,39 @@ def test_rank_sources_from_the_store_read_only(service: Service) -> None:
     assert hashlib.sha256(service.db.read_bytes()).hexdigest() == before  # nothing was written
 
 
+def test_fute_rankings_from_stored_embeddings(service: Service) -> None:
+    before = hashlib.sha256(service.db.read_bytes()).hexdigest()
+    r = service.post("/v1/rank/models", {"target": "nli", "k": 10})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    vec = {"full/nli": V["m_nli"], "full/para": V["m_para"], "zs + good": V["p_good"],
+           "zs + good-copy": V["p_copy"], "zs + bad-x": V["p_bad"]}
+    want = sorted(vec, key=lambda n: (-cos(vec[n], V["nli"]), n))
+    assert out["space"] == "S1aaaa" and out["dte"] == "dte-nli" and out["n_candidates"] == 5
+    assert [m["name"] for m in out["models"]] == want
+    assert [m["cosine"] for m in out["models"]] == pytest.approx([cos(vec[n], V["nli"]) for n in want], abs=1e-6)
+    only = service.post("/v1/rank/models", {"target": "para", "models": ["full/nli", "full/para"], "k": 1}).json()
+    assert [(m["model"], m["source_task"], m["rank"]) for m in only["models"]] == [("full/para", "para", 1)]
+    # prompts of one model: the good prompt and its copy first (equal cosines: by name), the bad one last
+    p = service.post("/v1/rank/prompts", {"task": "nli", "model": "zs", "space": "S1a"}).json()
+    assert [x["prompt"] for x in p["prompts"]] == ["good", "good-copy", "bad-x"]
+    assert p["prompts"][2]["cosine"] == pytest.approx(cos(V["p_bad"], V["nli"]), abs=1e-6)
+    # source ranking with FUTE's DTE cosine: sent (1/sqrt 3) above para (0) for nli
+    src = service.post("/v1/rank/sources", {"target": "nli", "selector": "fute", "k": 2}).json()
+    assert [x["source"] for x in src["sources"]] == ["sent", "para"]
+    assert src["sources"][0]["score"] == pytest.approx(cos(V["sent"], V["nli"]), abs=1e-6)
+    for path, body, fragment in (
+            ("/v1/rank/models", {"target": "nli", "space": "nosuch"}, "unknown embedding space 'nosuch'"),
+            ("/v1/rank/models", {"target": "copa"}, "no DTE of task 'copa'"),
+            ("/v1/rank/prompts", {"task": "nli", "model": "gpt-x"}, "no prompt MTEs of model 'gpt-x'"),
+            ("/v1/rank/prompts", {"task": "nli", "model": "zs", "k": 0}, "body.k")):
+        bad = service.post(path, body)
+        assert bad.status_code == 422 and fragment in bad.text, (path, body, bad.text)
+    # embed rows hold vectors, not models: /v1/models does not offer them
+    assert not [c for c in service.get("/v1/models").json()["data"] if c["id"].startswith("run:dte-")]
+    assert hashlib.sha256(service.db.read_bytes()).hexdigest() == before
+
+
 BAD = [
     ("missing field", "/v1/score", {"template": SENTIMENT, "examples": [{"input": "x"}]}, 422, "body.model"),
     ("wrong type", "/v1/score", {"model": "builtin:minilm", "template": SENTIMENT, "examples": "x"}, 422,
@@ -447,7 +489,8 @@ def test_token_health_docs_and_models(service: Service) -> None:
     health = requests.get(service.url + "/healthz", timeout=60)  # probes need no token
     assert health.status_code == 200 and health.json()["status"] == "ok"
     spec = requests.get(service.url + "/openapi.json", timeout=60).json()
-    assert {"/v1/score", "/v1/completions", "/v1/models", "/v1/rank/sources", "/healthz"} <= set(spec["paths"])
+    assert {"/v1/score", "/v1/completions", "/v1/models", "/v1/rank/sources", "/v1/rank/models", "/v1/rank/prompts",
+            "/healthz"} <= set(spec["paths"])
     assert "ScoreRequest" in spec["components"]["schemas"]
     cards = service.get("/v1/models").json()["data"]
     runs = {c["id"]: c for c in cards if c["source"] == "stored run"}
