@@ -80,6 +80,10 @@ class BlackBox(ABC):
     def _score(self, examples: list[Example], task: TaskSpec, generate: bool, perplexity: bool,
                batch_size: int) -> list[dict[str, Any]]: ...
 
+    def to(self, device: str) -> BlackBox:
+        """Place the model on `device` (a GPU trial's); a remote endpoint stays where it is."""
+        return self
+
     def describe(self) -> dict[str, Any]:
         return {"ref": self.ref, "kind": self.kind}
 
@@ -91,6 +95,12 @@ class TaskModelBox(BlackBox):
         super().__init__()
         self.ref, self.kind, self.tm = ref, kind, tm
         self.fixed_labels = fixed_labels  # a classifier head answers only its own label set
+        self.device = "cpu"
+
+    def to(self, device: str) -> BlackBox:
+        self.tm.module.to(device)
+        self.device = device
+        return self
 
     def _score(self, examples: list[Example], task: TaskSpec, generate: bool, perplexity: bool,
                batch_size: int) -> list[dict[str, Any]]:
@@ -105,7 +115,7 @@ class TaskModelBox(BlackBox):
         own = self.tm.task
         self.tm.task = task
         try:
-            records = score_examples(self.tm, examples, batch_size, generate=generate)
+            records = score_examples(self.tm, examples, batch_size, self.device, generate=generate)
         finally:
             self.tm.task = own
         if perplexity:

@@ -26,7 +26,7 @@ import os
 import socket
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -382,10 +382,8 @@ def _pool_for(trial: TrialSpec) -> ProbePool:
 def probe_trial(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     """A black box labels the probe pool: one `predictions` row per probe input (split 'pool', no gold),
     `probs` in the task's canonical label order (the template's verbalisers are in that order)."""
-    from dataclasses import replace
-
     from rayjobs.blackbox import open_black_box
-    from rayjobs.train_loop import prediction_rows, seed_everything
+    from rayjobs.train_loop import TrainContext, prediction_rows, seed_everything, trial_device
 
     t0 = time.time()
     p = trial.params
@@ -395,7 +393,8 @@ def probe_trial(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     examples = [replace(e, choices=choices, label=-1) for e in pool.examples]
     template = PromptTemplate.model_validate(p["template"])
     box = open_black_box(p["ref"], results=p.get("results_store") or trial.results_dir,
-                         temperature=p.get("temperature"), max_length=p.get("max_length", 512))
+                         temperature=p.get("temperature"), max_length=p.get("max_length", 512)
+                         ).to(trial_device(trial, ctx or TrainContext()))
     records = box.score(template, examples, batch_size=p["batch_size"])
     bad = [e.uid for e, r in zip(examples, records, strict=True) if not r.get("probs") or len(r["probs"]) != len(choices)]
     if bad:
@@ -421,7 +420,7 @@ def embed_trial(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     trial's stored soft labels for an MTE), compute the method's vector, write it, return the run row."""
     from rayjobs.embeddings import SoftLabelModel, build_surrogate, choice_task, compute_embedding
     from rayjobs.fute_data import mte_examples, one_hot, prompted_examples, registry_examples
-    from rayjobs.train_loop import TrainContext, fit, seed_everything
+    from rayjobs.train_loop import TrainContext, fit, seed_everything, trial_device
 
     t0 = time.time()
     ctx = ctx or TrainContext()
@@ -452,12 +451,8 @@ def embed_trial(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
         task = choice_task(trial.eval_task, p["choices"])
         extra.update(data=f"probe:{pool.digest}", probe_key=p["probe_key"], choices=p["choices"])
     tm = build_surrogate(space, task, trial.seed)
-    if trial.setup.resources.gpu > 0:  # a single-process trial with a GPU trains the surrogate on it
-        import torch
-
-        if torch.cuda.is_available():
-            tm.module.to("cuda")
-            ctx = TrainContext(device="cuda", progress=ctx.progress)
+    ctx = replace(ctx, device=trial_device(trial, ctx))  # a single-process trial with a GPU trains on it
+    tm.module.to(ctx.device)
     soft = SoftLabelModel(tm, {e.uid: q for e, q in zip(examples, targets, strict=True)})
     fitted = fit(soft, examples, trial, ctx)
     vec, info = compute_embedding(space, tm, examples, targets, trial.seed)

@@ -144,7 +144,6 @@ def score_fewshot(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
 
     from rayjobs.config import AdaptationSpec
     from rayjobs.models import build_task_model
-    from rayjobs.mtl import trial_device
     from rayjobs.templates import resolve
     from rayjobs.train_loop import (
         EvalResult,
@@ -154,6 +153,7 @@ def score_fewshot(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
         evaluate_prompts,
         result_row,
         seed_everything,
+        trial_device,
     )
 
     t0 = time.time()

@@ -209,15 +209,6 @@ def record_groups(store: ResultStore, rows: list[dict]) -> None:
 
 
 # -- the trial's executor (rayjobs/trial.py EXECUTORS) ------------------------------------------------------
-def trial_device(trial: TrialSpec, ctx: Any) -> str:
-    """The GPU when the setup asks for one and the worker has it, else the context's device."""
-    import torch
-
-    if str(ctx.device) == "cpu" and trial.setup.resources.gpu > 0 and torch.cuda.is_available():
-        return "cuda"
-    return str(ctx.device)
-
-
 def train_and_evaluate_mtl(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     """Train the shared encoder and every member's head with `fit`; evaluate each member on its held-out pool."""
     from dataclasses import replace
@@ -235,6 +226,7 @@ def train_and_evaluate_mtl(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
         fit,
         result_row,
         seed_everything,
+        trial_device,
     )
 
     t0 = time.time()

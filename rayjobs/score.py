@@ -104,7 +104,7 @@ def score_trial(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     from rayjobs import metrics
     from rayjobs.blackbox import open_black_box
     from rayjobs.models.base import answer
-    from rayjobs.train_loop import prediction_rows, seed_everything
+    from rayjobs.train_loop import TrainContext, prediction_rows, seed_everything, trial_device
 
     t0 = time.time()
     p = trial.params
@@ -115,7 +115,7 @@ def score_trial(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     examples = list(data.eval if p["split"] == "eval" else data.train)
     template = PromptTemplate.model_validate(p["template"])
     box = open_black_box(p["ref"], results=trial.results_dir, temperature=p.get("temperature"),
-                         max_length=p.get("max_length", 512))
+                         max_length=p.get("max_length", 512)).to(trial_device(trial, ctx or TrainContext()))
     records = box.score(template, examples, generate=p["generate"], perplexity=p["perplexity"])
     rows = prediction_rows(data.spec.name, template.name, p["split"], [template.render(e) for e in examples], records)
     if p["split"] == "pool":  # an unlabelled probe pool: the labels were never there

@@ -8,6 +8,7 @@ backward/step (see `backend.py`) instead of through Trainer's own integration.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import socket
@@ -326,13 +327,24 @@ def result_row(trial: TrialSpec, data: TrialData, tm: TaskModel, fitted: FitResu
     }
 
 
+def trial_device(trial: TrialSpec, ctx: Any) -> str:
+    """The GPU when the setup asks for one and the worker has it, else the context's device (a Ray Train
+    worker's context already names its GPU)."""
+    if str(ctx.device) == "cpu" and trial.setup.resources.gpu > 0 and torch.cuda.is_available():
+        return "cuda"
+    return str(ctx.device)
+
+
 def train_and_evaluate(trial: TrialSpec, ctx: TrainContext | None = None) -> dict[str, Any]:
     """Train one stage and evaluate it; returns the result row (without bookkeeping columns)."""
     ctx = ctx or TrainContext()
+    ctx = dataclasses.replace(ctx, device=trial_device(trial, ctx))
     t0 = time.time()
     seed_everything(trial.seed)
     data = prepare_data(trial)
     tm = prepare_model(trial, data)
+    if trial.setup.deepspeed is None:  # DeepSpeed's engine places (and partitions) the model itself
+        tm.module.to(ctx.device)
     fitted = fit(tm, data.train, trial, ctx)
     tm_eval = fitted.backend.model_for_eval()
     ev = evaluate_trial(tm_eval, data, trial, ctx)
