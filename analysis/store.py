@@ -135,8 +135,16 @@ class ResultStore:
     the DuckDB file. A trial writes its predictions first and its run row last: the run row is the
     commit marker, so a run counts as done only when both are on disk."""
 
-    def __init__(self, root: str | os.PathLike, db_path: str | os.PathLike | None = None):
+    def __init__(self, root: str | os.PathLike, db_path: str | os.PathLike | None = None,
+                 remote: str | None = None):
         self.root = Path(root).expanduser().resolve()
+        #: the results location when it is not a folder here (s3://...): `root` is then its local mirror
+        self.remote_uri = remote
+        self.remote = None
+        if remote:
+            from analysis.remote import RemoteResults
+
+            self.remote = RemoteResults(remote)
         self.db_path = Path(db_path).expanduser().resolve() if db_path else self.root / DB_NAME
         self.runs_dir = self.root / "runs"
         self.checkpoints_dir = self.root / "checkpoints"
@@ -153,8 +161,24 @@ class ResultStore:
             probe.close()
         except OSError as e:
             raise StoreError(f"results dir {self.root} is not writable: {e.strerror or e}") from None
+        if self.remote is not None:
+            self.remote.check()
         with self.connect():
             pass
+
+    # -- a remote results location (analysis.remote) -----------------------------------------
+    def sync_down(self) -> None:
+        """Run rows and predictions the remote has and this mirror lacks (checkpoints stay remote)."""
+        if self.remote is not None:
+            self.remote.pull_new("runs", self.runs_dir)
+            self.remote.pull_new("predictions", self.predictions_dir)
+
+    def push_run(self, run_key: str) -> None:
+        if self.remote is not None:
+            self.remote.push_run(self.root, run_key)
+
+    def pull_run(self, run_key: str, checkpoint: bool = True) -> bool:
+        return self.remote.pull_run(self.root, run_key, checkpoint) if self.remote is not None else False
 
     @contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -227,6 +251,7 @@ class ResultStore:
 
     def finished_keys(self) -> set[str]:
         """Run keys with a successful result file (the source of truth for resuming)."""
+        self.sync_down()
         if not self.runs_dir.exists():
             return set()
         files = [str(p) for p in self.runs_dir.glob("*.parquet")]
@@ -245,6 +270,7 @@ class ResultStore:
     def ingest(self) -> int:
         """Upsert every result file into `runs`, and the prediction files of runs not yet ingested into
         `predictions`; returns the number of result files read."""
+        self.sync_down()
         files = sorted(str(p) for p in self.runs_dir.glob("*.parquet")) if self.runs_dir.exists() else []
         with self.connect() as con:
             before = _counts(con)

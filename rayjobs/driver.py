@@ -23,10 +23,21 @@ from rayjobs.runner import finish, run_trials
 
 
 def run_job(job: Job, cfg: JobConfig, results_dir: str, db: str | None = None) -> int:
-    """Plan, skip what is stored, run the rest, report; exit status 0 when every run is stored."""
-    store = ResultStore(results_dir, db_path=db)
+    """Plan, skip what is stored, run the rest, report; exit status 0 when every run is stored.
+
+    `results_dir` may be a `pyarrow.fs` URI (s3://...): trial files and checkpoints go there, and this
+    driver keeps its mirror of run rows and predictions, and the DuckDB file, in `results/<name>`."""
+    from analysis.remote import display, is_uri
+
+    remote = results_dir if is_uri(results_dir) else None
+    local = Path("results") / cfg.name if remote else Path(results_dir)
+    store = ResultStore(local, db_path=db, remote=remote)
     store.ensure_writable()
     plan = job.plan(cfg, store)
+    if remote:
+        plan.trials = [t.model_copy(update={"results_uri": remote}) for t in plan.trials]
+        print(f"transferlab: results at {display(remote)}; run rows, predictions and the database mirrored in "
+              f"{store.root}", flush=True)
     for step in plan.before_run:
         step(store)
     store.ingest()
@@ -63,7 +74,8 @@ def add_job_arguments(ap: argparse.ArgumentParser, config_flag: bool = False) ->
                                        f"{', '.join(job_kinds())}; default pairwise)")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                     help="override config fields, e.g. seeds=[1,2] setups.0.train.epochs=1 (values are YAML)")
-    ap.add_argument("--results", help="results folder (default: the config's results_dir)")
+    ap.add_argument("--results", help="results folder, or a pyarrow.fs URI such as s3://bucket/prefix for a "
+                                      "cluster without a shared filesystem (default: the config's results_dir)")
     ap.add_argument("--db", help="DuckDB file the results are ingested into (default: RESULTS/transferlab.duckdb)")
     ap.add_argument("--smoke", action="store_true",
                     help="shrink the config to run end to end on a laptop: tiny sizes and models, one seed, "
@@ -79,7 +91,8 @@ def run_from_args(args: argparse.Namespace, expect: str | None = None) -> int:
         from rayjobs.smoke import smoke_variant
 
         cfg = smoke_variant(cfg)
-    return run_job(job, cfg, str(Path(args.results or cfg.results_dir)), args.db)
+    results = str(args.results or cfg.results_dir)
+    return run_job(job, cfg, results if "://" in results else str(Path(results)), args.db)
 
 
 def job_module(kind: str) -> str:

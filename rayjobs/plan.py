@@ -51,6 +51,9 @@ class TrialSpec(BaseModel):
     baseline_run_key: str | None = None
     save_checkpoint: bool = False
     results_dir: str
+    #: a remote results location (s3://..., analysis.remote): `results_dir` is then the driver's mirror
+    #: and each trial works in its node's own; not part of the run's identity
+    results_uri: str | None = None
     after: list[str] = []  # run keys this trial needs besides its source (not part of its identity)
     executor: str = "train"  # what runs the trial (rayjobs.trial.EXECUTORS): train | score | ...
     params: dict[str, Any] = {}  # the executor's own inputs (a score trial's model reference and template)

@@ -137,7 +137,8 @@ def finish(store: Any, trials: list[TrialSpec], view: str) -> int:
     """A job's last lines: where the results are, how to query them, and exit 1 if runs are missing."""
     print(f"transferlab: results database {store.db_path}")
     print(f"transferlab: query it with: transferlab sql \"SELECT * FROM {view}\" --db {store.db_path}")
-    missing = [t for t in trials if t.run_key not in store.finished_keys()]
+    stored = store.finished_keys()
+    missing = [t for t in trials if t.run_key not in stored]
     if missing:
         print(f"transferlab: {len(missing)} runs did not finish (see runs.status/error); re-run to retry them",
               file=sys.stderr)

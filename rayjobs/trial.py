@@ -63,8 +63,19 @@ def executor(name: str) -> Any:
 
 
 def execute(spec: TrialSpec, progress: Any = None) -> dict[str, Any]:
-    """Run one trial to a stored result row (used by Tune and directly by benchmarks)."""
-    store = ResultStore(spec.results_dir)
+    """Run one trial to a stored result row (used by Tune and directly by benchmarks).
+
+    With a remote results location (`results_uri`) the trial works in this node's mirror of it: it pulls
+    its own row (done already?) and the runs it starts from, and pushes what it wrote, row last."""
+    if spec.results_uri:
+        from analysis.remote import node_mirror
+
+        spec = spec.model_copy(update={"results_dir": str(node_mirror(spec.results_uri))})
+    store = ResultStore(spec.results_dir, remote=spec.results_uri)
+    if store.remote is not None:
+        store.pull_run(spec.run_key, checkpoint=False)
+        for key in [*spec.depends_on, *([spec.params["probe_key"]] if spec.params.get("probe_key") else [])]:
+            store.pull_run(key)
     done = store.read_result(spec.run_key)
     if done is not None and done["status"] == "ok":
         return done
@@ -83,6 +94,7 @@ def execute(spec: TrialSpec, progress: Any = None) -> dict[str, Any]:
     except Exception as e:
         observe.trial_failed(spec)
         store.write_result(_failed_row(spec, e, time.time() - t0))
+        store.push_run(spec.run_key)
         raise
     predictions = row.pop("predictions", None)
     if predictions:  # before the run row: the run row marks the run done
@@ -93,6 +105,7 @@ def execute(spec: TrialSpec, progress: Any = None) -> dict[str, Any]:
         row["metrics"] = {**row["metrics"], "loss_curve": curve[::stride], "loss_curve_stride": stride}
     row["metrics"] = {**(row.get("metrics") or {}), **observe.placement()}
     store.write_result(row)
+    store.push_run(spec.run_key)
     observe.trial_finished(spec, row)
     return row
 
