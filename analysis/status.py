@@ -29,6 +29,8 @@ def write_plan(store: ResultStore, experiment: str, job: str, trials: dict[str, 
     """Record a driver's plan (run key -> stage) and its start time for `status` (replaces an older plan)."""
     store.write_json(PLAN_FILE, {"experiment": experiment, "job": job, "started_at": time.time(),
                                  "trials": trials})
+    if store.remote is not None:  # `status` on another machine reads it from there
+        store.remote.put_file(store.root / PLAN_FILE, PLAN_FILE)
 
 
 def summarise(store: ResultStore, now: float | None = None) -> dict[str, Any]:

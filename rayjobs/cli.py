@@ -73,9 +73,18 @@ def _sql_description() -> str:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from analysis.status import render, summarise
+    from analysis.status import PLAN_FILE, render, summarise
 
-    summary = summarise(ResultStore(args.results))
+    if "://" in args.results:  # a remote results location: read it through this machine's mirror
+        from analysis.remote import node_mirror
+
+        store = ResultStore(node_mirror(args.results), remote=args.results)
+        store.sync_down()
+        if store.remote.exists(PLAN_FILE):
+            store.remote.get_file(PLAN_FILE, store.root / PLAN_FILE)
+    else:
+        store = ResultStore(args.results)
+    summary = summarise(store)
     if args.json:
         print(json.dumps(summary, default=str))
     else:
@@ -126,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="an experiment's progress from its result files (works while it runs): "
                                        "done / failed (with errors) / remaining per stage, ETA")
-    st.add_argument("--results", required=True, help="the job's results folder (its --results)")
+    st.add_argument("--results", required=True, help="the job's results folder or URI (its --results)")
     st.add_argument("--json", action="store_true", help="print the summary as JSON")
     st.set_defaults(func=_cmd_status)
 

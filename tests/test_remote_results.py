@@ -95,6 +95,8 @@ def test_results_in_s3_without_a_shared_folder_resume_from_the_bucket(s3: tuple[
         ("target", None, "snli", "ok"), ("transfer", "mrpc", "snli", "ok"), ("transfer", "snli", "mrpc", "ok")]
     assert not any((local / "checkpoints").glob("*/*"))
     assert sorted(p.name for p in (local / "runs").iterdir()) == sorted(Path(k).name for k in rows)
+    st = cli("status", "--results", uri, cwd=tmp_path, env=env)  # from anywhere, through the bucket
+    assert st.returncode == 0 and "finished: no planned run is missing" in st.stdout, st.stdout + st.stderr
 
     # a fresh driver folder and an empty node mirror: everything stored is found in the bucket, and the
     # new target's transfers start from source checkpoints downloaded from it
