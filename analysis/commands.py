@@ -373,9 +373,9 @@ def _cmd_groups(args: argparse.Namespace) -> int:
         return 0
     print(f"setup {plan.setup}: {len(plan.tasks)} tasks, {len(plan.tests)} tests ({plan.variant} t-test for pairs, "
           f"one-way ANOVA for triples; similar when p > {plan.threshold:g}; seeds: {plan.seeds})")
-    for name in ("pvi", "dissimilar"):
-        print(f"{name} groups ({plan.rule if name == 'pvi' else 'smallest p per task'}): "
-              + ("; ".join(", ".join(g) for g in getattr(plan, name)) or "none"))
+    how = {"pvi": plan.rule, "dissimilar": "smallest p per task", "random": "same sizes as pvi, seed 0"}
+    for name in ("pvi", "dissimilar", "random"):
+        print(f"{name} groups ({how[name]}): " + ("; ".join(", ".join(g) for g in getattr(plan, name)) or "none"))
     _table(["tasks", "test", "n", "statistic", "p", "effect", "effect_size", "similar"],
            [(" | ".join(t.tasks), t.test, "/".join(map(str, t.n)), t.statistic, f"{t.p:.3g}", t.effect,
              t.effect_size, t.is_similar) for t in plan.tests])
@@ -533,6 +533,6 @@ def register(sub: argparse._SubParsersAction, default_db: Callable[[], str]) -> 
     p.add_argument("--welch", action="store_true", help="Welch's t-test for pairs (default: Student's)")
     p.add_argument("--seed", type=int, help="one seed's PVI pair (default: each instance's mean over seeds)")
     p.add_argument("--tasks", type=_names, help="only these tasks, comma-separated (default: every task)")
-    p.add_argument("--write-config", help="write the YAML fragment `groups: {pvi, dissimilar, single}` here "
+    p.add_argument("--write-config", help="write the YAML fragment `groups: {pvi, dissimilar, all, random, single}` here "
                                           "(default: print only)")
     json_flag(p)

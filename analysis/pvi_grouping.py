@@ -91,9 +91,12 @@ class GroupPlan:
     pvi: list[list[str]]
     dissimilar: list[list[str]]
     single: list[list[str]] = field(default_factory=list)
+    all: list[list[str]] = field(default_factory=list)
+    random: list[list[str]] = field(default_factory=list)
 
     def config(self) -> dict[str, Any]:
-        return {"groups": {"pvi": self.pvi, "dissimilar": self.dissimilar, "single": self.single}}
+        return {"groups": {"pvi": self.pvi, "dissimilar": self.dissimilar, "all": self.all, "random": self.random,
+                           "single": self.single}}
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -309,12 +312,25 @@ def plan_groups(con: duckdb.DuckDBPyConnection, setup: str, threshold: float = D
     return GroupPlan(setup, rule, prefer, threshold, "welch" if welch else "student", seeds, names,
                      {t: len(d.values) for t, d in dists.items()},
                      {t: float(d.values.mean()) for t, d in dists.items()}, tests,
-                     group_tasks(tests, rule, prefer, max_size), dissimilar_pairs(tests, k=dissimilar_k),
-                     [[t] for t in names])
+                     (groups := group_tasks(tests, rule, prefer, max_size)), dissimilar_pairs(tests, k=dissimilar_k),
+                     [[t] for t in names], [names], random_grouping(names, [len(g) for g in groups]))
+
+
+def random_grouping(tasks: Sequence[str], sizes: Sequence[int], seed: int = 0) -> list[list[str]]:
+    """The control for the PVI groups: groups of the same sizes drawn from the same tasks by a seeded
+    shuffle (numpy's default_rng(seed)), so only how the tasks were chosen differs."""
+    import numpy as np
+
+    order = [str(t) for t in np.random.default_rng(seed).permutation(sorted(tasks))]
+    out, i = [], 0
+    for n in sizes:
+        out.append(sorted(order[i:i + n]))
+        i += n
+    return out
 
 
 def write_groups_config(plan: GroupPlan, path: str | Path) -> Path:
-    """The YAML fragment `groups: {pvi: [...], dissimilar: [...], single: [...]}` for the MTL job."""
+    """The YAML fragment `groups: {pvi, dissimilar, all, random, single}` for the MTL job."""
     import yaml
 
     path = Path(path)

@@ -338,8 +338,14 @@ def test_groups_cli_end_to_end(tmp_path):
            "--write-config", str(cfg)]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert yaml.safe_load(cfg.read_text()) == {"groups": {"pvi": [["p", "q"]], "dissimilar": [["p", "r"], ["q", "r"]],
-                                                          "single": [["p"], ["q"], ["r"]]}}
+    groups = yaml.safe_load(cfg.read_text())["groups"]
+    rand = groups.pop("random")
+    assert groups == {"pvi": [["p", "q"]], "dissimilar": [["p", "r"], ["q", "r"]], "all": [["p", "q", "r"]],
+                      "single": [["p"], ["q"], ["r"]]}
+    # the random control: as many groups of the same sizes as the PVI groups, from the same tasks, seeded
+    assert [len(g) for g in rand] == [2] and set(rand[0]) <= {"p", "q", "r"} and rand[0] == sorted(set(rand[0]))
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and yaml.safe_load(cfg.read_text())["groups"]["random"] == rand
     assert "pvi groups (greedy): p, q" in res.stdout and "p | q | r" in res.stdout
     with open_store(store.db_path) as con:
         stored = con.execute("SELECT tasks, test, n, is_similar, variant FROM pvi_tests ORDER BY test, tasks").fetchall()
