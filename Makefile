@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU build of torch by default; GPU users install their own torch first (TORCH_SPEC= to skip).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo test bench bench-training smoke-configs lint clean
+.PHONY: venv demo test bench bench-training bench-serve smoke-configs lint clean
 
 # deepspeed (in `dev`) is an sdist: its isolated build env gets only setuptools (without torch its
 # setup.py skips op pre-compilation), so no CUDA torch is fetched and no --no-build-isolation is
@@ -34,6 +34,10 @@ bench: venv
 # Throughput and peak memory per model family x adaptation method (and ZeRO stages).
 bench-training: venv
 	$(BIN)/python benchmarks/bench_training.py
+
+# Serving: throughput and p50/p99 latency at concurrency 1/8/32, batched vs unbatched, Serve vs direct scorer.
+bench-serve: venv
+	$(BIN)/python benchmarks/bench_serve.py
 
 # Every config in configs/ end to end with --smoke (tiny models, 3 tasks, a few steps), timed.
 smoke-configs: venv

@@ -1,6 +1,6 @@
 """`transferlab` subcommands of the analyses (registered by `rayjobs.cli`).
 
-  import taskweb DIR | import sizes FILE       published data into the store
+  import taskweb DIR | import its DIR | import sizes FILE   published data into the store
   analyze matrix|commutativity|transitivity|setup-similarity
   selectors                                    list stored selectors
   compute-selector roe|taskshop|random|size    compute and store a selector's scores
@@ -11,7 +11,9 @@
   report                                       PNG figures + index.html
 
 Every command takes `--db PATH` (default: the configured store); errors are `AnalysisError`s,
-which the CLI prints as `transferlab: error: ...` with exit status 2.
+which the CLI prints as `transferlab: error: ...` with exit status 2. Only `import` and
+`compute-selector` write; every other command runs on `analysis.db.read_store`, an in-memory copy,
+so the store file stays byte-identical even when a read materialises a derived selector.
 """
 
 from __future__ import annotations
@@ -21,11 +23,15 @@ import json
 import math
 import os
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from analysis.errors import AnalysisError
+
+if TYPE_CHECKING:
+    import duckdb
 
 
 def _data_root() -> Path:
@@ -67,14 +73,49 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.2f}"
 
 
+# Selectors this system names whose scores only an import or `compute-selector` brings into a store.
+_STORED_ONLY: dict[str, str] = {
+    "roe": "`transferlab import taskweb DIR` stores TaskWeb's released RoE scores",
+    "llm": "`transferlab import taskweb DIR` stores TaskWeb's released LLM-similarity scores",
+    "roe-minilm": "`transferlab compute-selector roe` computes and stores it",
+}
+
+
+def _require_scores(con: duckdb.DuckDBPyConnection, name: str, db: str) -> None:
+    """A known selector whose scores this store lacks is named as such, not as an unknown selector."""
+    f = name[len("taskshop-"):] if name.startswith("taskshop-") else name
+    if f not in _STORED_ONLY:
+        return
+    if con.execute("SELECT count(*) FROM selector_scores WHERE selector = ?", [f]).fetchone()[0]:
+        return
+    if f == name:
+        raise AnalysisError(f"selector '{name}' has no scores in this store ({db}): {_STORED_ONLY[f]}")
+    raise AnalysisError(f"selector '{name}' needs the scores of '{f}' as F, and this store ({db}) has none: "
+                        f"{_STORED_ONLY[f]}")
+
+
+def _check_k(con: duckdb.DuckDBPyConnection, setup: str, targets: list[str], k: int) -> None:
+    """Regret@k needs k candidates per target: rejected up front, as `select` rejects it."""
+    if k < 1:
+        raise AnalysisError(f"k must be at least 1, got {k}")
+    row = con.execute("""SELECT target, count(*) AS n FROM analysis_transfers
+                         WHERE setup = ? AND source <> target AND list_contains(?, target)
+                         GROUP BY target ORDER BY n, target LIMIT 1""", [setup, targets]).fetchone()
+    if row and k > row[1]:
+        raise AnalysisError(f"k={k} but target '{row[0]}' has only {row[1]} candidate sources")
+
+
 # -- handlers -------------------------------------------------------------------------------------------
 def _cmd_import(args: argparse.Namespace) -> int:
     from analysis.db import open_store
+    from analysis.its_import import import_its
     from analysis.taskweb_import import import_task_sizes, import_taskweb
 
     with open_store(args.db, create=True) as con:
         if args.what == "taskweb":
             report = import_taskweb(con, args.path, strict=args.strict)
+        elif args.what == "its":
+            report = import_its(con, args.path, strict=args.strict)
         else:
             report = import_task_sizes(con, args.path, strict=args.strict)
     if args.json:
@@ -93,11 +134,11 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from analysis import analytics as an
-    from analysis.db import open_store
+    from analysis.db import read_store
 
     if args.setup is None:
         args.setup = "all" if args.what == "transitivity" else an.MEAN
-    with open_store(args.db) as con:
+    with read_store(args.db) as con:
         if args.what == "matrix":
             m = an.transfer_matrix(con, args.setup)
             if args.json:
@@ -131,10 +172,18 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _cmd_selectors(args: argparse.Namespace) -> int:
-    from analysis.db import open_store
-    from analysis.selectors import stored_selectors
+    from analysis.db import read_store
+    from analysis.selectors import registered_selectors, stored_selectors
 
-    with open_store(args.db) as con:
+    if args.registered:
+        reg = registered_selectors()
+        if args.json:
+            _dump(reg)
+        else:
+            _table(["name", "needs --setup", "scores stored first", "what"],
+                   [(r["name"], r["needs_setup"], r["stored"], r["doc"]) for r in reg])
+        return 0
+    with read_store(args.db) as con:
         rows = stored_selectors(con)
     if args.json:
         _dump(rows)
@@ -179,10 +228,12 @@ def _cmd_compute(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from analysis.db import open_store
+    from analysis.db import read_store
     from analysis.selectors import compare_selectors
 
-    with open_store(args.db) as con:
+    with read_store(args.db) as con:
+        for name in (args.a, args.b):
+            _require_scores(con, name, args.db)
         res = compare_selectors(con, args.a, args.b, args.k)
     if args.json:
         _dump(res)
@@ -198,10 +249,13 @@ def _taskshop_f(selector: str) -> str:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from analysis.db import open_store
-    from analysis.ranking import tune_lambda
+    from analysis.db import read_store
+    from analysis.ranking import TASKWEB_HELDOUT, evaluation_plan, tune_lambda
 
-    with open_store(args.db) as con:
+    with read_store(args.db) as con:
+        targets, _ = evaluation_plan(con, args.setup, args.heldout or list(TASKWEB_HELDOUT))
+        _check_k(con, args.setup, targets, args.k)
+        _require_scores(con, args.selector, args.db)
         res = tune_lambda(con, _taskshop_f(args.selector), args.setup, args.heldout, args.grid, args.metric, args.k)
     if args.json:
         _dump(res)
@@ -214,18 +268,24 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from analysis.db import open_store
-    from analysis.ranking import evaluate_selection, load_categories
+    from analysis.db import read_store
+    from analysis.ranking import evaluate_selection, evaluation_plan, load_categories
 
     cats = load_categories(args.categories) if args.categories else None
-    with open_store(args.db) as con:
-        res = evaluate_selection(con, args.selector, args.setup, args.lam, args.k, args.targets, cats, args.seed)
+    with read_store(args.db) as con:
+        targets, _ = evaluation_plan(con, args.setup, args.targets, cats)
+        _check_k(con, args.setup, targets, args.k)
+        _require_scores(con, args.selector, args.db)
+        res = evaluate_selection(con, args.selector, args.setup, args.lam, args.k, args.targets, cats, args.seed,
+                                 metrics=args.metrics, pool=args.pool)
     if args.json:
         _dump(res)
         return 0
     rk = f"regret_at_{args.k}"
     lam = f", lambda={res['lambda']:g}" if res["lambda"] is not None else ""
-    print(f"selector {res['selector']} (stored as {res['stored_as']}) on {res['setup']}{lam}")
+    pool = f", pool {res['pool']}" if res["pool"] else ""
+    print(f"selector {res['selector']} (stored as {res['stored_as']}) on {res['setup']}{lam}{pool}, "
+          f"{res['metric_family']} metrics")
     rows = [(c, v["n_targets"], _pct(v["ndcg"]), _pct(v[rk])) for c, v in res["by_category"].items()]
     rows.append(("overall", len(res["by_target"]), _pct(res["ndcg"]), _pct(res[rk])))
     _table(["category", "targets", "NDCG %", f"Regret@{args.k} %"], rows)
@@ -235,10 +295,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_select(args: argparse.Namespace) -> int:
-    from analysis.db import open_store
+    from analysis.db import read_store
     from analysis.multitask_sets import select_sources
 
-    with open_store(args.db) as con:
+    with read_store(args.db) as con:
+        _require_scores(con, args.selector, args.db)
         res = select_sources(con, args.target, args.selector, args.k, args.setup, args.lam, args.seed)
     if args.json:
         _dump(res)
@@ -249,97 +310,189 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from analysis.db import open_store
+    from analysis.db import read_store
     from analysis.reports import write_report
 
-    with open_store(args.db) as con:
-        res = write_report(con, args.out, args.setup, tuple(args.thresholds), args.graph_min_abs)
+    with read_store(args.db) as con:
+        res = write_report(con, args.out, args.setup, tuple(args.thresholds), args.graph_top_k, args.graph_min_abs,
+                           store_path=args.db, selection_setup=args.selection_setup)
     print(f"wrote {len(res['files'])} figures and {res['index']}")
     return 0
 
 
-# -- registration -----------------------------------------------------------------------------------------
-def register(sub: argparse._SubParsersAction, default_db: Callable[[], str]) -> None:
-    """Add the analysis subcommands to the `transferlab` parser."""
-    from analysis.analytics import DEFAULT_THRESHOLDS
+def _cmd_groups(args: argparse.Namespace) -> int:
+    from analysis.db import open_store
+    from analysis.pvi_grouping import plan_groups, write_groups_config
 
-    def add(name: str, helptext: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=helptext, description=helptext)
+    with open_store(args.db) as con:
+        plan = plan_groups(con, args.setup, args.threshold, args.rule, args.welch, args.seed, args.tasks, args.prefer)
+    if args.write_config:
+        write_groups_config(plan, args.write_config)
+    if args.json:
+        _dump(plan.to_dict())
+        return 0
+    print(f"setup {plan.setup}: {len(plan.tasks)} tasks, {len(plan.tests)} tests ({plan.variant} t-test for pairs, "
+          f"one-way ANOVA for triples; similar when p > {plan.threshold:g}; seeds: {plan.seeds})")
+    for name in ("pvi", "dissimilar"):
+        print(f"{name} groups ({plan.rule if name == 'pvi' else 'smallest p per task'}): "
+              + ("; ".join(", ".join(g) for g in getattr(plan, name)) or "none"))
+    _table(["tasks", "test", "n", "statistic", "p", "effect", "effect_size", "similar"],
+           [(" | ".join(t.tasks), t.test, "/".join(map(str, t.n)), t.statistic, f"{t.p:.3g}", t.effect,
+             t.effect_size, t.is_similar) for t in plan.tests])
+    if args.write_config:
+        print(f"wrote {args.write_config}")
+    return 0
+
+
+# -- registration -----------------------------------------------------------------------------------------
+_DB_NOTE = "Reads the store without changing it: the file stays byte-identical."
+
+
+def register(sub: argparse._SubParsersAction, default_db: Callable[[], str]) -> None:
+    """Add the analysis subcommands to the `transferlab` parser (each with a description and option help)."""
+    from analysis.analytics import DEFAULT_THRESHOLDS
+    from analysis.metric_families import FAMILIES
+
+    thresholds = ",".join(f"{t:g}" for t in DEFAULT_THRESHOLDS)
+
+    def add(name: str, helptext: str, func: Callable[[argparse.Namespace], int],
+            description: str = "") -> argparse.ArgumentParser:
+        text = textwrap.fill(f"{helptext[0].upper()}{helptext[1:]}. {description}".strip(), 100)
+        p = sub.add_parser(name, help=helptext, description=text, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--db", default=default_db(), help="DuckDB results store (default: %(default)s)")
         p.set_defaults(func=func)
         return p
 
-    p = add("import", "import published results (TaskWeb release, task sizes) into the store", _cmd_import)
-    p.add_argument("what", choices=["taskweb", "sizes"], help="taskweb: a release folder; sizes: task,train_examples CSV")
-    p.add_argument("path", help="the TaskWeb folder (e.g. ../shared/data/taskweb) or the sizes CSV")
-    p.add_argument("--strict", action="store_true", help="import nothing if any row is malformed")
-    p.add_argument("--json", action="store_true")
+    def json_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", action="store_true", help="print the result as JSON (default: a text table)")
 
-    p = add("analyze", "transfer matrix, commutativity, transitivity, setup similarity", _cmd_analyze)
-    p.add_argument("what", choices=["matrix", "commutativity", "transitivity", "setup-similarity"])
-    p.add_argument("--setup", default=None, help="ADAPTATION:MODEL, 'mean' (default), or for transitivity 'all' (default)")
+    p = add("import", "import published results (TaskWeb release, Lin et al.'s ITS, task sizes) into the store",
+            _cmd_import, "Creates the store if needed; a failed import leaves no new file behind. Re-importing a "
+            "file replaces its rows (idempotent).")
+    p.add_argument("what", choices=["taskweb", "its", "sizes"],
+                   help="taskweb: a release folder; its: Lin et al.'s Table 7 folder; sizes: task,train_examples CSV")
+    p.add_argument("path", help="the folder (e.g. ../shared/data/taskweb, ../shared/data/its) or the sizes CSV")
+    p.add_argument("--strict", action="store_true", help="import nothing if any row is malformed (default: skip it)")
+    json_flag(p)
+
+    p = add("analyze", "transfer matrix, commutativity, transitivity, setup similarity", _cmd_analyze,
+            "Transfer score T = 0.5*PC + 0.5*(0.2*PM - 0.1) per (source, target, setup). " + _DB_NOTE)
+    p.add_argument("what", choices=["matrix", "commutativity", "transitivity", "setup-similarity"],
+                   help="which analysis to print")
+    p.add_argument("--setup", default=None,
+                   help="ADAPTATION:MODEL or 'mean' (default: 'mean', the average over setups; "
+                        "for transitivity 'all', every setup and the mean)")
     p.add_argument("--thresholds", type=_floats, default=list(DEFAULT_THRESHOLDS),
-                   help="transitivity thresholds, comma-separated (default 0,0.01,...,0.05)")
-    p.add_argument("--json", action="store_true")
+                   help=f"transitivity thresholds on T(A->B) and T(B->C), comma-separated (default: {thresholds})")
+    json_flag(p)
 
-    p = add("selectors", "list the stored selectors", _cmd_selectors)
-    p.add_argument("--json", action="store_true")
+    p = add("selectors", "list the stored selectors", _cmd_selectors,
+            "Each with its method, parameters, provenance and how many pairs it scores. " + _DB_NOTE)
+    p.add_argument("--registered", action="store_true",
+                   help="list the registered (computable) selector names instead (default: the stored ones)")
+    json_flag(p)
 
-    p = add("compute-selector", "compute a selector's scores and store them", _cmd_compute)
-    p.add_argument("kind", choices=["roe", "taskshop", "random", "size"])
-    p.add_argument("--name", help="stored name (roe default: roe-minilm; taskshop: taskshop-F[setup,lambda=L])")
+    p = add("compute-selector", "compute a selector's scores and store them", _cmd_compute,
+            "roe: RoE from few-shot example embeddings; taskshop: TaskShop (paper 000, Eq. 1) over a setup; "
+            "random: seeded uniform scores; size: the source's training-set size.")
+    p.add_argument("kind", choices=["roe", "taskshop", "random", "size"], help="which selector to compute")
+    p.add_argument("--name", help="stored name (default: roe-minilm for roe; taskshop-F[SETUP,lambda=L] for taskshop)")
     p.add_argument("--examples", help="roe: few-shot JSONL {task,input,choices} (default: TaskWeb's prompted_examples_32)")
     p.add_argument("--model", help="roe: sentence-transformers model path or id (default: bundled all-MiniLM-L6-v2)")
-    p.add_argument("--max-seq-length", type=int, default=512, help="roe: token truncation (TaskWeb: 512)")
-    p.add_argument("--max-per-task", type=int, help="roe: use only the first N examples of each task")
-    p.add_argument("--tasks", type=_names, help="roe: only these tasks (comma-separated)")
-    p.add_argument("--targets", type=_names, help="roe: score only these targets")
-    p.add_argument("--device", help="roe: torch device (default: GPU if available)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--f", default="roe", help="taskshop: the stored selector used as F (default roe)")
-    p.add_argument("--setup", help="taskshop: transfer setup ADAPTATION:MODEL (or 'mean')")
-    p.add_argument("--lambda", dest="lam", type=float, default=0.7, help="taskshop: lambda (default 0.7)")
-    p.add_argument("--f-pivot-norm", choices=["none", "zscore", "minmax"], help="taskshop: normalise F in the pivot term")
-    p.add_argument("--f-direct-norm", choices=["none", "zscore", "minmax"], help="taskshop: normalise the direct F")
-    p.add_argument("--seed", type=int, default=0, help="random: seed")
+    p.add_argument("--max-seq-length", type=int, default=512,
+                   help="roe: token truncation (default: %(default)s, as TaskWeb)")
+    p.add_argument("--max-per-task", type=int, help="roe: use only the first N examples of each task (default: all)")
+    p.add_argument("--tasks", type=_names, help="roe: only these tasks, comma-separated (default: all with examples)")
+    p.add_argument("--targets", type=_names, help="roe: score only these targets (default: every task)")
+    p.add_argument("--device", help="roe: torch device (default: GPU if available, else CPU)")
+    p.add_argument("--batch-size", type=int, default=64, help="roe: embedding batch size (default: %(default)s)")
+    p.add_argument("--f", default="roe", help="taskshop: the stored selector used as F (default: %(default)s)")
+    p.add_argument("--setup", help="taskshop: transfer setup ADAPTATION:MODEL or 'mean' (required for taskshop)")
+    p.add_argument("--lambda", dest="lam", type=float, default=0.7, help="taskshop: lambda in [0, 1] (default: %(default)s)")
+    p.add_argument("--f-pivot-norm", choices=["none", "zscore", "minmax"],
+                   help="taskshop: normalise F in the pivot term (default: TaskWeb's for F: zscore for llm, else none)")
+    p.add_argument("--f-direct-norm", choices=["none", "zscore", "minmax"],
+                   help="taskshop: normalise the direct F (default: TaskWeb's for F: minmax for llm, else none)")
+    p.add_argument("--seed", type=int, default=0, help="random: seed (default: %(default)s)")
 
-    p = add("compare-selectors", "how close selector A comes to selector B", _cmd_compare)
-    p.add_argument("a")
-    p.add_argument("b")
-    p.add_argument("--k", type=int, default=5, help="top-k overlap (default 5)")
-    p.add_argument("--json", action="store_true")
+    p = add("compare-selectors", "how close selector A comes to selector B", _cmd_compare,
+            "Pearson and Spearman over the pairs both score, mean/max absolute difference, per-target rank "
+            "correlation and top-k overlap (e.g. a recomputed RoE against the released one). " + _DB_NOTE)
+    p.add_argument("a", help="stored selector name (see `transferlab selectors`)")
+    p.add_argument("b", help="stored selector name to compare against")
+    p.add_argument("--k", type=int, default=5, help="size of the per-target top-k overlap (default: %(default)s)")
+    json_flag(p)
 
-    p = add("tune-lambda", "tune TaskShop's lambda on held-out targets", _cmd_tune)
-    p.add_argument("--selector", required=True, help="taskshop-<F>, e.g. taskshop-roe")
-    p.add_argument("--setup", required=True, help="ADAPTATION:MODEL, e.g. finetune:t5l")
-    p.add_argument("--heldout", type=_names, default=None, help="held-out targets (default piqa, as TaskWeb)")
-    p.add_argument("--grid", type=_floats, default=None, help="lambdas to try (default 0,0.1,...,1)")
-    p.add_argument("--metric", choices=["ndcg", "regret"], default="ndcg")
-    p.add_argument("--k", type=int, default=5)
-    p.add_argument("--json", action="store_true")
+    p = add("tune-lambda", "tune TaskShop's lambda on held-out targets", _cmd_tune,
+            "Evaluates every lambda of the grid on the held-out targets in one query and picks the best. " + _DB_NOTE)
+    p.add_argument("--selector", required=True, help="taskshop-<F>, e.g. taskshop-roe (required)")
+    p.add_argument("--setup", required=True, help="ADAPTATION:MODEL, e.g. finetune:t5l (required)")
+    p.add_argument("--heldout", type=_names, default=None, help="held-out targets, comma-separated (default: piqa, as TaskWeb)")
+    p.add_argument("--grid", type=_floats, default=None, help="lambdas to try, comma-separated (default: 0,0.1,...,1)")
+    p.add_argument("--metric", choices=["ndcg", "regret"], default="ndcg", help="what to optimise (default: %(default)s)")
+    p.add_argument("--k", type=int, default=5, help="k of Regret@k (default: %(default)s)")
+    json_flag(p)
 
-    p = add("evaluate-selection", "NDCG and Regret@k of a selector, leave-one-out over targets", _cmd_evaluate)
+    p = add("evaluate-selection", "NDCG and Regret@k of a selector, leave-one-out over targets", _cmd_evaluate,
+            "Paper 000 Table 2: per target, rank the candidate sources by the selector and compare with the "
+            "ranking by transfer score; per category and overall means. " + _DB_NOTE)
     p.add_argument("--selector", required=True,
-                   help="roe, llm, taskshop-roe, taskshop-llm, taskshop-<stored>, random, size, oracle, or a stored name")
-    p.add_argument("--setup", required=True, help="ADAPTATION:MODEL, e.g. finetune:t5l")
-    p.add_argument("--lambda", dest="lam", type=float, default=None, help="TaskShop lambda (default 0.7)")
-    p.add_argument("--k", type=int, default=5, help="k of Regret@k (default 5)")
-    p.add_argument("--targets", type=_names, default=None, help="targets to evaluate (default: Table 2's 20 for TaskWeb data)")
+                   help="roe, llm, taskshop-roe, taskshop-llm, taskshop-<stored>, random, size, oracle, "
+                        "or a stored name (required)")
+    p.add_argument("--setup", required=True, help="ADAPTATION:MODEL, e.g. finetune:t5l (required)")
+    p.add_argument("--lambda", dest="lam", type=float, default=None, help="TaskShop lambda (default: 0.7)")
+    p.add_argument("--k", type=int, default=5,
+                   help="k of Regret@k, at most the number of candidate sources (default: %(default)s)")
+    p.add_argument("--targets", type=_names, default=None,
+                   help="targets to evaluate, comma-separated (default: Table 2's 20 for TaskWeb data, else all)")
     p.add_argument("--categories", help="JSON/YAML category map {category: [tasks]} (default: Table 2's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random selector")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random selector (default: %(default)s)")
+    p.add_argument("--metrics", choices=list(FAMILIES), default="taskweb",
+                   help="metric family: taskweb (Kim et al.) or lin / lin-mean (Lin et al.) (default: %(default)s)")
+    p.add_argument("--pool", help="rank only the sources of this pool (table source_pools, e.g. its-qa) "
+                                  "(default: every candidate)")
+    json_flag(p)
 
-    p = add("select", "top-k, bottom-k and random-k sources for a target (multi-task sets)", _cmd_select)
-    p.add_argument("--target", required=True)
-    p.add_argument("--selector", required=True, help="any selector name, or 'oracle' (the stored transfers)")
-    p.add_argument("--k", type=int, default=5)
-    p.add_argument("--setup", help="transfer setup for taskshop-* and oracle")
-    p.add_argument("--lambda", dest="lam", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0, help="seed of the random-k set (and the random selector)")
-    p.add_argument("--json", action="store_true")
+    p = add("select", "top-k, bottom-k and random-k sources for a target (multi-task sets)", _cmd_select,
+            "Ties keep the alphabetical order of source names; the random set depends only on the candidates "
+            "and the seed. " + _DB_NOTE)
+    p.add_argument("--target", required=True, help="the target task (required)")
+    p.add_argument("--selector", required=True, help="any selector name, or 'oracle' (the stored transfers) (required)")
+    p.add_argument("--k", type=int, default=5, help="size of each set (default: %(default)s)")
+    p.add_argument("--setup", help="transfer setup for taskshop-* and oracle (default: none; required for them)")
+    p.add_argument("--lambda", dest="lam", type=float, default=None, help="TaskShop lambda (default: 0.7)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random-k set (and the random selector) (default: %(default)s)")
+    json_flag(p)
 
-    p = add("report", "write the figures (heatmap, TaskWeb graph, transitivity, ...) and index.html", _cmd_report)
+    p = add("report", "write the figures (heatmap, TaskWeb graph, transitivity, ...) and index.html", _cmd_report,
+            "index.html shows every figure with a caption, the store's provenance (path, date, run counts) and "
+            "a selection table (NDCG / Regret@5 per selector, paper Table 2 style). " + _DB_NOTE)
     p.add_argument("--out", default="reports", help="output folder (default: %(default)s)")
-    p.add_argument("--setup", action="append", help="setup(s) to draw (repeatable; default 'mean')")
-    p.add_argument("--thresholds", type=_floats, default=list(DEFAULT_THRESHOLDS))
-    p.add_argument("--graph-min-abs", type=float, default=0.02, help="draw graph edges with |score| above this")
+    p.add_argument("--setup", action="append",
+                   help="setup(s) to draw, repeatable: ADAPTATION:MODEL or 'mean' (default: 'mean')")
+    p.add_argument("--thresholds", type=_floats, default=list(DEFAULT_THRESHOLDS),
+                   help=f"transitivity thresholds, comma-separated (default: {thresholds})")
+    p.add_argument("--graph-top-k", type=int, default=3,
+                   help="TaskWeb graph: draw each target's k strongest sources by |score| (default: %(default)s)")
+    p.add_argument("--graph-min-abs", type=float, default=0.0,
+                   help="TaskWeb graph: and only edges with |score| above this (default: %(default)s)")
+    p.add_argument("--selection-setup",
+                   help="setup of the selection table (default: the first drawn real setup, else the one with the "
+                        "most transfer runs)")
+
+    p = add("groups", "PVI task groups for multi-task learning (t-test / ANOVA within one setup)", _cmd_groups,
+            "Compares per-instance PVI distributions of tasks within one setup, stores every test in pvi_tests "
+            "and prints the groups. " + _DB_NOTE)
+    p.add_argument("--setup", required=True, help="model family unit of the PVI runs, e.g. full:minilm (required)")
+    p.add_argument("--threshold", type=float, default=0.01, help="similar when p > this (default: %(default)s)")
+    p.add_argument("--rule", choices=["greedy", "cliques"], default="greedy",
+                   help="greedy: disjoint groups; cliques: all maximal, overlapping (default: %(default)s)")
+    p.add_argument("--prefer", choices=["p", "size"], default="p",
+                   help="greedy order: by p, or larger groups first (default: %(default)s)")
+    p.add_argument("--welch", action="store_true", help="Welch's t-test for pairs (default: Student's)")
+    p.add_argument("--seed", type=int, help="one seed's PVI pair (default: each instance's mean over seeds)")
+    p.add_argument("--tasks", type=_names, help="only these tasks, comma-separated (default: every task)")
+    p.add_argument("--write-config", help="write the YAML fragment `groups: {pvi, dissimilar, single}` here "
+                                          "(default: print only)")
+    json_flag(p)

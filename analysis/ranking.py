@@ -1,36 +1,32 @@
-"""Selection evaluation in the paper's leave-one-out protocol: NDCG and Regret@k per target, per
-category and overall, computed in one SQL query for all targets (and all lambdas when tuning).
+"""Selection evaluation in the leave-one-out protocol: NDCG and Regret@k per target, per category
+and overall, computed in one SQL query for all targets (and all lambdas when tuning).
 
-Definitions, exactly as TaskWeb's taskshop/{roe,llm,taskshop}_evaluate.py and metrics.py compute
-Table 2 (checked to 0.01 points against every cell of its RoE, LLM and both TaskShop rows):
-  - candidates for target t: every source with a transfer score T(s -> t) in the setup (s != t;
-    21 for TaskWeb: squad_v2 included);
-  - gold ranking: candidates by T(s -> t) descending; predicted ranking: by selector score
-    descending; ties keep the alphabetical order of source names (Python's stable sort over
-    TaskWeb's alphabetical task list);
-  - NDCG: relevance of a source = n - (its 0-based gold rank), gain 2^rel - 1, discount
-    log2(i + 2) at predicted position i, divided by the same sum in gold order;
-  - Regret@k: P = mean over seeds of the target metric of the transfer runs (view
-    `target_performance`); regret = (mean P of gold top-k - mean P of predicted top-k) / mean P of
-    gold top-k; a fraction (the paper prints percent);
-  - a category's value is the mean over its targets; `overall` is the mean over all targets
-    evaluated (Table 2's "Mean": 20 targets; piqa was TaskWeb's held-out task for lambda).
+The metrics themselves come from a named family of `analysis.metric_families` (default `taskweb`,
+which reproduces TaskWeb's Table 2 to 0.01 points in every cell of its RoE, LLM and both TaskShop
+rows; `lin` / `lin-mean` are Lin et al.'s nDCG and Regret@k on absolute target scores). The
+protocol around them:
+  - targets: TaskWeb data defaults to Table 2's 20 targets (piqa was TaskWeb's held-out task for
+    lambda), other data to every target of the setup (`evaluation_plan`);
+  - candidates: the family's (sources with transfers into the target, s != t), restricted to a
+    named pool of `source_pools` with `pool=` (Lin et al.'s Table 3 evaluates source pools);
+  - a category's value is the mean over its targets; `overall` the mean over all targets evaluated.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import duckdb
-import pyarrow as pa
 
 from analysis import selectors as sel
 from analysis.analytics import require_setup
 from analysis.db import query_arrow, registered
 from analysis.errors import AnalysisError
+from analysis.metric_families import get_family, taskweb_metrics
 
 # Table 2 of paper 000 (TaskWeb's category2task): piqa is the held-out task and not in it.
 TASKWEB_CATEGORIES: dict[str, list[str]] = {
@@ -65,15 +61,22 @@ def load_categories(path: str | Path) -> dict[str, list[str]]:
     return data
 
 
+#: where task categories come from when no category map names a task; the `transferlab` CLI (which
+#: composes analysis with the job layer) points it at the task registry. analysis itself knows no registry.
+CATEGORY_SOURCE: list[Callable[[], dict[str, str]]] = []
+
+
+def set_category_source(source: Callable[[], dict[str, str]]) -> None:
+    CATEGORY_SOURCE[:] = [source]
+    _registry_categories.cache_clear()
+
+
 @functools.lru_cache(maxsize=1)
 def _registry_categories() -> dict[str, str]:
-    """Table 1 categories of the task registry (loaded once per process)."""
+    """Task -> category from the configured source (loaded once per process); empty without one."""
     try:
-        from rayjobs.tasks import TaskRegistry
-
-        reg = TaskRegistry.load()
-        return {name: reg.get(name).category or "other" for name in reg.names}
-    except Exception:  # no registry: categories are only labels
+        return CATEGORY_SOURCE[0]() if CATEGORY_SOURCE else {}
+    except Exception:  # a broken registry file: categories are only labels
         return {}
 
 
@@ -111,50 +114,14 @@ def evaluation_plan(con: duckdb.DuckDBPyConnection, setup: str, targets: list[st
     return targets, {t: listed.get(t) or _registry_category(t) for t in targets}
 
 
-def ranking_metrics(con: duckdb.DuckDBPyConnection, preds: pa.Table, setup: str, targets: list[str],
-                    k: int = 5) -> list[dict[str, Any]]:
-    """NDCG and Regret@k per (variant, target) for predictions (variant, target, source, pred)."""
-    if k < 1:
-        raise AnalysisError(f"k must be at least 1, got {k}")
-    with registered(con, "_preds", preds):
-        gaps = con.execute("""
-            WITH g AS (SELECT source, target FROM analysis_transfers
-                       WHERE setup = $setup AND list_contains($targets, target) AND source <> target)
-            SELECT v.variant, g.target, count(p.pred) AS n_scored,
-                   list(g.source ORDER BY g.source) FILTER (WHERE p.pred IS NULL OR isnan(p.pred)) AS missing
-            FROM g CROSS JOIN (SELECT DISTINCT variant FROM _preds) v
-            LEFT JOIN _preds p ON p.variant = v.variant AND p.target = g.target AND p.source = g.source
-            GROUP BY v.variant, g.target HAVING len(missing) > 0 ORDER BY g.target LIMIT 1""",
-                           {"setup": setup, "targets": targets}).fetchall()
-        if gaps:
-            _, target, n_scored, missing = gaps[0]
-            why = " (no few-shot examples for it?)" if n_scored == 0 else ""
-            raise AnalysisError(f"the selector has no score for target '{target}' from source(s) "
-                                f"{', '.join(missing)}{why}")
-        rows = con.execute("""
-            WITH g AS (SELECT source, target, score AS gold FROM analysis_transfers
-                       WHERE setup = $setup AND list_contains($targets, target) AND source <> target),
-                 j AS (SELECT p.variant, g.target, g.source, g.gold, p.pred, tp.perf
-                       FROM g JOIN _preds p ON p.target = g.target AND p.source = g.source
-                       LEFT JOIN target_performance tp
-                              ON tp.setup = $setup AND tp.source = g.source AND tp.target = g.target),
-                 r AS (SELECT *, count(*) OVER w AS n,
-                              row_number() OVER (PARTITION BY variant, target ORDER BY gold DESC, source) - 1 AS grank,
-                              row_number() OVER (PARTITION BY variant, target ORDER BY pred DESC, source) - 1 AS prank
-                       FROM j WINDOW w AS (PARTITION BY variant, target))
-            SELECT variant, target, any_value(n) AS n_sources,
-                   sum((pow(2, n - grank) - 1) / log2(prank + 2)) / sum((pow(2, n - grank) - 1) / log2(grank + 2)) AS ndcg,
-                   avg(perf) FILTER (WHERE grank < $k) AS gold_perf,
-                   avg(perf) FILTER (WHERE prank < $k) AS pred_perf,
-                   count(*) FILTER (WHERE (grank < $k OR prank < $k) AND perf IS NULL) AS perf_missing,
-                   CASE WHEN perf_missing = 0 THEN (gold_perf - pred_perf) / gold_perf END AS regret,
-                   list(source ORDER BY prank) FILTER (WHERE prank < $k) AS pred_top,
-                   list(source ORDER BY grank) FILTER (WHERE grank < $k) AS gold_top
-            FROM r GROUP BY variant, target ORDER BY variant, target""",
-                           {"setup": setup, "targets": targets, "k": k}).fetchall()
-    cols = ["variant", "target", "n_sources", "ndcg", "gold_perf", "pred_perf", "perf_missing", "regret",
-            "pred_top", "gold_top"]
-    return [dict(zip(cols, r, strict=True)) for r in rows]
+def pool_sources(con: duckdb.DuckDBPyConnection, pool: str) -> list[str]:
+    """The sources of a named pool (table `source_pools`, filled by imports such as `import its`)."""
+    rows = [r[0] for r in con.execute("SELECT source FROM source_pools WHERE pool = ? ORDER BY source",
+                                      [pool]).fetchall()]
+    if not rows:
+        known = [r[0] for r in con.execute("SELECT DISTINCT pool FROM source_pools ORDER BY pool").fetchall()]
+        raise AnalysisError(f"unknown source pool '{pool}' (pools: {', '.join(known) or 'none; `import its` adds some'})")
+    return rows
 
 
 def summarise(per_target: list[dict[str, Any]], targets: list[str], category_of: dict[str, str],
@@ -172,27 +139,39 @@ def summarise(per_target: list[dict[str, Any]], targets: list[str], category_of:
                        "n_targets": sum(1 for t in targets if category_of[t] == c)} for c in order}
     by_target = {t: {"category": category_of[t], "ndcg": by_t[t]["ndcg"], rk: by_t[t]["regret"],
                      "n_sources": by_t[t]["n_sources"], "predicted_top": list(by_t[t]["pred_top"]),
-                     "gold_top": list(by_t[t]["gold_top"])} for t in targets}
+                     "gold_top": list(by_t[t]["gold_top"]),
+                     **({"n_seeds": by_t[t]["n_seeds"]} if by_t[t].get("n_seeds") is not None else {})}
+                for t in targets}
     return {"ndcg": mean([by_t[t]["ndcg"] for t in targets]), rk: mean([by_t[t]["regret"] for t in targets]),
             "by_category": by_category, "by_target": by_target}
 
 
 def evaluate_selection(con: duckdb.DuckDBPyConnection, selector: str, setup: str, lam: float | None = None,
                        k: int = 5, targets: list[str] | None = None, categories: dict[str, list[str]] | None = None,
-                       seed: int = 0, norms: tuple[str, str] | None = None) -> dict[str, Any]:
-    """Evaluate one selector on one setup: {"ndcg", "regret_at_k", "by_category", "by_target", ...}."""
+                       seed: int = 0, norms: tuple[str, str] | None = None, metrics: str = "taskweb",
+                       pool: str | None = None) -> dict[str, Any]:
+    """Evaluate one selector on one setup with one metric family, optionally on a named source pool:
+    {"metric_family", "pool", "ndcg", "regret_at_k", "by_category", "by_target", ...}."""
+    family = get_family(metrics)
     targets, category_of = evaluation_plan(con, setup, targets, categories)
+    sources = pool_sources(con, pool) if pool is not None else None
     stored = sel.resolve(con, selector, setup=setup, lam=lam, seed=seed, norms=norms)
     preds = query_arrow(con, """SELECT 0 AS variant, target, source, score AS pred FROM selector_pair_scores
                                 WHERE selector = $s AND list_contains($targets, target)""",
                         {"s": stored, "targets": targets})
-    per_target = ranking_metrics(con, preds, setup, targets, k)
+    per_target = family.compute(con, preds, setup, targets, k, sources)
+    empty = sorted(set(targets) - {r["target"] for r in per_target})
+    if empty:
+        raise AnalysisError(f"pool '{pool}' holds no candidate source for target(s) {', '.join(empty)} "
+                            f"in setup '{setup}'")
     out = summarise(per_target, targets, category_of, k)
     notes = []
     if out[f"regret_at_{k}"] is None:
         notes.append(f"Regret@{k} needs transfer runs (per-seed target performance) of setup '{setup}'; "
-                     "some are missing, so it is null where they are")
-    return {"selector": selector, "stored_as": stored, "setup": setup,
+                     "some are missing, so it is null where they are" if family.name == "taskweb" else
+                     f"Regret@{k} is null for targets whose best transfer score is not positive")
+    return {"selector": selector, "stored_as": stored, "setup": setup, "metric_family": family.name,
+            "pool": pool, "pool_sources": sources,
             "lambda": (sel.DEFAULT_LAMBDA if lam is None else lam) if selector.startswith("taskshop-") else None,
             "k": k, **out, "notes": notes}
 
@@ -212,7 +191,7 @@ def tune_lambda(con: duckdb.DuckDBPyConnection, f_selector: str, setup: str, hel
     with registered(con, "_comp", comp):
         preds = query_arrow(con, """SELECT l AS variant, target, source, l * pivot_term + (1 - l) * direct_term AS pred
                                     FROM _comp CROSS JOIN (SELECT unnest($grid::DOUBLE[]) AS l)""", {"grid": grid})
-    rows = ranking_metrics(con, preds, setup, targets, k)
+    rows = taskweb_metrics(con, preds, setup, targets, k)
     table = []
     for lam in grid:
         per = [r for r in rows if abs(r["variant"] - lam) < 1e-12]

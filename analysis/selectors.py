@@ -1,13 +1,21 @@
 """Source-task selectors: every one yields a score F(source -> target) for every pair it knows,
 stored in `selector_scores` (selector, method, params, source, target, score).
 
-Names a user can pass (`resolve`):
-  roe, llm                 the released TaskWeb scores (imported; llm is symmetric, see views)
-  <any stored name>        e.g. a RoE recomputed with `analysis.roe` ('roe-minilm')
+Names a user can pass (`resolve`) are the registry `REGISTRY` (`transferlab selectors --registered`)
+plus any stored name. Adding a selector is one function registered with `@selector(NAME)`: it gets
+the connection and the `Request` and returns the stored name of the scores it materialised; its
+docstring's first line is its help text. Registered here:
+  roe, llm, semb           stored scores (TaskWeb's release; `analysis.prompt_similarity` for semb)
   taskshop-<F>             TaskShop (paper 000, Eq. 1) over a transfer setup with selector F
   random                   seeded uniform scores (baseline)
   size                     the source's training-set size (baseline, where sizes are known)
   oracle                   the stored transfer scores themselves, T(s -> t) of the setup
+  feature, feature-l2, unigram, max, max-reverse
+                           soft-prompt similarities of Lin et al. (paper 001), `analysis.prompt_similarity`
+  fute, fute-dte@<space>, fute-mte@<space>
+                           FUTE's cosines of stored task embeddings (paper 004), `analysis.task_embeddings`
+A stored name that is not registered (e.g. 'roe-minilm', recomputed with `analysis.roe`) resolves to itself.
+Rankings break score ties by source name (ascending) everywhere, so tied SIZE scores rank deterministically.
 
 TaskShop, as in TaskWeb's taskshop/taskshop_predict.py:
   TS(s, t) = lambda * mean_p (T(s->p) + F'(p->t)) / 2 + (1 - lambda) * F''(s->t)
@@ -21,7 +29,10 @@ TaskShop, as in TaskWeb's taskshop/taskshop_predict.py:
 
 from __future__ import annotations
 
+import inspect
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import duckdb
@@ -189,22 +200,81 @@ def compute_oracle(con: duckdb.DuckDBPyConnection, setup: str) -> str:
     return name
 
 
-# -- name resolution ------------------------------------------------------------------------------------
+# -- the registry ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Request:
+    """What a user asked for: a selector name and the options some selectors take."""
+
+    name: str
+    setup: str | None = None
+    lam: float | None = None
+    seed: int = 0
+    norms: tuple[str, str] | None = None
+
+
+Compute = Callable[[duckdb.DuckDBPyConnection, Request], str]
+
+
+@dataclass(frozen=True)
+class SelectorSpec:
+    """A registered selector: `compute(con, request)` materialises its scores, returns the stored name."""
+
+    name: str
+    compute: Compute
+    doc: str
+    needs_setup: bool = False
+    prefix: bool = False  # the name is a prefix: 'taskshop-' matches 'taskshop-<F>'
+    stored: bool = False  # scores must have been stored beforehand (imported, or computed by a command)
+
+
+REGISTRY: dict[str, SelectorSpec] = {}
+
+
+def selector(name: str, *, needs_setup: bool = False, prefix: bool = False, stored: bool = False,
+             doc: str | None = None) -> Callable[[Compute], Compute]:
+    """Register `fn(con, request) -> stored name` as selector `name`.
+
+    Help text: `doc`, else the first line of the function's docstring (one function may serve several
+    names: it reads `request.name`).
+    """
+    def register(fn: Compute) -> Compute:
+        if name in REGISTRY:
+            raise ValueError(f"selector '{name}' is registered twice")
+        REGISTRY[name] = SelectorSpec(name, fn, doc or (inspect.getdoc(fn) or "").split("\n")[0],
+                                      needs_setup, prefix, stored)
+        return fn
+    return register
+
+
+def lookup(name: str) -> SelectorSpec | None:
+    """The registered selector a user-facing name means (exact names first, then prefixes)."""
+    spec = REGISTRY.get(name)
+    if spec is not None and not spec.prefix:
+        return spec
+    return next((s for s in REGISTRY.values() if s.prefix and name.startswith(s.name) and len(name) > len(s.name)),
+                None)
+
+
+def registered_selectors() -> list[dict[str, Any]]:
+    """Every registered name with its help text, whether it needs --setup and whether it must be stored first."""
+    return [{"name": f"{s.name}<F>" if s.prefix else s.name, "doc": s.doc, "needs_setup": s.needs_setup,
+             "stored": s.stored} for s in sorted(REGISTRY.values(), key=lambda s: s.name)]
+
+
 def resolve(con: duckdb.DuckDBPyConnection, name: str, setup: str | None = None, lam: float | None = None,
             seed: int = 0, norms: tuple[str, str] | None = None) -> str:
     """Materialise the scores behind a user-facing selector name; return their stored name."""
-    if name == "random":
-        return compute_random(con, seed)
-    if name == "size":
-        return compute_size(con)
-    if name == "oracle":
-        return compute_oracle(con, _need_setup(setup, name))
-    if name.startswith("taskshop-"):
-        f = name[len("taskshop-"):]
-        if not has_selector(con, f):
-            raise AnalysisError(f"unknown selector '{name}': TaskShop's F '{f}' has no stored scores "
-                                f"({_known(con)})")
-        return compute_taskshop(con, _need_setup(setup, name), f, DEFAULT_LAMBDA if lam is None else lam, norms)
+    spec = lookup(name)
+    if spec is not None:
+        if spec.needs_setup:
+            _need_setup(setup, name)
+        return spec.compute(con, Request(name, setup, lam, seed, norms))
+    if has_selector(con, name):
+        return name
+    raise AnalysisError(f"unknown selector '{name}' ({_known(con)})")
+
+
+def _stored(con: duckdb.DuckDBPyConnection, name: str) -> str:
     if has_selector(con, name):
         return name
     raise AnalysisError(f"unknown selector '{name}' ({_known(con)})")
@@ -218,12 +288,100 @@ def _need_setup(setup: str | None, name: str) -> str:
 
 def _known(con: duckdb.DuckDBPyConnection) -> str:
     stored = [s["name"] for s in stored_selectors(con)]
-    return ("available: roe, llm (after `transferlab import taskweb`), taskshop-<stored selector>, random, size, "
-            f"oracle; stored: {', '.join(stored) if stored else 'none'}")
+    return (f"registered: {', '.join(s['name'] for s in registered_selectors())} (roe, llm after "
+            f"`transferlab import taskweb`); stored: {', '.join(stored) if stored else 'none'}")
 
 
-__all__ = ["BUILTIN", "DEFAULT_LAMBDA", "MEAN", "compute_oracle", "compute_random", "compute_size",
-           "compute_taskshop", "resolve", "store_scores", "stored_selectors", "taskshop_components"]
+# -- registered selectors ---------------------------------------------------------------------------------
+@selector("roe", stored=True)
+def _roe(con: duckdb.DuckDBPyConnection, req: Request) -> str:
+    """Retrieval-of-Experts scores of the TaskWeb release (`transferlab import taskweb`)."""
+    return _stored(con, req.name)
+
+
+@selector("llm", stored=True)
+def _llm(con: duckdb.DuckDBPyConnection, req: Request) -> str:
+    """LLM-similarity of the TaskWeb release, symmetric (`transferlab import taskweb`)."""
+    return _stored(con, req.name)
+
+
+@selector("semb", stored=True)
+def _semb(con: duckdb.DuckDBPyConnection, req: Request) -> str:
+    """SEMB: cosine of dataset-mean sentence embeddings (store with analysis.prompt_similarity.store_semb)."""
+    return _stored(con, req.name)
+
+
+@selector("random")
+def _random(con: duckdb.DuckDBPyConnection, req: Request) -> str:
+    """RANDOM baseline: uniform scores from --seed."""
+    return compute_random(con, req.seed)
+
+
+@selector("size")
+def _size(con: duckdb.DuckDBPyConnection, req: Request) -> str:
+    """SIZE baseline: the source's training-set size (ties rank by source name)."""
+    return compute_size(con)
+
+
+@selector("oracle", needs_setup=True)
+def _oracle(con: duckdb.DuckDBPyConnection, req: Request) -> str:
+    """The setup's stored transfer scores themselves (the gold ranking)."""
+    return compute_oracle(con, req.setup or "")
+
+
+@selector("taskshop-", needs_setup=True, prefix=True)
+def _taskshop(con: duckdb.DuckDBPyConnection, req: Request) -> str:
+    """TaskShop (paper 000, Eq. 1) with the stored selector F, over --setup, with --lambda."""
+    f = req.name[len("taskshop-"):]
+    if not has_selector(con, f):
+        raise AnalysisError(f"unknown selector '{req.name}': TaskShop's F '{f}' has no stored scores "
+                            f"({_known(con)})")
+    return compute_taskshop(con, req.setup or "", f, DEFAULT_LAMBDA if req.lam is None else req.lam, req.norms)
+
+
+@selector("feature", needs_setup=True,
+          doc="FEATURE (Lin et al. Eq. 3): cosine of the mean soft-prompt token vectors of --setup's checkpoints")
+@selector("feature-l2", needs_setup=True, doc="FEATURE with every prompt token L2-normalised before the mean")
+@selector("unigram", needs_setup=True, doc="UNIGRAM (Lin et al.): cosine of the per-token means over the features")
+@selector("max", needs_setup=True,
+          doc="MAX (Lin et al. Eq. 4): mean over target prompt tokens of the best cosine with a source token")
+@selector("max-reverse", needs_setup=True,
+          doc="MAX the other way: mean over source prompt tokens of the best cosine with a target token")
+def _prompt_similarity(con: duckdb.DuckDBPyConnection, req: Request) -> str:
+    """Soft-prompt similarity `req.name` over the prompt-tuning checkpoints of the setup."""
+    from analysis.prompt_similarity import compute_prompt_similarity  # safetensors/torch only when used
+
+    return compute_prompt_similarity(con, req.name, req.setup or "")
+
+
+@selector("fute", doc="FUTE (paper 004): cos(DTE(s), DTE(t)) of the one embedding space with DTEs "
+                       "(several spaces: name one, fute-dte@<space>)")
+def _fute(con: duckdb.DuckDBPyConnection, req: Request) -> str:
+    """FUTE over the only stored space with dataset task embeddings."""
+    from analysis.task_embeddings import spaces, store_fute
+
+    found = [s for s in spaces(con) if s["n_dte"] >= 2]
+    if len(found) != 1:
+        listing = ", ".join(f"fute-dte@{s['space']} ({s['name']})" for s in found) or "none stored"
+        raise AnalysisError(f"selector 'fute' needs exactly one embedding space with DTEs; name one: {listing}")
+    return store_fute(con, str(found[0]["space"]), "dte")
+
+
+@selector("fute-dte@", prefix=True,
+          doc="FUTE (paper 004): F(s->t) = cos(DTE(s), DTE(t)) in the named embedding space (id, id prefix or name)")
+@selector("fute-mte@", prefix=True,
+          doc="FUTE: F(s->t) = mean cos(MTE(model trained on s), DTE(t)) over s's models, in the named space")
+def _fute_space(con: duckdb.DuckDBPyConnection, req: Request) -> str:
+    """FUTE's cosines in one embedding space, stored as `fute-<via>@<space id>`."""
+    from analysis.task_embeddings import store_fute
+
+    via, _, space = req.name[len("fute-"):].partition("@")
+    return store_fute(con, space, via)
+
+
+__all__ = ["BUILTIN", "DEFAULT_LAMBDA", "MEAN", "REGISTRY", "Request", "SelectorSpec", "compute_oracle",
+           "compute_random", "compute_size", "compute_taskshop", "lookup", "registered_selectors", "resolve",
+           "selector", "store_scores", "stored_selectors", "taskshop_components"]
 
 
 def compare_selectors(con: duckdb.DuckDBPyConnection, a: str, b: str, k: int = 5) -> dict[str, Any]:

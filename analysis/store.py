@@ -141,6 +141,8 @@ class ResultStore:
         self.runs_dir = self.root / "runs"
         self.checkpoints_dir = self.root / "checkpoints"
         self.predictions_dir = self.root / "predictions"
+        #: rows the latest `ingest()` added per table (new run keys, new prediction rows): for metrics
+        self.last_ingested: dict[str, int] = {}
 
     # -- setup -----------------------------------------------------------------------------
     def ensure_writable(self) -> None:
@@ -204,6 +206,25 @@ class ResultStore:
             return None
         return pq.read_table(p).to_pylist()[0]
 
+    def read_runs(self, columns: list[str]) -> pa.Table:
+        """`columns` of every result file (read while trials write: each file is whole or absent)."""
+        import pyarrow.dataset as ds
+
+        files = [str(p) for p in self.runs_dir.glob("*.parquet")] if self.runs_dir.exists() else []
+        return ds.dataset(files, schema=RUN_SCHEMA, format="parquet").to_table(columns=columns)
+
+    def write_json(self, name: str, obj: Any) -> None:
+        """A small JSON document next to the results (e.g. the driver's plan), written atomically."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f)
+        os.replace(tmp, self.root / name)
+
+    def read_json(self, name: str) -> Any:
+        p = self.root / name
+        return json.loads(p.read_text()) if p.is_file() else None
+
     def finished_keys(self) -> set[str]:
         """Run keys with a successful result file (the source of truth for resuming)."""
         if not self.runs_dir.exists():
@@ -226,11 +247,13 @@ class ResultStore:
         `predictions`; returns the number of result files read."""
         files = sorted(str(p) for p in self.runs_dir.glob("*.parquet")) if self.runs_dir.exists() else []
         with self.connect() as con:
+            before = _counts(con)
             if files:
                 cols = ", ".join(n for n, _, _ in RUN_COLUMNS)
                 con.execute(f"INSERT OR REPLACE INTO runs ({cols}) SELECT {cols} FROM read_parquet($files)",
                             {"files": files})
             self._ingest_predictions(con)
+            self.last_ingested = {t: n - before[t] for t, n in _counts(con).items()}
         return len(files)
 
     def _ingest_predictions(self, con: duckdb.DuckDBPyConnection) -> int:
@@ -260,6 +283,11 @@ class ResultStore:
         finally:
             con.unregister("_incoming")
         return table.num_rows
+
+
+def _counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    runs, predictions = con.execute("SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM predictions)").fetchone()
+    return {"runs": runs, "predictions": predictions}
 
 
 def _write_atomic(table: pa.Table, dest: Path) -> Path:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,17 @@ DEFAULT_RESULTS = os.environ.get("TRANSFERLAB_RESULTS", "results")
 
 
 def default_db() -> str:
-    """The configured store: $TRANSFERLAB_DB, else <$TRANSFERLAB_RESULTS or ./results>/transferlab.duckdb."""
-    return os.environ.get("TRANSFERLAB_DB") or str(Path(DEFAULT_RESULTS) / DB_NAME)
+    """The store a reading command uses without `--db`: $TRANSFERLAB_DB; else the newest store under
+    $TRANSFERLAB_RESULTS (default ./results): `results/transferlab.duckdb`, `results/<experiment>/
+    transferlab.duckdb` (where `transferlab run` writes) or `results/*.duckdb` (imports); else the
+    path `results/transferlab.duckdb` (commands that create a store create it there)."""
+    if os.environ.get("TRANSFERLAB_DB"):
+        return os.environ["TRANSFERLAB_DB"]
+    root = Path(DEFAULT_RESULTS)
+    found = [p for p in [root / DB_NAME, *root.glob(f"*/{DB_NAME}"), *root.glob("*.duckdb")] if p.is_file()]
+    if not found:
+        return str(root / DB_NAME)
+    return str(max(found, key=lambda p: p.stat().st_mtime))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -30,16 +41,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from rayjobs.driver import run_from_args
+
+    return run_from_args(args, expect="embed")
+
+
 def _cmd_sql(args: argparse.Namespace) -> int:
-    db = Path(args.db)
-    store = ResultStore(db.parent, db_path=db)
-    with store.connect(read_only=True) as con:
-        try:
-            cur = con.execute(args.query)
-        except Exception as e:  # duckdb raises many error types; all are user errors here
-            raise StoreError(f"SQL error: {e}") from None
-        cols = [d[0] for d in cur.description] if cur.description else []
-        rows = cur.fetchall()
+    from analysis.sql_guard import open_guarded, run_guarded
+
+    with open_guarded(args.db) as con:
+        cols, rows = run_guarded(con, args.query)
     if args.json:
         print(json.dumps([dict(zip(cols, r, strict=False)) for r in rows], default=str))
     else:
@@ -47,8 +59,47 @@ def _cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sql_description() -> str:
+    from analysis.sql_guard import store_relations
+
+    rel = store_relations()
+    return ("Run one read-only SQL query (DuckDB dialect) over the results store and print the rows.\n\n"
+            "Read-only: exactly one statement, and it must be a query (SELECT, WITH, FROM, DESCRIBE, SHOW);\n"
+            "the store is opened read-only and file, network and extension access are disabled.\n\n"
+            + textwrap.fill("Tables: " + ", ".join(rel["table"]), 100) + "\n"
+            + textwrap.fill("Views: " + ", ".join(rel["view"]), 100) + "\n"
+            "(analysis/store.py and analysis/views.py define them.)\n\n"
+            'Example: transferlab sql "SELECT source, target, score FROM transfer_scores ORDER BY score DESC LIMIT 5"')
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from analysis.status import render, summarise
+
+    summary = summarise(ResultStore(args.results))
+    if args.json:
+        print(json.dumps(summary, default=str))
+    else:
+        print("\n".join(render(summary)))
+    return 0
+
+
+def _registry_categories() -> dict[str, str]:
+    from rayjobs.tasks import TaskRegistry
+
+    reg = TaskRegistry.load()
+    return {name: reg.get(name).category or "other" for name in reg.names}
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("transferlab")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout without `pip install -e .`
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="transferlab", description=__doc__)
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     from rayjobs.driver import add_job_arguments
@@ -60,15 +111,31 @@ def build_parser() -> argparse.ArgumentParser:
     add_job_arguments(r)
     r.set_defaults(func=_cmd_run)
 
-    q = sub.add_parser("sql", help="run SQL over the results store and print the rows")
-    q.add_argument("query")
-    q.add_argument("--db", default=default_db(), help="DuckDB file (default: %(default)s)")
-    q.add_argument("--json", action="store_true", help="print rows as a JSON list of objects")
+    embed_help = ("compute FUTE task embeddings (a `job: embed` config, paper 004): DTEs and MTEs in one space per "
+                  "surrogate, as trials with run keys; re-running resumes (the same as `run`)")
+    e = sub.add_parser("embed", help=embed_help, description=embed_help)
+    add_job_arguments(e)
+    e.set_defaults(func=_cmd_embed)
+
+    q = sub.add_parser("sql", help="run one read-only SQL query over the results store and print the rows",
+                       description=_sql_description(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("query", help="one SELECT statement, quoted as one shell argument")
+    q.add_argument("--db", default=default_db(), help="DuckDB results store (default: %(default)s)")
+    q.add_argument("--json", action="store_true", help="print rows as a JSON list of objects (default: a text table)")
     q.set_defaults(func=_cmd_sql)
+
+    st = sub.add_parser("status", help="an experiment's progress from its result files (works while it runs): "
+                                       "done / failed (with errors) / remaining per stage, ETA")
+    st.add_argument("--results", required=True, help="the job's results folder (its --results)")
+    st.add_argument("--json", action="store_true", help="print the summary as JSON")
+    st.set_defaults(func=_cmd_status)
 
     from analysis.commands import register
 
     register(sub, default_db)
+    from serving.cli import add_subcommand as add_serve
+
+    add_serve(sub, default_db)  # transferlab serve
     return p
 
 
@@ -90,6 +157,9 @@ def guarded(fn: Callable[..., int | None], *args: Any) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from analysis.ranking import set_category_source
+
+    set_category_source(_registry_categories)  # analysis knows no task registry; the CLI composes the two
     args = build_parser().parse_args(argv)
     try:
         return guarded(args.func, args)

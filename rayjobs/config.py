@@ -178,7 +178,7 @@ class JobConfig(_Strict):
     task_files: list[str] = Field(default_factory=list, description="extra task registry YAML files")
     seeds: list[int] = Field(default_factory=lambda: list(TASKWEB_SEEDS), min_length=1)
     sizes: SizeSpec = SizeSpec()
-    setups: list[SetupSpec] = Field(min_length=1)
+    setups: list[SetupSpec] = Field(default_factory=list, description="model x adaptation (training jobs)")
     run: RunSpec = RunSpec()
     # the file it came from, so later (semantic) errors name it like validation errors do
     _source: str = PrivateAttr(default="config")
@@ -208,6 +208,7 @@ class ExperimentConfig(JobConfig):
 
     job: Literal["pairwise"] = "pairwise"
     tasks: TaskSelection
+    setups: list[SetupSpec] = Field(min_length=1)
 
 
 def unique_setup_keys(setups: list[SetupSpec]) -> None:

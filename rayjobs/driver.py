@@ -15,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from analysis.status import write_plan
 from analysis.store import ResultStore
 from rayjobs.config import ConfigError, JobConfig
 from rayjobs.job import Job, get_job, job_kinds, load_job_config
@@ -31,14 +32,26 @@ def run_job(job: Job, cfg: JobConfig, results_dir: str, db: str | None = None) -
     store.ingest()
     done = store.finished_keys()
     todo = [t for t in plan.trials if t.run_key not in done]
+    check_models(todo)
     what = plan.summary or f"{len(plan.trials)} runs"
     print(f"transferlab: {job.kind} {cfg.name!r}: {what}, {len(plan.trials) - len(todo)} already stored, "
           f"{len(todo)} to run; results in {store.root}", flush=True)
+    write_plan(store, cfg.name, job.kind, {t.run_key: t.kind for t in plan.trials})
     if todo:
         run_trials(cfg.name, todo, cfg.run, store)
     for line in job.report(cfg, store):
         print(line)
     return finish(store, plan.trials, plan.view)
+
+
+def check_models(trials: list) -> None:
+    """Every model the remaining trials load must be loadable: a hub id that is neither local, cached nor
+    reachable fails here (exit 2), once, instead of inside every trial after Ray started."""
+    from rayjobs.model_check import check_model_available
+
+    refs = {t.params.get("ref") or t.setup.model.path for t in trials} | {t.setup.model.tokenizer for t in trials}
+    for ref in sorted(r for r in refs if r and not r.startswith(("run:", "http://", "https://", "sentence:builtin:"))):
+        check_model_available(ref[len("sentence:"):] if ref.startswith("sentence:") else ref)
 
 
 def add_job_arguments(ap: argparse.ArgumentParser, config_flag: bool = False) -> None:

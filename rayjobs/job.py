@@ -27,6 +27,11 @@ if TYPE_CHECKING:
 JOB_MODULES: dict[str, str] = {
     "pairwise": "rayjobs.pairwise",
     "multitask": "rayjobs.multitask",
+    "score": "rayjobs.score",
+    "pvi": "rayjobs.pvi",
+    "mtl": "rayjobs.mtl",
+    "fewshot": "rayjobs.fewshot",
+    "embed": "rayjobs.embed",
 }
 
 

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from rayjobs.config import JobConfig, SizeSpec, _Strict, load_typed
+from rayjobs.config import JobConfig, SetupSpec, SizeSpec, _Strict, load_typed
 from rayjobs.templates import PromptTemplate
 
 ChoiceKind = Literal["top", "bottom", "random", "all", "most_similar", "mix"]
@@ -98,6 +98,7 @@ class MultitaskConfig(JobConfig):
     eval_templates: list[PromptTemplate] = Field(
         default_factory=list, description="extra prompt templates (strings over {input}) for every target")
     seeds: list[int] = Field(default_factory=lambda: [42], min_length=1)
+    setups: list[SetupSpec] = Field(min_length=1)
 
     input_paths: ClassVar[tuple[str, ...]] = ("data_root", "task_files", "selection.store")
 

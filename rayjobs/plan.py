@@ -50,6 +50,8 @@ class TrialSpec(BaseModel):
     save_checkpoint: bool = False
     results_dir: str
     after: list[str] = []  # run keys this trial needs besides its source (not part of its identity)
+    executor: str = "train"  # what runs the trial (rayjobs.trial.EXECUTORS): train | score | ...
+    params: dict[str, Any] = {}  # the executor's own inputs (a score trial's model reference and template)
 
     @property
     def depends_on(self) -> list[str]:

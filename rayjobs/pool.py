@@ -193,6 +193,21 @@ class WorkerPool:
             for w in others:
                 self.discard(w)
 
+    def prune_dead(self, timeout: float = 2.0) -> None:
+        """Forget idle workers whose process is gone (after one died: a lost node takes all of its
+        workers); one that does not answer within `timeout` is only busy and kept."""
+        import ray
+
+        idle = {w.handle.ready.remote(): w for w in self.workers if not w.busy and w.ready_ref is None}
+        if not idle:
+            return
+        answered, _ = ray.wait(list(idle), num_returns=len(idle), timeout=timeout)
+        for ref in answered:
+            try:
+                ray.get(ref)
+            except Exception:  # noqa: BLE001 - its process died
+                self.discard(idle[ref])
+
     def end_idle(self, keep: set[Shape]) -> None:
         """End idle and starting workers of shapes outside `keep` (no trial left for them)."""
         for w in list(self.workers):

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rayjobs import observe
 from rayjobs.config import RunSpec
 from rayjobs.plan import TrialSpec
 from rayjobs.pool import Shape, Worker, WorkerPool, is_distributed, worker_shape
@@ -52,7 +53,8 @@ def init_ray(run: RunSpec) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(runtime_env=env, include_dashboard=False, log_to_driver=True)
+        # address="local": never join a cluster that happens to run on this machine
+        ray.init(address="local", runtime_env=env, include_dashboard=False, log_to_driver=True)
 
 
 def _remote_cluster(run: RunSpec) -> bool:
@@ -130,6 +132,7 @@ class TrialRecord:
 
     run_key: str
     label: str
+    experiment: str
     kind: str
     attempt: int
     released_s: float  # its dependencies were stored
@@ -160,7 +163,10 @@ class RunCallback:
         pass
 
     def on_trial_end(self, record: TrialRecord) -> None:
-        pass
+        """The trial is done: stored ok, or failed for good."""
+
+    def on_trial_retry(self, record: TrialRecord) -> None:
+        """The attempt failed and the trial goes back in the queue (`run.max_failures`)."""
 
     def on_run_end(self, result: StageResult) -> None:
         pass
@@ -192,9 +198,28 @@ class ProgressLines(RunCallback):
         print(f"[{r.name}] {n}/{r.total} done, {len(r.failed)} failed, ETA {_fmt_s(rate * left)} | "
               f"{status}: {record.label}", flush=True)
 
+    def on_trial_retry(self, record: TrialRecord) -> None:
+        print(f"[{self.result.name}] retrying (attempt {record.attempt} failed) {record.label}: {record.error}",
+              flush=True)
+
     def on_run_end(self, result: StageResult) -> None:
         print(f"[{result.name}] finished: {result.ok}/{result.total} ok, {len(result.failed)} failed, "
               f"{len(result.blocked)} blocked, {_fmt_s(result.seconds)}", flush=True)
+
+
+class TrialMetrics(RunCallback):
+    """Ray metrics of the driver's view (`rayjobs.observe`): trials running / done / failed per stage,
+    and retries."""
+
+    def on_trial_start(self, record: TrialRecord) -> None:
+        observe.trial_state(record.experiment, record.kind, None, "running")
+
+    def on_trial_end(self, record: TrialRecord) -> None:
+        observe.trial_state(record.experiment, record.kind, "running", "done" if record.status == "ok" else "failed")
+
+    def on_trial_retry(self, record: TrialRecord) -> None:
+        observe.trial_state(record.experiment, record.kind, "running", None)  # running again on its next start
+        observe.trial_retried(record.experiment, record.kind)
 
 
 class PeriodicIngest(RunCallback):
@@ -208,6 +233,7 @@ class PeriodicIngest(RunCallback):
             self.last = time.monotonic()
             try:
                 self.store.ingest()
+                observe.rows_ingested(self.store.last_ingested)
             except Exception as e:  # noqa: BLE001 - e.g. a reader holds the file; the final ingest retries
                 print(f"transferlab: ingest during the run failed ({e}); results stay in {self.store.root}",
                       file=sys.stderr, flush=True)
@@ -225,6 +251,7 @@ def run_trials(name: str, todo: list[TrialSpec], run: RunSpec, store: Any, *, po
     result = schedule(name, todo, run, store.finished_keys(), pool=pool,
                       callbacks=[PeriodicIngest(store), *callbacks])
     store.ingest()
+    observe.rows_ingested(store.last_ingested)
     if result.blocked:
         print(f"transferlab: {len(result.blocked)} runs wait for failed runs they depend on; re-run to retry",
               flush=True)
@@ -254,7 +281,7 @@ def schedule(name: str, trials: list[TrialSpec], run: RunSpec, done: set[str], *
     check_fits_local_cluster(trials, run)
     own_pool = pool is None
     pool = pool or WorkerPool()
-    hooks = [ProgressLines(result, run.verbose), *callbacks]
+    hooks = [ProgressLines(result, run.verbose), TrialMetrics(), *callbacks]
     state = _Scheduler(trials, run, set(done), pool, result, hooks, own_pool)
     try:
         state.loop()
@@ -358,8 +385,8 @@ class _Scheduler:
                 continue
             self.ready.remove((t, released))
             self.attempts[t.run_key] += 1
-            record = TrialRecord(t.run_key, t.label, t.kind, self.attempts[t.run_key], released, self.now(),
-                                 worker=worker.name, warm=worker.trials > 0)
+            record = TrialRecord(t.run_key, t.label, t.experiment, t.kind, self.attempts[t.run_key], released,
+                                 self.now(), worker=worker.name, warm=worker.trials > 0)
             self.inflight[self.pool.submit(worker, t)] = _Flight(t, worker, record)
             self.result.records.append(record)
             for h in self.hooks:
@@ -375,6 +402,7 @@ class _Scheduler:
             self.pool.release(flight.worker)
         except Exception as e:  # noqa: BLE001 - the worker died (killed, out of memory, node lost) or broke
             self.pool.discard(flight.worker)
+            self.pool.prune_dead()  # a lost node takes its idle workers too: do not hand them trials
             out = _lost_worker_outcome(t, e, self.now() - rec.started_s)
         rec.finished_s = self.now()
         rec.status, rec.error = out["status"], out.get("error")
@@ -384,9 +412,9 @@ class _Scheduler:
             self.done.add(t.run_key)
             self.result.ok += 1
         elif self.attempts[t.run_key] <= self.run.max_failures:
-            print(f"[{self.result.name}] retrying ({self.attempts[t.run_key]}/{self.run.max_failures}) "
-                  f"{t.label}: {rec.error}", flush=True)
             self.ready.insert(0, (t, self.now()))
+            for h in self.hooks:
+                h.on_trial_retry(rec)
             return
         else:
             self.failed.add(t.run_key)
@@ -407,8 +435,11 @@ def _lost_worker_outcome(trial: TrialSpec, err: BaseException, wall: float) -> d
     stored = store.read_result(trial.run_key)
     if stored is not None and stored["status"] == "ok":
         return {"status": "ok"}
-    what = "worker process died during the trial" if isinstance(err, RayActorError) else "trial worker failed"
-    lost = RuntimeError(f"{what}: {type(err).__name__}: {err}"[:2000])
+    if isinstance(err, RayActorError):
+        lost: Exception = observe.TrialLost("trial process died without writing a result (killed, out of memory "
+                                            f"or node lost): {type(err).__name__}: {err}"[:2000])
+    else:
+        lost = RuntimeError(f"trial worker failed: {type(err).__name__}: {err}"[:2000])
     store.write_result(failed_row(trial, lost, wall))
     return {"status": "failed", "error": str(lost)}
 

@@ -156,10 +156,98 @@ def smoke_multitask(cfg: MultitaskConfig) -> MultitaskConfig:
                                   "setups": [_smoke_setup(s) for s in cfg.setups]})
 
 
+def _local_first(cfg: JobConfig, tasks: list[str], k: int) -> list[str]:
+    registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
+    return sorted(tasks, key=lambda t: not has_local_data(registry, t))[:k]
+
+
+def smoke_pvi(cfg: Any) -> Any:
+    """2 tasks (local data first), 24 training and 24 held-out examples each, one seed."""
+    sizes = cfg.sizes.model_copy(update={"train": 24, "eval": 24})
+    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1], "sizes": sizes,
+                                  "tasks": _local_first(cfg, cfg.tasks, 2),
+                                  "setups": [_smoke_setup(s) for s in cfg.setups]})
+
+
+def smoke_mtl(cfg: Any) -> Any:
+    """Per grouping its first group whose members all have local data (else its first), cut to 2 members;
+    single-task groups only for the members kept; 24 + 24 examples per task, one seed."""
+    registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
+    groups: dict[str, list[list[str]]] = {}
+    for grouping, gs in cfg.groups.items():
+        if grouping == "single" or not gs:
+            continue
+        local = [g for g in gs if all(has_local_data(registry, t) for t in g)]
+        groups[grouping] = [(local or gs)[0][:2]]
+    kept = list(dict.fromkeys(t for gs in groups.values() for g in gs for t in g))
+    singles = [g for g in cfg.groups.get("single", []) if len(g) == 1 and g[0] in kept]
+    if singles or not groups:
+        groups["single"] = singles or [g[:1] for g in cfg.groups.get("single", [])[:1]]
+    sizes = cfg.sizes.model_copy(update={"train": 24, "eval": 24})
+    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1], "sizes": sizes,
+                                  "groups": groups, "setups": [_smoke_setup(s) for s in cfg.setups]})
+
+
+def smoke_fewshot(cfg: Any) -> Any:
+    """2 tasks (local data first), demonstrations from 24 training examples, 16 held-out, one seed."""
+    sizes = cfg.sizes.model_copy(update={"train": 24, "eval": 16})
+    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1], "sizes": sizes,
+                                  "tasks": _local_first(cfg, cfg.tasks, 2),
+                                  "setups": [_smoke_setup(s) for s in cfg.setups]})
+
+
+def smoke_score(cfg: Any) -> Any:
+    """A few examples of at most two local tasks; models that need a hub become the offline MiniLM scorer."""
+    registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
+    tasks = sorted(cfg.tasks, key=lambda t: not has_local_data(registry, t))[:2]
+    offline = ("builtin:", "sentence:builtin:", "run:", "http://", "https://", "/", ".", "~")
+    models = [m if m.ref.startswith(offline) else m.model_copy(update={"ref": "builtin:minilm"}) for m in cfg.models]
+    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1], "n": 8, "tasks": tasks,
+                                  "models": models[:2]})
+
+
+def smoke_embed(cfg: Any) -> Any:
+    """FUTE in minutes: every surrogate a tiny model of its family (its head kept), two optimiser steps, a
+    Fisher over 4 examples, a 4-input-per-task probe pool from 2 tasks, 2 DTE tasks of each kind, the first
+    prompt set with 2 prompts (+ 1 extra), hub or endpoint black boxes replaced by the offline MiniLM scorer,
+    the referenced pairwise config shrunk as its own --smoke."""
+    registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
+    offline = ("builtin:", "sentence:builtin:", "run:", "/", ".", "~")
+
+    def space(s: Any) -> Any:
+        model = s.surrogate
+        tiny = ModelSpec(name=model.name, config=dict(TINY[model.family]), family=model.family,
+                         max_length=min(model.max_length, 64), head=model.head)
+        params = dict(s.adaptation.params)
+        if "num_virtual_tokens" in params:
+            params["num_virtual_tokens"] = min(int(params["num_virtual_tokens"]), 4)
+        train = s.train.model_copy(update={"epochs": 1, "max_steps": 2, "batch_size": min(s.train.batch_size, 4)})
+        return s.model_copy(update={"surrogate": tiny, "train": train, "trainable": [], "fisher_params": [],
+                                    "fisher_examples": 4, "adaptation": s.adaptation.model_copy(update={"params": params})})
+
+    local = sorted(cfg.dte.tasks, key=lambda t: not has_local_data(registry, t))[:2]
+    prompted = cfg.dte.prompted_tasks if cfg.dte.prompted_tasks == "all" else cfg.dte.prompted_tasks[:2]
+    dte = cfg.dte.model_copy(update={"tasks": local, "n": 8, "n_prompted": 4,
+                                     "prompted_tasks": ["cb", "mrpc"] if prompted == "all" else prompted})
+    pool = cfg.pool.model_copy(update={"tasks": cfg.pool.tasks[:2], "prompted_tasks": cfg.pool.prompted_tasks[:2],
+                                       "n_per_task": 4})
+    models = [m if m.ref.startswith(offline) else m.model_copy(update={"ref": "builtin:minilm", "temperature": None})
+              for m in cfg.mte.models[:1]]
+    prompts = [p.model_copy(update={"templates": p.templates if isinstance(p.templates, str) else p.templates[:2],
+                                    "extra": p.extra[:1]}) for p in cfg.mte.prompts[:1]]
+    pairwise = cfg.mte.pairwise.model_copy(update={"smoke": True}) if cfg.mte.pairwise else None
+    mte = cfg.mte.model_copy(update={"models": models, "prompts": prompts, "pairwise": pairwise, "n_eval": 8,
+                                     "batch_size": min(cfg.mte.batch_size, 8)})
+    res = cfg.resources.model_copy(update={"gpu": 0, "cpu": 1, "memory_gb": None})
+    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1],
+                                  "spaces": [space(s) for s in cfg.spaces], "dte": dte, "pool": pool, "mte": mte,
+                                  "resources": res})
 
 
 #: job kind -> how its configs shrink (every kind's shrinking lives in this module)
-SMOKE: dict[str, Callable[[Any], Any]] = {"pairwise": smoke_pairwise, "multitask": smoke_multitask}
+SMOKE: dict[str, Callable[[Any], Any]] = {"pairwise": smoke_pairwise, "multitask": smoke_multitask,
+                                          "score": smoke_score, "pvi": smoke_pvi, "mtl": smoke_mtl,
+                                          "fewshot": smoke_fewshot, "embed": smoke_embed}
 
 
 def smoke_variant(cfg: JobConfig) -> JobConfig:
@@ -172,7 +260,7 @@ def smoke_variant(cfg: JobConfig) -> JobConfig:
 def config_kind(path: Path) -> str | None:
     """The job kind a config names (`job:`, default pairwise), or None for a task-registry file."""
     raw = yaml.safe_load(path.read_text()) or {}
-    if "setups" not in raw:
+    if "tasks" in raw and isinstance(raw["tasks"], dict) and "name" not in raw:  # a task registry file
         return None
     return str(raw.get("job", "pairwise"))
 

@@ -7,6 +7,15 @@ task's base rendering. A template turns that into a prompt (`input`, a format st
 and score words rather than letters. Encoder heads use the base rendering by default; seq2seq and
 causal models use the task's first template; `all` trains on a seeded template per example (T0 /
 TaskWeb multi-task style) and evaluates as the mean over every template.
+
+The null template (`null`, or `null:<choice>`) is the null input of PVI (paper 003, Algorithm 1;
+Ethayarajh et al., 2022): it replaces the whole input (every segment of a pair: the task's base
+rendering holds both) by one fixed text, the same for every example, and keeps the answer side (the
+task's choices, or the verbalised `answer_choices` of the template `<choice>` resolves to, `default`
+when none is named), so g[null](y) scores the same y as g'[x](y). The fixed text is the empty string
+(encoders see [CLS][SEP], T5 encodes EOS alone); a causal LM predicts an answer's first token from the
+token before it, so it gets the cue `Answer:` instead, constant and so as uninformative about x.
+`null` is a reserved template name.
 """
 
 from __future__ import annotations
@@ -50,19 +59,48 @@ class PromptTemplate(BaseModel):
             raise ValueError(f"template {self.name!r} must contain {{input}}")
         return self
 
+    def _choices(self, ex: Example) -> tuple[str, ...]:
+        if self.answer_choices is None or not ex.choices:
+            return ex.choices
+        if len(self.answer_choices) != len(ex.choices):
+            raise ValueError(f"template {self.name!r}: {len(self.answer_choices)} answer_choices for "
+                             f"{len(ex.choices)} labels")
+        return tuple(self.answer_choices)
+
     def render(self, ex: Example) -> Example:
-        choices = ex.choices
-        if self.answer_choices is not None and ex.choices:
-            if len(self.answer_choices) != len(ex.choices):
-                raise ValueError(f"template {self.name!r}: {len(self.answer_choices)} answer_choices for "
-                                 f"{len(ex.choices)} labels")
-            choices = tuple(self.answer_choices)
+        choices = self._choices(ex)
         text = self.input.format(input=ex.text, options=", ".join(choices),
                                  options_list="".join(f"\n- {c}" for c in choices))
         return dataclasses.replace(ex, text=text, choices=choices)
 
 
 IDENTITY = PromptTemplate(name=BASE, input="{input}")
+
+#: the null-input template's name (reserved) and the fixed text it renders every input to, per family
+NULL = "null"
+NULL_TEXT = {"encoder": "", "seq2seq": "", "causal": "Answer:"}
+
+
+class NullTemplate(PromptTemplate):
+    """The null input of PVI: every example renders to the same fixed `input` text (no fields), the
+    answer side kept (see the module docstring)."""
+
+    name: str = NULL
+    input: str = Field(default="", description="the fixed text every input becomes (literal, no fields)")
+
+    @model_validator(mode="after")
+    def _fields(self) -> NullTemplate:  # replaces PromptTemplate's check: the text must hold no field
+        if "{" in self.input or "}" in self.input:
+            raise ValueError(f"null template {self.name!r}: the null input is literal text, got {self.input!r}")
+        return self
+
+    def render(self, ex: Example) -> Example:
+        return dataclasses.replace(ex, text=self.input, choices=self._choices(ex))
+
+
+def null_template(base: PromptTemplate, family: str) -> NullTemplate:
+    """The null input for a model trained on `base`: its verbalised answers, the family's fixed text."""
+    return NullTemplate(input=NULL_TEXT[family], answer_choices=base.answer_choices)
 
 
 def coerce_templates(raw: Any) -> Any:
@@ -85,7 +123,10 @@ def task_templates(spec: TaskSpec) -> list[PromptTemplate]:
 
 
 def resolve(spec: TaskSpec, choice: str, family: str) -> list[PromptTemplate]:
-    """The templates a prompt choice (`default`, `all`, `input` or a template name) means for a task."""
+    """The templates a prompt choice (`default`, `all`, `input`, a template name, or `null[:<choice>]`)
+    means for a task."""
+    if choice == NULL or choice.startswith(NULL + ":"):
+        return [_resolve_null(spec, choice.partition(":")[2] or "default", family)]
     if choice == "default":
         choice = BASE if family == "encoder" else "first"
     if choice == BASE:
@@ -100,6 +141,15 @@ def resolve(spec: TaskSpec, choice: str, family: str) -> list[PromptTemplate]:
         raise ValueError(f"task {spec.name!r} has no prompt template {choice!r} "
                          f"(has: {[t.name for t in templates]}; or use default, all, input, first)")
     return named
+
+
+def _resolve_null(spec: TaskSpec, base_choice: str, family: str) -> NullTemplate:
+    bases = resolve(spec, base_choice, family)
+    answers = {tuple(t.answer_choices or ()) for t in bases}
+    if len(answers) > 1:
+        raise ValueError(f"task {spec.name!r}: `null:{base_choice}` names {len(bases)} templates with different "
+                         f"answer_choices; name one template (null:<name>) so the null model scores one answer set")
+    return null_template(bases[0], family)
 
 
 def identity(templates: Sequence[PromptTemplate]) -> str:

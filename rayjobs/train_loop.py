@@ -16,6 +16,7 @@ import os
 import random
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +100,10 @@ def _batches(examples: list[Example], size: int, rng: random.Random | None) -> l
     if rng is not None:
         rng.shuffle(order)
     return [[examples[i] for i in order[j:j + size]] for j in range(0, len(order), size)]
+
+
+#: how one epoch's examples become global batches: (examples, batch size, rng) -> batches (hook of `fit`)
+Batcher = Callable[[list[Example], int, "random.Random | None"], list[list[Example]]]
 
 
 def _to(batch: dict[str, Any], device: str) -> dict[str, Any]:
@@ -242,8 +247,12 @@ def _model_init_context(trial: TrialSpec, ctx: TrainContext) -> Any:
     return model_init_context(trial, ctx)
 
 
-def fit(tm: TaskModel, examples: list[Example], trial: TrialSpec, ctx: TrainContext) -> FitResult:
+def fit(tm: TaskModel, examples: list[Example], trial: TrialSpec, ctx: TrainContext,
+        batcher: Batcher | None = None) -> FitResult:
     """Step 3: the optimisation loop.
+
+    `batcher` makes each epoch's global batches (default: the shuffled list cut in order); multi-task
+    learning passes one that keeps every batch within one task (rayjobs/mtl.py).
 
     Sharding: every rank shuffles the whole list with the same seed and takes its slice of each
     global micro-batch (micro * world_size examples), so an optimiser step sees the same global
@@ -266,7 +275,7 @@ def fit(tm: TaskModel, examples: list[Example], trial: TrialSpec, ctx: TrainCont
     while step < total_steps:
         tm.module.train()
         batches = [g[len(g) * ctx.rank // ctx.world_size:len(g) * (ctx.rank + 1) // ctx.world_size]
-                   for g in _batches(examples, micro * ctx.world_size, rng) if len(g) >= ctx.world_size]
+                   for g in (batcher or _batches)(examples, micro * ctx.world_size, rng) if len(g) >= ctx.world_size]
         for i, chunk in enumerate(batches):
             loss = tm.loss(_to(tm.collate(chunk), ctx.device)) / hp.grad_accum_steps
             backend.backward(loss)

@@ -15,6 +15,7 @@ import traceback
 from typing import Any
 
 from analysis.store import ResultStore
+from rayjobs import observe
 from rayjobs.plan import TrialSpec
 
 MAX_LOSS_POINTS = 2000
@@ -23,9 +24,10 @@ MAX_LOSS_POINTS = 2000
 def inject_fault(spec: TrialSpec, rank: int | None = None) -> None:
     """Failure injection for tests: TRANSFERLAB_FAULT="<action>[@rank<N>]:<label substring>[;<rule>...]".
 
-    <action> is `raise` or `kill` (SIGKILL). Without `@rank<N>` it fires in the trial process (the
-    coordinator of a distributed trial); with it, only in Ray Train worker N of a distributed trial,
-    so a test can fail one rank while the others wait in a collective.
+    <action> is `raise`, `kill` (SIGKILL) or `kill-once` (SIGKILL on the first attempt only). Without
+    `@rank<N>` it fires in the trial process (the coordinator of a distributed trial); with it, only
+    in Ray Train worker N of a distributed trial, so a test can fail one rank while the others wait
+    in a collective.
     """
     for rule in os.environ.get("TRANSFERLAB_FAULT", "").split(";"):
         if ":" not in rule:
@@ -36,8 +38,28 @@ def inject_fault(spec: TrialSpec, rank: int | None = None) -> None:
             continue
         if action == "raise":
             raise RuntimeError(f"injected failure for {spec.label}" + ("" if rank is None else f" on rank {rank}"))
-        if action == "kill":
+        if action == "kill-once":  # first attempt only (a marker in the results folder): tests retries
+            marker = os.path.join(spec.results_dir, f".fault-{spec.run_key}")
+            if os.path.exists(marker):
+                return
+            open(marker, "w").close()
+        if action in ("kill", "kill-once"):
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+#: executor name -> "module:function(trial, ctx) -> result row"; a job kind that does not train adds one
+EXECUTORS = {"train": "rayjobs.train_loop:train_and_evaluate", "score": "rayjobs.score:score_trial",
+             "mtl": "rayjobs.mtl:train_and_evaluate_mtl", "fewshot": "rayjobs.fewshot:score_fewshot",
+             "probe": "rayjobs.embed:probe_trial", "embed": "rayjobs.embed:embed_trial"}
+
+
+def executor(name: str) -> Any:
+    import importlib
+
+    if name not in EXECUTORS:
+        raise ValueError(f"unknown trial executor {name!r} (known: {sorted(EXECUTORS)})")
+    module, fn = EXECUTORS[name].split(":")
+    return getattr(importlib.import_module(module), fn)
 
 
 def execute(spec: TrialSpec, progress: Any = None) -> dict[str, Any]:
@@ -47,6 +69,7 @@ def execute(spec: TrialSpec, progress: Any = None) -> dict[str, Any]:
     if done is not None and done["status"] == "ok":
         return done
     t0 = time.time()
+    observe.trial_started(spec)
     try:
         inject_fault(spec)
         if spec.setup.resources.workers > 1 or spec.setup.deepspeed is not None:
@@ -54,10 +77,11 @@ def execute(spec: TrialSpec, progress: Any = None) -> dict[str, Any]:
 
             row = train_distributed(spec)
         else:
-            from rayjobs.train_loop import TrainContext, train_and_evaluate
+            from rayjobs.train_loop import TrainContext
 
-            row = train_and_evaluate(spec, TrainContext(progress=progress))
+            row = executor(spec.executor)(spec, TrainContext(progress=progress))
     except Exception as e:
+        observe.trial_failed(spec)
         store.write_result(failed_row(spec, e, time.time() - t0))
         raise
     predictions = row.pop("predictions", None)
@@ -67,7 +91,9 @@ def execute(spec: TrialSpec, progress: Any = None) -> dict[str, Any]:
     if curve:
         stride = max(1, len(curve) // MAX_LOSS_POINTS)
         row["metrics"] = {**row["metrics"], "loss_curve": curve[::stride], "loss_curve_stride": stride}
+    row["metrics"] = {**(row.get("metrics") or {}), **observe.placement()}
     store.write_result(row)
+    observe.trial_finished(spec, row)
     return row
 
 

@@ -8,6 +8,7 @@ import json
 import pytest
 from analysis_support import TASKWEB, copy_db, needs_taskweb, taskweb_db
 
+from analysis.store import ResultStore
 from rayjobs.cli import main
 
 
@@ -94,6 +95,8 @@ def test_empty_or_missing_store(tmp_path, capsys):
     empty = tmp_path / "empty.duckdb"
     (tmp_path / "nothing").mkdir()
     code, _, _ = run(capsys, "import", "taskweb", str(tmp_path / "nothing"), "--db", str(empty))
-    assert code == 2  # an empty folder imports nothing, but the store file now exists and is empty
+    assert code == 2 and not empty.exists()  # an empty folder imports nothing and leaves no store behind
+    with ResultStore(tmp_path, db_path=empty).connect():
+        pass  # an empty store, as a job creates before its first run finishes
     code, _, err = run(capsys, "analyze", "transitivity", "--db", str(empty))
     assert code == 2 and "the store holds no transfer scores" in err

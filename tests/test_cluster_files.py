@@ -211,15 +211,13 @@ def test_runtime_env_is_valid_for_ray_job_submit() -> None:
     assert all(isinstance(v, str) for v in env["env_vars"].values()), "env_vars values must be strings"
 
 
-def test_runtime_env_pip_matches_the_project_dependencies() -> None:
-    """The job's pip list = pyproject's dependencies without torch/ray, plus the minilm and deepspeed extras."""
-    project = _pyproject()["project"]
-    expected = [d for d in project["dependencies"] if _req_name(d) not in ("torch", "ray")]
-    expected += project["optional-dependencies"]["minilm"] + project["optional-dependencies"]["deepspeed"]
-    pip = _runtime_env()["pip"]
-    packages = pip["packages"] if isinstance(pip, dict) else pip
-    assert sorted(packages) == sorted(expected)
-    assert not {_req_name(p) for p in packages} & {"torch", "ray"}, "torch/ray must come from the cluster"
+def test_runtime_env_installs_nothing_and_names_no_site_paths() -> None:
+    """Nodes already hold the dependencies (a per-job `pip` list makes Ray copy the node's whole venv
+    for every job), and a path of one site (`/mnt/...`) breaks the job on every other machine."""
+    env = _runtime_env()
+    assert not {"pip", "conda", "uv", "py_executable"} & set(env), sorted(env)
+    site = {k: v for k, v in env["env_vars"].items() if v.startswith(("/", "~"))}
+    assert not site, f"runtime_env.yaml names paths of one site: {site}"
 
 
 def test_runtime_env_upload_leaves_out_venv_and_results(tmp_path: Path) -> None:
@@ -270,14 +268,58 @@ def test_autoscaler_shares_one_results_path_and_installs_the_deepspeed_extra() -
     assert any(f" {shared}" in c and "mount" in c for c in cfg["initialization_commands"])
     binds = [o.split()[1] for o in cfg["docker"]["run_options"] if o.startswith("-v ")]
     assert f"{shared}:{shared}" in binds
+    # the nodes' environment (not the job's runtime_env) points data and model cache into it
+    docker_env = dict(o.split()[1].split("=", 1) for o in cfg["docker"]["run_options"] if o.startswith("-e "))
     for var in ("TRANSFERLAB_DATA", "HF_HOME"):
-        assert _runtime_env()["env_vars"][var].startswith(shared + "/")
+        assert docker_env[var].startswith(shared + "/"), var
+        for where, spec in _cluster_specs()[:2]:
+            for group, tpl in _pod_templates(spec):
+                env = {e["name"]: e.get("value") for e in tpl["spec"]["containers"][0].get("env", [])}
+                assert env.get(var, "").startswith(shared + "/"), f"{where}/{group} lacks {var}"
     # the repository is synced to one path and installed from there, with the deepspeed extra
-    (remote, local), = cfg["file_mounts"].items()
+    (remote, local), = ((r, lo) for r, lo in cfg["file_mounts"].items() if lo == ".")
     assert local == "."
     assert any("pip install" in c and remote in c and "deepspeed" in c for c in cfg["setup_commands"])
     for pattern in ("**/.venv", "**/results"):
         assert pattern in cfg["rsync_exclude"]
+
+
+# -- token auth and permissions ---------------------------------------------------------------------------
+
+
+AUTH_OPTIONS = {"mode", "secretName", "enableK8sTokenAuth"}
+
+
+def test_every_kuberay_cluster_requires_token_auth_from_one_secret() -> None:
+    secrets = set()
+    for where, spec in _cluster_specs():
+        auth = spec.get("authOptions")
+        assert auth and auth.get("mode") == "token", f"{where}: no token auth for the dashboard and jobs API"
+        assert set(auth) <= AUTH_OPTIONS, f"{where}: authOptions fields not in the KubeRay API: {set(auth) - AUTH_OPTIONS}"
+        secrets.add(auth.get("secretName"))
+    assert len(secrets) == 1 and None not in secrets, f"one Secret for every cluster, found {secrets}"
+    readme = (CLUSTER / "README.md").read_text()
+    assert f"kubectl create secret generic {secrets.pop()} --from-literal=auth_token=" in readme
+
+
+def test_autoscaler_nodes_start_ray_with_token_auth_and_the_token() -> None:
+    cfg = yaml.safe_load((CLUSTER / "aws-gpu.yaml").read_text())
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in cfg[key] if "ray start" in c]
+        assert starts and all(re.search(r"export RAY_AUTH_MODE=token;.*ray start", c) for c in starts), key
+    # the token of the machine running `ray up` lands where Ray reads it in the container ($HOME/.ray)
+    assert cfg["file_mounts"].get("/home/ray/.ray/auth_token") == "~/.ray/auth_token"
+
+
+def test_nothing_in_cluster_makes_a_folder_world_writable() -> None:
+    """No chmod / install mode with the other-write bit, symbolic or octal, in any cluster file."""
+    for f in sorted(CLUSTER.rglob("*")):
+        if not f.is_file():
+            continue
+        text = f.read_text()
+        assert not re.search(r"chmod\s+(-\w+\s+)*[ugo]*[ao][ugo]*\+[rx]*w", text), f"{f}: symbolic world-write"
+        for mode in re.findall(r"(?:chmod\s+(?:-\w+\s+)*|install\s[^\n]*-m\s+)([0-7]{3,4})\b", text):
+            assert int(mode, 8) & 0o002 == 0, f"{f}: mode {mode} is world-writable"
 
 
 # -- KubeRay: RayCluster / RayJob / RayService ------------------------------------------------------------
@@ -347,21 +389,31 @@ def test_rayjob_runtime_env_matches_runtime_env_yaml() -> None:
     assert "working_dir" not in job_env, "the RayJob runs the code baked into the image"
 
 
-def test_rayservice_import_path_exists_or_the_manifest_is_a_marked_template() -> None:
-    services = _kind("RayService")
-    assert services, "cluster/kuberay has no RayService manifest"
-    readme = (CLUSTER / "README.md").read_text()
-    for path, doc in services:
-        apps = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]
-        for app in apps:
-            module, attr = app["import_path"].split(":")
-            source = REPO / (module.replace(".", "/") + ".py")
-            if source.is_file():
-                tree = ast.parse(source.read_text())
-                names = {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets
-                         if isinstance(t, ast.Name)}
-                assert attr in names, f"{source} defines no top-level `{attr}` for {path.name}"
-            else:  # no Serve application yet: the manifest must say it is a template, everywhere
-                assert ".template." in path.name, f"{path.name}: {module} does not exist"
-                assert doc["metadata"].get("annotations", {}).get("transferlab/status") == "template"
-                assert path.name in readme and "template" in readme
+def test_rayservice_deploys_the_serve_application_of_serving_config_yaml() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.settings import ServeSettings
+
+    (path, doc), = _kind("RayService")
+    assert path.name == "rayservice.yaml" and "transferlab/status" not in doc["metadata"].get("annotations", {})
+    config = ServeDeploySchema.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"]))  # Serve's own schema
+    local = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serving" / "config.yaml").read_text()))
+    for app in config.applications:
+        assert app.import_path == local.applications[0].import_path
+        module, attr = app.import_path.split(":")
+        tree = ast.parse((REPO / (module.replace(".", "/") + ".py")).read_text())
+        assert attr in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, f"{module} has no {attr}()"
+        settings = ServeSettings.model_validate(app.args)  # every arg is a setting of the application
+        shared = _shared_claim()[1]
+        assert settings.db and settings.db.startswith(shared + "/") and settings.results.startswith(shared + "/")
+        # the scorer's resources fit on a worker of the service's cluster
+        spec = doc["spec"]["rayClusterConfig"]
+        nodes = [(_quantity(t["spec"]["containers"][0]["resources"]["limits"].get("cpu", 0)),
+                  _quantity(t["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)))
+                 for _, t in _pod_templates(spec)[1:]]
+        assert any(c >= settings.scorer_cpus and g >= settings.scorer_gpus for c, g in nodes), nodes
+    # the ingress checks TRANSFERLAB_API_TOKEN in whichever pod it lands: every pod gets it from the secret
+    for group, tpl in _pod_templates(doc["spec"]["rayClusterConfig"]):
+        env = {e["name"]: e for e in tpl["spec"]["containers"][0].get("env", [])}
+        assert "secretKeyRef" in env["TRANSFERLAB_API_TOKEN"]["valueFrom"], group
+    assert "rayservice.yaml" in (CLUSTER / "README.md").read_text()

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-2/3 with two Ray Train workers, launched from Tune trials on a real local Ray cluster.
+"""DeepSpeed ZeRO-2/3 with two Ray Train workers, launched from trial workers on a real local Ray cluster.
 
 The distributed runs must train like the single-process torch run (same global batches, same
 schedule): loss curves and checkpoints agree to float32 round-off. So must a one-worker DeepSpeed

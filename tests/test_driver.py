@@ -135,3 +135,39 @@ def test_layers_analysis_imports_neither_jobs_nor_serving_nor_the_cli() -> None:
     for path in sorted((REPO / "rayjobs").rglob("*.py")):
         if path.name != "cli.py":
             assert "serving" not in _imports(path), f"{path.relative_to(REPO)} imports serving"
+
+
+def test_reading_commands_find_the_store_run_wrote(tmp_path: Path) -> None:
+    """`transferlab run` writes results/<experiment>/transferlab.duckdb; `sql` without --db reads the newest
+    store under ./results (so the README's SQL works right after `make demo`); $TRANSFERLAB_DB wins."""
+    import os
+    import time
+
+    from tests.conftest import cli
+
+    for i, name in enumerate(["old", "quickstart"]):
+        store = ResultStore(tmp_path / "results" / name)
+        store.ensure_writable()
+        store.write_result({"run_key": f"k{i}", "experiment": name, "kind": "source", "score": 0.5})
+        store.ingest()
+        time.sleep(0.05)
+    r = cli("sql", "SELECT experiment FROM runs", "--json", cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == [{"experiment": "quickstart"}]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TRANSFERLAB_DB": str(tmp_path / "results" / "old" /
+                                                                          "transferlab.duckdb")}
+    r = cli("sql", "SELECT experiment FROM runs", "--json", cwd=tmp_path, env=env)
+    assert json.loads(r.stdout) == [{"experiment": "old"}]
+
+
+def test_unreachable_hub_model_fails_before_ray_starts(tmp_path: Path) -> None:
+    from tests.conftest import cli
+
+    cfg = tmp_path / "hub.yaml"
+    cfg.write_text(f"name: hub\ndata_root: {DATA}\ntasks: {{sources: [cb, snli]}}\nseeds: [1]\n"
+                   "setups: [{model: {name: x, path: nosuch-org/nosuch-model-123, family: seq2seq}}]\n")
+    r = cli("run", str(cfg), "--results", str(tmp_path / "res"), env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "nosuch-org/nosuch-model-123" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "res" / "tune").exists()  # no trial was started

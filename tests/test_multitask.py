@@ -27,8 +27,8 @@ from rayjobs.cli import main as cli_main
 from rayjobs.config import ConfigError
 from rayjobs.mixture import load_mixture
 from rayjobs.multitask import candidate_pool, choose_sets, plan
-from rayjobs.smoke import smoke_variant
 from rayjobs.multitask_config import load_multitask_config
+from rayjobs.smoke import smoke_variant
 from rayjobs.tasks import TaskError, TaskRegistry
 from rayjobs.templates import render_train, resolve
 

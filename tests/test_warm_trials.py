@@ -110,7 +110,7 @@ def stored(trial: TrialSpec) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     row = store.read_result(trial.run_key)
     assert row is not None and row["status"] == "ok", row and row.get("error")
     keep = {k: row[k] for k in ("score", "n_train", "n_eval", "trainable_params", "total_params")}
-    keep["metrics"] = json.loads(row["metrics"])
+    keep["metrics"] = {k: v for k, v in json.loads(row["metrics"]).items() if k != "node_id"}  # Ray's node
     keep["hparams"] = json.loads(row["hparams"])
     preds = pq.read_table(store.prediction_path(trial.run_key)).to_pylist()
     return keep, preds

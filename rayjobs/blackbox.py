@@ -1,0 +1,260 @@
+"""Black boxes: a model reference + a prompt template + examples -> per-example predictions records.
+
+DESIGN.md: a black box is a model plus a prompt (template + verbalisers, one canonical label order); its
+output is the choice distribution from raw model scores at the answer position. Every caller (the bulk
+`score` job, the Serve app, FUTE's model task embeddings, PVI, the prompt-selection baselines) scores
+through `BlackBox.score`, which goes through `TaskModel.score`, the same path as training-time evaluation.
+
+Model references (`open_black_box`):
+  builtin:minilm | sentence:<path or id>   sentence-embedding zero-shot scorer (cosine of prompt and choices)
+  run:<run_key>                            a stored run's checkpoint (needs the results folder): an encoder
+                                           classifier (label probabilities) or a tuned LM, full or PEFT
+  http(s)://host:port/v1[#model]           an OpenAI-compatible completions endpoint that returns prompt
+                                           log-probabilities (`echo` + `logprobs`; vLLM, ray.serve.llm, our app)
+  <hub id or local folder>                 a causal or seq2seq LM (family from its config), rank classification
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rayjobs.models.loading import ModelError
+from rayjobs.tasks import Example, LocalSource, TaskSpec
+from rayjobs.templates import PromptTemplate
+
+
+class UnknownModelError(ModelError):
+    """The reference names nothing that exists (unknown run key, missing folder): a 404, not a 503."""
+
+
+def adhoc_task(template: PromptTemplate, examples: Sequence[Example], name: str = "adhoc") -> TaskSpec:
+    """The task a scoring request implies: choices from the template's verbalisers (or per example)."""
+    choice = all(e.choices for e in examples) or template.answer_choices is not None
+    return TaskSpec(name=name, answer_type="choice" if choice else "text",
+                    metric="accuracy" if choice else "exact_match",
+                    choices=list(template.answer_choices) if template.answer_choices else None,
+                    local=LocalSource(path="-"))
+
+
+def render(template: PromptTemplate, examples: Sequence[Example]) -> list[Example]:
+    return [template.render(e) for e in examples]
+
+
+class BlackBox(ABC):
+    """One loaded model; thread-safe `score` (one forward at a time per box)."""
+
+    ref: str
+    kind: str
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def score(self, template: PromptTemplate, examples: Sequence[Example], *, generate: bool = False,
+              perplexity: bool = False, batch_size: int = 32) -> list[dict[str, Any]]:
+        """Predictions records (choices, logprobs, logprobs_mean, probs, prediction, pred_text, prompt_ppl)."""
+        return self.score_many([(template, examples)], generate=generate, perplexity=perplexity,
+                               batch_size=batch_size)[0]
+
+    def score_many(self, requests: Sequence[tuple[PromptTemplate, Sequence[Example]]], *, generate: bool = False,
+                   perplexity: bool = False, batch_size: int | None = None) -> list[list[dict[str, Any]]]:
+        """Several (template, examples) requests in one model call (what a serving batch needs); the records
+        equal each request scored alone: every example is scored against its own rendered choices. All
+        requests must be of one answer type (all with choices, or all free text)."""
+        rendered = [render(t, exs) for t, exs in requests]
+        flat = [e for r in rendered for e in r]
+        task = adhoc_task(requests[0][0], flat)
+        with self._lock:
+            records = self._score(flat, task, generate, perplexity, batch_size or max(1, len(flat)))
+        out, i = [], 0
+        for r in rendered:
+            out.append(records[i:i + len(r)])
+            i += len(r)
+        return out
+
+    @abstractmethod
+    def _score(self, examples: list[Example], task: TaskSpec, generate: bool, perplexity: bool,
+               batch_size: int) -> list[dict[str, Any]]: ...
+
+    def describe(self) -> dict[str, Any]:
+        return {"ref": self.ref, "kind": self.kind}
+
+
+class TaskModelBox(BlackBox):
+    """Any TaskModel (LM, stored encoder classifier, sentence scorer) behind the black-box interface."""
+
+    def __init__(self, ref: str, kind: str, tm: Any, fixed_labels: list[str] | None = None):
+        super().__init__()
+        self.ref, self.kind, self.tm = ref, kind, tm
+        self.fixed_labels = fixed_labels  # a classifier head answers only its own label set
+
+    def _score(self, examples: list[Example], task: TaskSpec, generate: bool, perplexity: bool,
+               batch_size: int) -> list[dict[str, Any]]:
+        from rayjobs.train_loop import score_examples
+
+        if self.fixed_labels is not None:
+            bad = [e for e in examples if len(e.choices) != len(self.fixed_labels)]
+            if bad:
+                raise ValueError(f"model {self.ref} classifies into {len(self.fixed_labels)} labels "
+                                 f"{self.fixed_labels}; the template gives {len(bad[0].choices)} answer choices")
+            task = self.tm.task  # the head's own task (its label order is canonical)
+        own = self.tm.task
+        self.tm.task = task
+        try:
+            records = score_examples(self.tm, examples, batch_size, generate=generate)
+        finally:
+            self.tm.task = own
+        if perplexity:
+            ppl = self.tm.prompt_perplexity([e.text for e in examples])
+            for r, p in zip(records, ppl, strict=True):
+                r["prompt_ppl"] = p
+        return records
+
+
+class EndpointBox(BlackBox):
+    """An OpenAI-compatible `/v1/completions` endpoint scored through prompt log-probabilities.
+
+    A choice's log-likelihood is the sum of `token_logprobs` of the tokens the server echoes after the
+    prompt (`echo: true, logprobs: 0, max_tokens: 0`, temperature 0): raw scores, no sampling settings.
+    """
+
+    kind = "endpoint"
+
+    def __init__(self, ref: str, timeout: float = 60.0, api_key: str | None = None):
+        super().__init__()
+        self.ref = ref
+        base, _, model = ref.partition("#")
+        self.base = base.rstrip("/")
+        self.model = model or None
+        self.timeout = timeout
+        self.api_key = api_key
+
+    def _post(self, prompts: list[str], max_tokens: int = 0) -> list[dict[str, Any]]:
+        import requests
+
+        body: dict[str, Any] = {"prompt": prompts, "max_tokens": max_tokens, "echo": max_tokens == 0,
+                                "logprobs": 0, "temperature": 0.0}
+        if self.model:
+            body["model"] = self.model
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        try:
+            r = requests.post(f"{self.base}/completions", json=body, timeout=self.timeout, headers=headers)
+        except requests.RequestException as e:
+            raise ModelError(f"endpoint {self.base} unreachable: {e}") from None
+        if r.status_code != 200:
+            raise ModelError(f"endpoint {self.base} answered {r.status_code}: {r.text[:300]}")
+        return sorted(r.json()["choices"], key=lambda c: c.get("index", 0))
+
+    def _continuation_logprobs(self, prompts: list[str], full: list[str]) -> list[tuple[float, float]]:
+        out = []
+        for p, text, ch in zip(prompts, full, self._post(full), strict=True):
+            lp = ch.get("logprobs") or {}
+            offsets, values = lp.get("text_offset") or [], lp.get("token_logprobs") or []
+            picked = [v for o, v in zip(offsets, values, strict=False) if len(p) <= o < len(text) and v is not None]
+            if not picked:
+                raise ModelError(f"endpoint {self.base} returned no prompt log-probabilities (needs echo + logprobs)")
+            out.append((float(sum(picked)), float(sum(picked) / len(picked))))
+        return out
+
+    def _score(self, examples: list[Example], task: TaskSpec, generate: bool, perplexity: bool,
+               batch_size: int) -> list[dict[str, Any]]:
+        import torch
+
+        from rayjobs.models.base import choice_record
+
+        records: list[dict[str, Any]] = [{} for _ in examples]
+        if task.answer_type == "choice":
+            prompts = [e.text for e in examples for _ in e.choices]
+            full = [e.text + " " + c for e in examples for c in e.choices]
+            scored = []
+            for i in range(0, len(full), batch_size):
+                scored += self._continuation_logprobs(prompts[i:i + batch_size], full[i:i + batch_size])
+            j = 0
+            for k, e in enumerate(examples):
+                part = scored[j:j + len(e.choices)]
+                j += len(e.choices)
+                records[k] = choice_record(e.choices, torch.tensor([s for s, _ in part], dtype=torch.float64),
+                                           torch.tensor([m for _, m in part], dtype=torch.float64))
+        if generate or task.answer_type != "choice":
+            for k, ch in enumerate(self._post([e.text for e in examples], max_tokens=32)):
+                records[k]["pred_text"] = str(ch.get("text", "")).split("\n")[0].strip()
+        if perplexity:
+            for k, ch in enumerate(self._post([e.text for e in examples])):
+                vals = [v for v in (ch.get("logprobs") or {}).get("token_logprobs") or [] if v is not None]
+                records[k]["prompt_ppl"] = math.exp(-sum(vals) / len(vals)) if vals else None
+        return records
+
+
+def _family_of(path: str) -> str:
+    """seq2seq, causal or encoder, from a model's HF config."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read the model config of {path}: {e}") from None
+    if getattr(cfg, "is_encoder_decoder", False):
+        return "seq2seq"
+    archs = getattr(cfg, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or cfg.model_type in ("gpt2", "llama", "mistral"):
+        return "causal"
+    return "encoder"
+
+
+def _stored_run(key: str, results: str | Path | None) -> BlackBox:
+    from analysis.store import ResultStore
+    from rayjobs import checkpoint
+    from rayjobs.config import SetupSpec
+    from rayjobs.models import build_task_model
+
+    if results is None:
+        raise ModelError(f"model run:{key} names a stored run, but no results folder was given")
+    folder = ResultStore(results).checkpoint_dir(key)
+    if not (folder / checkpoint.WEIGHTS).is_file():
+        raise UnknownModelError(f"no stored checkpoint for run {key} under {ResultStore(results).checkpoints_dir}")
+    meta = checkpoint.read_meta(folder)
+    if "setup_spec" not in meta or "task_spec" not in meta:
+        raise ModelError(f"checkpoint of run {key} predates self-describing checkpoints (no setup/task spec)")
+    setup = SetupSpec.model_validate(meta["setup_spec"])
+    task = TaskSpec.model_validate(meta["task_spec"])
+    tm = build_task_model(setup.model, setup.adaptation, task)
+    tm.load(folder, skip_head=False)
+    tm.module.eval()
+    labels = list(task.choices or []) if setup.model.family == "encoder" and task.choices else None
+    return TaskModelBox(f"run:{key}", f"run:{setup.model.family}", tm, fixed_labels=labels)
+
+
+def open_black_box(ref: str, results: str | Path | None = None, temperature: float | None = None,
+                   max_length: int = 512, api_key: str | None = None) -> BlackBox:
+    """Load the model a reference names (see the module docstring)."""
+    from rayjobs.config import AdaptationSpec, ModelSpec
+    from rayjobs.models import build_task_model
+    from rayjobs.models.loading import resolve_path
+    from rayjobs.models.sentence_zero_shot import DEFAULT_TEMPERATURE, SentenceZeroShot
+
+    placeholder = TaskSpec(name="adhoc", choices=["a", "b"], local=LocalSource(path="-"))
+    if ref.startswith(("http://", "https://")):
+        return EndpointBox(ref, api_key=api_key)
+    if ref.startswith("run:"):
+        return _stored_run(ref[4:], results)
+    if ref == "builtin:minilm" or ref.startswith("sentence:"):
+        path = "builtin:minilm" if ref == "builtin:minilm" else ref[len("sentence:"):]
+        tm = SentenceZeroShot(path, placeholder, temperature or DEFAULT_TEMPERATURE)
+        return TaskModelBox(ref, "sentence", tm)
+    if ref.startswith("builtin:"):
+        resolve_path(ref)  # names the unknown builtin
+    looks_local = ref.startswith((".", "/", "~")) or Path(ref).expanduser().exists()
+    if looks_local and not Path(ref).expanduser().is_dir():
+        raise UnknownModelError(f"model folder {ref} does not exist")
+    path = resolve_path(ref)
+    family = _family_of(path)
+    if family == "encoder":  # a pretrained encoder without a task head: use it as a sentence embedder
+        return TaskModelBox(ref, "sentence", SentenceZeroShot(path, placeholder, temperature or DEFAULT_TEMPERATURE))
+    tm = build_task_model(ModelSpec(name=Path(ref).name or ref, path=ref, family=family, max_length=max_length),
+                          AdaptationSpec(), placeholder)
+    tm.module.eval()
+    return TaskModelBox(ref, family, tm)

@@ -1,0 +1,525 @@
+"""FUTE embedding job (paper 004): dataset and model task embeddings in one space per surrogate, as trials.
+
+    transferlab embed configs/fute_cpu.yaml [--results DIR] [--smoke] [KEY=VALUE ...]
+    transferlab run configs/fute_cpu.yaml                      # the same (the config says `job: embed`)
+
+Stages, in dependency order, each trial keyed by everything that fixes its result (re-running resumes):
+  1. (optional) the pairwise grid of a referenced pairwise config, whose source models are black boxes
+     (and whose transfer matrix evaluates source selection);
+  2. `probe`: each black box (a model + a prompt, a stored run, or any `/v1` endpoint) labels the
+     unlabelled probe pool through `BlackBox.score` in batches; its choice distributions are stored as
+     `predictions` rows (split 'pool', no gold);
+     `score`: with `mte.score_eval`, each prompt is also scored on its task's eval split (the prompt's
+     measured accuracy and the prompt-selection baselines' inputs; the score job's trials and keys);
+  3. `embed`: per space and seed, one DTE per labelled dataset and one MTE per black box, read from the
+     probe trial's `predictions` rows. The vector goes to `embeddings/<run_key>.npy` (atomically) before
+     the run row; the view `task_embeddings` indexes the rows.
+
+A space = (surrogate, method, variant, hyperparameters, probe pool, seed) and its id hashes all of them;
+analyses never compare embeddings of different spaces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from analysis.store import ResultStore
+from rayjobs.config import ConfigError, JobConfig, ModelSpec, ResourceSpec, SetupSpec, _Strict
+from rayjobs.embeddings import LOSS, SpaceSpec
+from rayjobs.fute_data import DatasetRef, PoolSpec, ProbePool, build_pool
+from rayjobs.job import Job, Plan
+from rayjobs.plan import TrialSpec, run_key
+from rayjobs.score import BlackBoxSpec
+from rayjobs.tasks import TaskError, TaskRegistry
+from rayjobs.templates import IDENTITY, PromptTemplate, coerce_templates, task_templates
+
+EMBEDDINGS_DIR = "embeddings"
+
+
+class PairwiseRef(_Strict):
+    """Source models of a pairwise config: its whole grid runs as part of this job (same results folder)."""
+
+    config: str = Field(description="pairwise config file (relative to this config)")
+    setups: list[str] | None = Field(default=None, description="setup keys whose source models are black boxes "
+                                                                "(default all)")
+    smoke: bool = Field(default=False, description="shrink the pairwise config as its --smoke does (set by --smoke)")
+
+
+class PromptSet(_Strict):
+    """The prompts every model of `mte.models` is asked with on one task."""
+
+    task: str
+    templates: str | list[PromptTemplate] = Field(default="all", description="'all', 'input', a template name, "
+                                                                             "or a list of templates")
+    extra: list[PromptTemplate] = Field(default_factory=list, description="more prompts (bad ones, duplicates)")
+
+    @field_validator("templates", mode="before")
+    @classmethod
+    def _coerce(cls, v: Any) -> Any:
+        return coerce_templates(v)
+
+
+class MTESpec(_Strict):
+    models: list[BlackBoxSpec] = Field(default_factory=list, description="black boxes asked with `prompts`")
+    prompts: list[PromptSet] = Field(default_factory=list)
+    pairwise: PairwiseRef | None = None
+    batch_size: int = Field(default=32, gt=0, description="black-box requests per batch")
+    score_eval: bool = Field(default=True, description="also score every prompt on its task's eval split")
+    n_eval: int | None = Field(default=200, gt=0, description="eval examples per task for score_eval")
+    perplexity: bool = Field(default=False, description="store prompt perplexity with score_eval (SPELL)")
+    results_store: str | None = Field(default=None, description="results folder of run:<key> black boxes "
+                                                                "(default this job's)")
+
+
+class DTESpec(_Strict):
+    tasks: list[str] = Field(default_factory=list, description="registry tasks: a seeded labelled training sample")
+    n: int | None = Field(default=200, gt=0, description="examples per registry task (None: the whole pool)")
+    prompted_tasks: list[str] | Literal["all"] = Field(default_factory=list,
+                                                       description="few-shot DTEs from the prompted-examples file")
+    prompted_file: str | None = None
+    n_prompted: int | None = Field(default=32, gt=0, description="prompted rows per task (seeded sample)")
+    free_text_choices: int = Field(default=3, ge=2)
+
+
+class EmbedConfig(JobConfig):
+    job: Literal["embed"] = "embed"
+    spaces: list[SpaceSpec] = Field(min_length=1)
+    pool: PoolSpec = PoolSpec()
+    dte: DTESpec = DTESpec()
+    mte: MTESpec = MTESpec()
+    targets: list[str] = Field(default_factory=list, description="more evaluation targets kept out of the pool "
+                                                                 "(DTE, prompt and pairwise tasks always are)")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    resources: ResourceSpec = ResourceSpec()
+
+    input_paths: ClassVar[tuple[str, ...]] = ("data_root", "task_files", "pool.prompted_file", "dte.prompted_file",
+                                              "mte.pairwise.config", "mte.results_store")
+
+
+@dataclass(frozen=True)
+class BlackBoxItem:
+    """One black box asked for a model task embedding: a model reference with a prompt, on a task."""
+
+    name: str
+    ref: str
+    template: PromptTemplate
+    task: str
+    choices: tuple[str, ...]
+    temperature: float | None = None
+    max_length: int = 512
+    source_task: str | None = None  # the task a stored source model was trained on
+    after: tuple[str, ...] = ()
+    prompt: str | None = field(default=None)
+
+    def probe_params(self) -> dict[str, Any]:
+        return {"ref": self.ref, "temperature": self.temperature, "max_length": self.max_length,
+                "template": self.template.model_dump(), "task": self.task, "choices": list(self.choices)}
+
+
+def space_id(space: SpaceSpec, pool_digest: str, seed: int) -> str:
+    """The id of an embedding space: everything that fixes it (its display name aside)."""
+    return run_key({"kind": "space", "spec": space.model_dump(mode="json", exclude={"name"}),
+                    "variant": space.resolved_variant, "pool": pool_digest, "seed": seed})
+
+
+def vector_path(results: str | Path, key: str) -> Path:
+    return Path(results) / EMBEDDINGS_DIR / f"{key}.npy"
+
+
+def write_vector(results: str | Path, key: str, vec: np.ndarray) -> Path:
+    """`embeddings/<key>.npy` through a temp file and a rename (readers see all of it or nothing)."""
+    dest = vector_path(results, key)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{key}.", suffix=".npy")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, np.ascontiguousarray(vec, dtype=np.float32))
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
+# -- planning --------------------------------------------------------------------------------------------------
+def _pairwise(cfg: EmbedConfig, store: ResultStore) -> tuple[list[TrialSpec], list[BlackBoxItem], list[str]]:
+    """The referenced pairwise grid (run into this results folder), its source models as black boxes,
+    and its tasks (evaluation targets)."""
+    ref = cfg.mte.pairwise
+    if ref is None:
+        return [], [], []
+    from rayjobs.config import load_config
+    from rayjobs.plan import expand_pairwise
+    from rayjobs.preflight import check_setups
+
+    pcfg = load_config(ref.config)
+    if ref.smoke:
+        from rayjobs.smoke import smoke_pairwise
+
+        pcfg = smoke_pairwise(pcfg)
+    registry = TaskRegistry.load(pcfg.task_files, pcfg.data_root)
+    check_setups(pcfg, registry)
+    trials = expand_pairwise(pcfg, registry, str(store.root))
+    keys = [s.key for s in pcfg.setups]
+    unknown = [s for s in ref.setups or [] if s not in keys]
+    if unknown:
+        raise ConfigError(f"{cfg.source_file}: field `mte.pairwise.setups`: {unknown} not in {ref.config} "
+                          f"(setups: {keys})")
+    seeds = sorted({t.seed for t in trials})
+    items = []
+    for t in trials:
+        if t.kind != "source" or (ref.setups and t.setup.key not in ref.setups):
+            continue
+        spec = registry.get(t.train_task)
+        if not spec.choices:
+            raise ConfigError(f"{cfg.source_file}: pairwise source {t.train_task!r} has no fixed label set; "
+                              "its model cannot label the probe pool")
+        name = f"{t.setup.key}/{t.train_task}" + (f"/seed{t.seed}" if len(seeds) > 1 else "")
+        items.append(BlackBoxItem(name=name, ref=f"run:{t.run_key}", template=IDENTITY, task=t.train_task,
+                                  choices=tuple(spec.choices), source_task=t.train_task, after=(t.run_key,),
+                                  prompt=None))
+    tasks = sorted({x for t in trials for x in (t.train_task, t.eval_task)})
+    return trials, items, tasks
+
+
+def _prompt_items(cfg: EmbedConfig, registry: TaskRegistry) -> list[BlackBoxItem]:
+    items = []
+    for i, ps in enumerate(cfg.mte.prompts):
+        where = f"{cfg.source_file}: field `mte.prompts.{i}`"
+        try:
+            spec = registry.get(ps.task)
+        except TaskError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        if spec.answer_type != "choice" or not spec.choices:
+            raise ConfigError(f"{where}: task {ps.task!r} has no fixed label set; a prompt's soft labels need one")
+        if isinstance(ps.templates, list):
+            templates = list(ps.templates)
+        elif ps.templates == "all":
+            templates = task_templates(spec)
+        elif ps.templates == "input":
+            templates = [IDENTITY]
+        else:
+            templates = [t for t in task_templates(spec) if t.name == ps.templates]
+            if not templates:
+                raise ConfigError(f"{where}: task {ps.task!r} has no template {ps.templates!r}")
+        templates += ps.extra
+        names = [t.name for t in templates]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{where}: prompt names must be unique per task, got {names}")
+        for t in templates:
+            if t.answer_choices is not None and len(t.answer_choices) != len(spec.choices):
+                raise ConfigError(f"{where}: prompt {t.name!r} has {len(t.answer_choices)} answer_choices for the "
+                                  f"{len(spec.choices)} labels {spec.choices}")
+        for m in cfg.mte.models:
+            for t in templates:
+                items.append(BlackBoxItem(name=m.name, ref=m.ref, template=t, task=ps.task, choices=tuple(spec.choices),
+                                          temperature=m.temperature, max_length=m.max_length, prompt=t.name))
+    return items
+
+
+def _check_tasks(cfg: EmbedConfig, registry: TaskRegistry) -> list[str]:
+    for i, t in enumerate(cfg.dte.tasks):
+        try:
+            registry.origin(t)
+            spec = registry.get(t)
+        except TaskError as e:
+            raise ConfigError(f"{cfg.source_file}: field `dte.tasks.{i}`: {e}") from None
+        if spec.answer_type != "choice" or not spec.choices:
+            raise ConfigError(f"{cfg.source_file}: field `dte.tasks.{i}`: task {t!r} has no fixed label set "
+                              "(use dte.prompted_tasks for it)")
+    prompted: list[str] = []
+    if cfg.dte.prompted_tasks:
+        from rayjobs.fute_data import read_prompted
+
+        try:
+            have = read_prompted(cfg.dte.prompted_file)
+        except TaskError as e:
+            raise ConfigError(f"{cfg.source_file}: field `dte.prompted_file`: {e}") from None
+        prompted = sorted(have) if cfg.dte.prompted_tasks == "all" else list(cfg.dte.prompted_tasks)
+        missing = [t for t in prompted if t not in have]
+        if missing:
+            raise ConfigError(f"{cfg.source_file}: field `dte.prompted_tasks`: no prompted examples of {missing}")
+    return prompted
+
+
+def expand_embed(cfg: EmbedConfig, store: ResultStore) -> tuple[list[TrialSpec], ProbePool, dict[str, str]]:
+    """Every trial of an embed config (pairwise, probe, score, embed) and the probe pool; plus space ids."""
+    from rayjobs.score import ScoreConfig, expand_score
+
+    registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
+    prompted = _check_tasks(cfg, registry)
+    pair_trials, pair_items, pair_tasks = _pairwise(cfg, store)
+    items = pair_items + _prompt_items(cfg, registry)
+    targets = sorted({*cfg.targets, *cfg.dte.tasks, *prompted, *(p.task for p in cfg.mte.prompts), *pair_tasks})
+    sz = cfg.sizes
+    try:
+        pool = build_pool(cfg.pool, registry, targets, sz.split_seed, sz.eval_fraction)
+    except TaskError as e:
+        raise ConfigError(f"{cfg.source_file}: field `pool`: {e}") from None
+    if items and not pool.examples:
+        raise ConfigError(f"{cfg.source_file}: field `pool`: model task embeddings need a probe pool "
+                          "(pool.tasks / pool.prompted_tasks)")
+    results = str(store.root)
+    bb_store = cfg.mte.results_store or results
+    common = dict(experiment=cfg.name, eval_fraction=sz.eval_fraction, split_seed=sz.split_seed,
+                  data_root=cfg.data_root, task_files=list(cfg.task_files), results_dir=results)
+    pool_params = {"pool": cfg.pool.model_dump(mode="json"), "pool_digest": pool.digest, "targets": targets}
+    trials: list[TrialSpec] = list(pair_trials)
+    probe_keys: dict[int, str] = {}
+    seen: set[str] = {t.run_key for t in trials}
+    for i, it in enumerate(items):
+        params = {**it.probe_params(), **pool_params, "batch_size": cfg.mte.batch_size, "results_store": bb_store}
+        key = run_key({"kind": "probe", **it.probe_params(), "pool": pool.digest})
+        probe_keys[i] = key
+        if key in seen:
+            continue
+        seen.add(key)
+        setup = SetupSpec(name=it.name, model=ModelSpec(name=it.name, path=it.ref, max_length=it.max_length),
+                          resources=cfg.resources)
+        trials.append(TrialSpec(run_key=key, kind="probe", executor="probe", setup=setup, hparams=setup.train,
+                                train_task=it.task, eval_task=it.task, target=it.task, source=it.source_task,
+                                seed=0, n_train=len(pool.examples), n_eval=None, after=list(it.after),
+                                params={**params, "model": it.name, "prompt": it.prompt}, **common))
+    if cfg.mte.score_eval:
+        for ps in cfg.mte.prompts:
+            tpl = [t for t in items if t.task == ps.task and t.source_task is None]
+            templates = list({t.template.name: t.template for t in tpl}.values())
+            if not templates or not cfg.mte.models:
+                continue
+            scfg = ScoreConfig.model_validate({
+                "name": cfg.name, "models": [m.model_dump() for m in cfg.mte.models], "tasks": [ps.task],
+                "templates": [t.model_dump() for t in templates], "split": "eval", "n": cfg.mte.n_eval,
+                "perplexity": cfg.mte.perplexity, "seeds": [0], "data_root": cfg.data_root,
+                "task_files": list(cfg.task_files), "sizes": sz.model_dump(), "resources": cfg.resources.model_dump(),
+                "results_store": cfg.mte.results_store})
+            for t in expand_score(scfg, registry, results):
+                if t.run_key not in seen:
+                    seen.add(t.run_key)
+                    trials.append(t)
+    sids: dict[str, str] = {}
+    for space in cfg.spaces:
+        for seed in cfg.seeds:
+            sid = space_id(space, pool.digest, seed)
+            sids[f"{space.name}/seed{seed}"] = sid
+            setup = SetupSpec(name=space.name, model=space.surrogate, adaptation=space.adaptation, train=space.train,
+                              resources=cfg.resources)
+            base = {"space": space.model_dump(mode="json"), "space_id": sid, "variant": space.resolved_variant,
+                    **pool_params, "composition": pool.composition}
+            datasets = [DatasetRef(task=t, source="registry", n=cfg.dte.n) for t in cfg.dte.tasks]
+            datasets += [DatasetRef(task=t, source="prompted", n=cfg.dte.n_prompted,
+                                    free_text_choices=cfg.dte.free_text_choices, prompted_file=cfg.dte.prompted_file)
+                         for t in prompted]
+            for ds in datasets:
+                origin = registry.origin(ds.task) if ds.source == "registry" else _prompted_origin(ds.prompted_file)
+                ident = ds.model_dump(mode="json", exclude={"prompted_file"})
+                key = run_key({"kind": "embed", "space": sid, "embedding": "DTE", "data": ident, "origin": origin})
+                trials.append(TrialSpec(run_key=key, kind="embed", executor="embed", setup=setup, hparams=space.train,
+                                        train_task=ds.task, eval_task=ds.task, target=ds.task, seed=seed,
+                                        n_train=ds.n, n_eval=None,
+                                        params={**base, "embedding": "DTE", "dataset": ds.model_dump(mode="json")},
+                                        **common))
+            for i, it in enumerate(items):
+                key = run_key({"kind": "embed", "space": sid, "embedding": "MTE", "probe": probe_keys[i],
+                               "model": it.name, "prompt": it.prompt})
+                trials.append(TrialSpec(
+                    run_key=key, kind="embed", executor="embed", setup=setup, hparams=space.train, train_task=it.task,
+                    eval_task=it.task, target=it.task, source=it.source_task, seed=seed, n_train=len(pool.examples),
+                    n_eval=None, after=[probe_keys[i]],
+                    params={**base, "embedding": "MTE", "probe_key": probe_keys[i], "model": it.name, "ref": it.ref,
+                            "prompt": it.prompt, "choices": list(it.choices), "source_task": it.source_task},
+                    **common))
+    keys = [t.run_key for t in trials]
+    dup = {k for k in keys if keys.count(k) > 1}
+    if dup:
+        raise ConfigError(f"{cfg.source_file}: two entries plan the same run (identical black box, prompt and "
+                          f"task under the same names?): {sorted(dup)[:3]}")
+    return trials, pool, sids
+
+
+def _prompted_origin(path: str | None) -> str:
+    from rayjobs.fute_data import _prompted_file, file_digest
+
+    p = _prompted_file(path)
+    return f"{p.name}#{file_digest(p)}"
+
+
+def _write_pool(pool: ProbePool) -> Any:
+    def write(store: ResultStore) -> None:
+        dest = store.root / EMBEDDINGS_DIR / "pools" / f"{pool.digest}.json"
+        if dest.exists():
+            return
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        body = {**pool.composition, "examples": [e.uid for e in pool.examples]}
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(body, f, indent=1, sort_keys=True)
+        os.replace(tmp, dest)
+    return write
+
+
+# -- executors ---------------------------------------------------------------------------------------------------
+def _pool_for(trial: TrialSpec) -> ProbePool:
+    p = trial.params
+    registry = TaskRegistry.load(trial.task_files, trial.data_root)
+    pool = build_pool(PoolSpec.model_validate(p["pool"]), registry, p["targets"], trial.split_seed, trial.eval_fraction)
+    if pool.digest != p["pool_digest"]:
+        raise TaskError(f"the probe pool rebuilt here ({pool.digest}) is not the one planned ({p['pool_digest']}): "
+                        "its task data changed since the job was planned")
+    return pool
+
+
+def probe_trial(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
+    """A black box labels the probe pool: one `predictions` row per probe input (split 'pool', no gold),
+    `probs` in the task's canonical label order (the template's verbalisers are in that order)."""
+    from dataclasses import replace
+
+    from rayjobs.blackbox import open_black_box
+    from rayjobs.train_loop import prediction_rows, seed_everything
+
+    t0 = time.time()
+    p = trial.params
+    seed_everything(trial.seed)
+    pool = _pool_for(trial)
+    choices = tuple(p["choices"])
+    examples = [replace(e, choices=choices, label=-1) for e in pool.examples]
+    template = PromptTemplate.model_validate(p["template"])
+    box = open_black_box(p["ref"], results=p.get("results_store") or trial.results_dir,
+                         temperature=p.get("temperature"), max_length=p.get("max_length", 512))
+    records = box.score(template, examples, batch_size=p["batch_size"])
+    bad = [e.uid for e, r in zip(examples, records, strict=True) if not r.get("probs") or len(r["probs"]) != len(choices)]
+    if bad:
+        raise ValueError(f"black box {p['ref']} returned no {len(choices)}-choice distribution for {bad[:3]}")
+    rows = prediction_rows(trial.eval_task, template.name, "pool", [template.render(e) for e in examples], records)
+    for r in rows:
+        r.update(gold=None, gold_text=None, gold_value=None, correct=None)
+    return {
+        "run_key": trial.run_key, "experiment": trial.experiment, "kind": "probe", "setup": trial.setup.key,
+        "model": p.get("model") or trial.setup.model.name, "adaptation": "none", "source": trial.source,
+        "target": trial.eval_task, "seed": trial.seed, "n_train": 0, "n_eval": len(rows),
+        "hparams": {k: p[k] for k in ("ref", "temperature", "max_length", "template", "choices", "pool_digest")},
+        "metrics": {"black_box": box.kind, "template": template.name, "prompt": p.get("prompt"), "calls": len(rows),
+                    "batch_size": p["batch_size"], "split": "pool", "choices": list(choices)},
+        "train_time_s": 0.0, "wall_time_s": time.time() - t0, "host": socket.gethostname(), "status": "ok",
+        "predictions": rows,
+    }
+
+
+def embed_trial(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
+    """One task embedding: train the space's surrogate on the data (one-hot labels for a DTE, the probe
+    trial's stored soft labels for an MTE), compute the method's vector, write it, return the run row."""
+    from rayjobs.embeddings import SoftLabelModel, build_surrogate, choice_task, compute_embedding
+    from rayjobs.fute_data import mte_examples, one_hot, prompted_examples, registry_examples
+    from rayjobs.train_loop import TrainContext, fit, seed_everything
+
+    t0 = time.time()
+    ctx = ctx or TrainContext()
+    p = trial.params
+    space = SpaceSpec.model_validate(p["space"])
+    seed_everything(trial.seed)
+    what = p["embedding"]
+    extra: dict[str, Any] = {}
+    if what == "DTE":
+        ds = DatasetRef.model_validate(p["dataset"])
+        if ds.source == "registry":
+            registry = TaskRegistry.load(trial.task_files, trial.data_root)
+            examples, choices, origin = registry_examples(registry, ds.task, ds.n, trial.seed, trial.split_seed,
+                                                          trial.eval_fraction)
+            task = choice_task(ds.task, choices)
+            extra["choices"] = choices
+        else:
+            examples, origin = prompted_examples(ds.prompted_file, ds.task, ds.n, trial.seed, ds.free_text_choices)
+            task = choice_task(ds.task, None)
+        targets = one_hot(examples)
+        extra.update(data=ds.data_name, origin=origin)
+    else:
+        pool = _pool_for(trial)
+        table = ResultStore(trial.results_dir).read_predictions(p["probe_key"])
+        if table is None:
+            raise FileNotFoundError(f"no predictions of probe trial {p['probe_key']} (it must run first)")
+        examples, targets = mte_examples(pool, table.to_pylist(), p["choices"])
+        task = choice_task(trial.eval_task, p["choices"])
+        extra.update(data=f"probe:{pool.digest}", probe_key=p["probe_key"], choices=p["choices"])
+    tm = build_surrogate(space, task, trial.seed)
+    soft = SoftLabelModel(tm, {e.uid: q for e, q in zip(examples, targets, strict=True)})
+    fitted = fit(soft, examples, trial, ctx)
+    vec, info = compute_embedding(space, tm, examples, targets, trial.seed)
+    if not np.all(np.isfinite(vec)):
+        raise ValueError(f"the {what} of {trial.eval_task} has non-finite entries")
+    dest = write_vector(trial.results_dir, trial.run_key, vec)
+    trainable, total = tm.param_counts()
+    return {
+        "run_key": trial.run_key, "experiment": trial.experiment, "kind": "embed", "setup": space.name,
+        "model": p.get("model"), "adaptation": space.adaptation.method, "source": p.get("source_task"),
+        "target": trial.eval_task, "seed": trial.seed, "n_train": len(examples), "n_eval": info.get("n_fisher"),
+        "hparams": {"space": p["space"], "space_id": p["space_id"], "pool": p["pool"], "composition": p["composition"],
+                    "steps": fitted.steps, "micro_batch": fitted.micro_batch},
+        "metric": None, "score": None,
+        "metrics": {"space": p["space_id"], "space_name": space.name, "embedding": what, "task": trial.eval_task,
+                    "model": p.get("model"), "ref": p.get("ref"), "prompt": p.get("prompt"),
+                    "source_task": p.get("source_task"), "dims": int(vec.size),
+                    "file": f"{EMBEDDINGS_DIR}/{trial.run_key}.npy", "method": space.method, "variant": info["variant"],
+                    "loss": LOSS, "final_train_loss": float(np.mean(fitted.losses[-10:])), "embedding_info": info,
+                    "pool_digest": p["pool_digest"], **extra},
+        "trainable_params": trainable, "total_params": total, "train_time_s": fitted.train_time_s,
+        "wall_time_s": time.time() - t0, "host": socket.gethostname(), "checkpoint": str(dest), "status": "ok",
+        "loss_curve": fitted.losses,
+    }
+
+
+# -- the job --------------------------------------------------------------------------------------------------
+class EmbedJob(Job):
+    kind = "embed"
+    config_cls = EmbedConfig
+    description = __doc__ or ""
+
+    def plan(self, cfg: EmbedConfig, store: ResultStore) -> Plan:
+        trials, pool, sids = expand_embed(cfg, store)
+        n = {k: sum(1 for t in trials if t.kind == k) for k in ("embed", "probe", "score")}
+        pair = len(trials) - sum(n.values())
+        summary = (f"{len(trials)} runs ({n['embed']} embeddings in {len(sids)} space(s), {n['probe']} black boxes "
+                   f"on a {len(pool.examples)}-input probe pool, {n['score']} eval scorings"
+                   + (f", {pair} pairwise" if pair else "") + ")")
+        return Plan(trials, summary=summary, view="task_embeddings", before_run=[_write_pool(pool)])
+
+    def report(self, cfg: EmbedConfig, store: ResultStore) -> list[str]:
+        from analysis.task_embeddings import own_task_retrieval
+
+        with store.connect(read_only=True) as con:
+            rows = con.execute("""SELECT space_name, space, kind, count(*), any_value(dims) FROM task_embeddings
+                                  WHERE experiment = ? GROUP BY ALL ORDER BY ALL""", [cfg.name]).fetchall()
+            lines = [f"space {n} ({sid}): {c} {k}s of {d} dims" for n, sid, k, c, d in rows]
+            for sid in sorted({r[1] for r in rows}):
+                try:
+                    ret = own_task_retrieval(con, sid)
+                except Exception:  # noqa: BLE001 - a summary only; the analyses report their own errors
+                    continue
+                if ret["n_models"]:
+                    lines.append(f"  MTE of a source model -> its own task's DTE: mean rank {ret['mean_rank']:.2f} of "
+                                 f"{ret['n_candidates']} DTEs (chance {ret['chance_mean_rank']:.2f}), "
+                                 f"top-1 {ret['top1']}/{ret['n_models']}")
+        return lines
+
+
+JOB = EmbedJob()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rayjobs.driver import module_main
+
+    return module_main("embed", argv)
+
+
+if __name__ == "__main__":
+    from rayjobs.driver import guarded_module_main
+
+    guarded_module_main("embed")

@@ -1,0 +1,197 @@
+"""Bulk scoring job: black boxes (model + prompt) over a task split or an unlabelled pool, per-example rows.
+
+    transferlab run configs/score_minilm_prompts.yaml [--results DIR] [--smoke] [KEY=VALUE ...]
+
+One trial per (model, task, template, seed), keyed by everything that fixes its output (the model
+reference, the template's content, the task data, the split and sample); each writes one `predictions`
+row per example and a `runs` row of kind 'score' (score = accuracy over the labelled examples, the task
+metric where one applies). The prompt-selection baselines, FUTE's model task embeddings and PVI read
+these rows; nothing computes a second inference path. Re-running skips stored keys.
+
+Splits: `eval` (the task's held-out pool), `train` (a seeded sample of the training pool), `pool` (the
+same sample with labels dropped: an unlabelled probe pool; `gold` is NULL in its rows).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator
+
+from analysis.store import ResultStore
+from rayjobs.config import JobConfig, ModelSpec, ResourceSpec, SetupSpec, _Strict
+from rayjobs.job import Job, Plan
+from rayjobs.plan import TrialSpec, run_key
+from rayjobs.tasks import TaskRegistry
+from rayjobs.templates import BASE, IDENTITY, PromptTemplate, coerce_templates, task_templates
+
+
+class BlackBoxSpec(_Strict):
+    """A model to score with; see rayjobs/blackbox.py for the reference forms."""
+
+    name: str = Field(description="name in results (runs.model)")
+    ref: str = Field(description="builtin:minilm | sentence:<path> | run:<key> | http(s)://.../v1#model | hub id/folder")
+    temperature: float | None = Field(default=None, gt=0, description="sentence scorer: softmax temperature")
+    max_length: int = Field(default=512, gt=0)
+
+
+class ScoreConfig(JobConfig):
+    job: Literal["score"] = "score"
+    models: list[BlackBoxSpec] = Field(min_length=1)
+    tasks: list[str] = Field(min_length=1)
+    templates: str | list[PromptTemplate] = Field(
+        default="all", description="'all' / 'input' / a template name of every task, or a list of templates")
+    split: Literal["eval", "train", "pool"] = "eval"
+    n: int | None = Field(default=200, gt=0, description="examples per task (None: the whole split)")
+    generate: bool = Field(default=False, description="also store greedy generations (pred_text)")
+    perplexity: bool = Field(default=False, description="also store each rendered prompt's perplexity (SPELL)")
+    results_store: str | None = Field(default=None, description="results folder holding run:<key> checkpoints "
+                                                                "(default: this job's results folder)")
+    resources: ResourceSpec = ResourceSpec()
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+
+    input_paths: ClassVar[tuple[str, ...]] = ("data_root", "task_files", "results_store")
+
+    @field_validator("templates", mode="before")
+    @classmethod
+    def _coerce(cls, v: Any) -> Any:
+        return coerce_templates(v)
+
+
+def _templates(cfg: ScoreConfig, spec: Any) -> list[PromptTemplate]:
+    if isinstance(cfg.templates, list):
+        return list(cfg.templates)
+    if cfg.templates == "all":
+        return task_templates(spec)
+    if cfg.templates == BASE:
+        return [IDENTITY]
+    named = [t for t in task_templates(spec) if t.name == cfg.templates]
+    if not named:
+        raise ValueError(f"task {spec.name!r} has no template {cfg.templates!r}")
+    return named
+
+
+def expand_score(cfg: ScoreConfig, registry: TaskRegistry, results_dir: str) -> list[TrialSpec]:
+    trials = []
+    sz = cfg.sizes
+    store = cfg.results_store or results_dir
+    for m in cfg.models:
+        setup = SetupSpec(name=m.name, model=ModelSpec(name=m.name, path=m.ref, max_length=m.max_length),
+                          resources=cfg.resources)
+        for task in cfg.tasks:
+            spec = registry.get(task)
+            origin = registry.origin(task)
+            for tpl in _templates(cfg, spec):
+                for seed in cfg.seeds:
+                    params = {"ref": m.ref, "temperature": m.temperature, "max_length": m.max_length,
+                              "template": tpl.model_dump(), "split": cfg.split, "n": cfg.n,
+                              "generate": cfg.generate, "perplexity": cfg.perplexity}
+                    key = run_key({"kind": "score", "params": params, "task": [task, origin], "seed": seed,
+                                   "split": [sz.eval_fraction, sz.split_seed]})
+                    trials.append(TrialSpec(
+                        run_key=key, experiment=cfg.name, kind="score", executor="score", setup=setup,
+                        hparams=setup.train, train_task=task, eval_task=task, target=task, seed=seed,
+                        n_train=cfg.n if cfg.split != "eval" else 0, n_eval=cfg.n if cfg.split == "eval" else None,
+                        eval_fraction=sz.eval_fraction, split_seed=sz.split_seed, data_root=cfg.data_root,
+                        task_files=list(cfg.task_files), results_dir=str(store), params=params))
+    return trials
+
+
+def score_trial(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
+    """Executor of one score trial: load the black box, score the split, return the run row + predictions."""
+    from rayjobs import metrics
+    from rayjobs.blackbox import open_black_box
+    from rayjobs.models.base import answer
+    from rayjobs.train_loop import prediction_rows, seed_everything
+
+    t0 = time.time()
+    p = trial.params
+    seed_everything(trial.seed)
+    registry = TaskRegistry.load(trial.task_files, trial.data_root)
+    data = registry.load_data(trial.eval_task, trial.n_train if p["split"] != "eval" else 0, trial.n_eval,
+                              seed=trial.seed, eval_fraction=trial.eval_fraction, split_seed=trial.split_seed)
+    examples = list(data.eval if p["split"] == "eval" else data.train)
+    template = PromptTemplate.model_validate(p["template"])
+    box = open_black_box(p["ref"], results=trial.results_dir, temperature=p.get("temperature"),
+                         max_length=p.get("max_length", 512))
+    records = box.score(template, examples, generate=p["generate"], perplexity=p["perplexity"])
+    rows = prediction_rows(data.spec.name, template.name, p["split"], [template.render(e) for e in examples], records)
+    if p["split"] == "pool":  # an unlabelled probe pool: the labels were never there
+        for r in rows:
+            r.update(gold=None, gold_text=None, gold_value=None, correct=None)
+        score, mets = None, {}
+    else:
+        score, mets = metrics.compute(data.spec, [answer(r) for r in records], [
+            e.answer if e.answer is not None else (e.value if e.value is not None else e.label) for e in examples])
+    return {
+        "run_key": trial.run_key, "experiment": trial.experiment, "kind": "score", "setup": trial.setup.key,
+        "model": trial.setup.model.name, "adaptation": "none", "target": trial.eval_task, "seed": trial.seed,
+        "n_train": 0, "n_eval": len(examples), "hparams": {**p, "data": data.origin}, "metric": data.spec.metric,
+        "score": score, "metrics": {**mets, "template": template.name, "split": p["split"], "black_box": box.kind},
+        "train_time_s": 0.0, "wall_time_s": time.time() - t0, "host": socket.gethostname(), "status": "ok",
+        "predictions": rows,
+    }
+
+
+class ScoreJob(Job):
+    kind = "score"
+    config_cls = ScoreConfig
+    description = __doc__ or ""
+
+    def plan(self, cfg: ScoreConfig, store: ResultStore) -> Plan:
+        from rayjobs.config import ConfigError
+        from rayjobs.tasks import TaskError
+
+        registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
+        for i, t in enumerate(cfg.tasks):
+            try:
+                registry.origin(t)
+            except TaskError as e:
+                raise ConfigError(f"{cfg.source_file}: field `tasks.{i}`: {e}") from None
+        for i, m in enumerate(cfg.models):
+            _check_ref(m.ref, cfg, f"models.{i}.ref")
+        try:
+            trials = expand_score(cfg, registry, str(store.root))
+        except ValueError as e:
+            raise ConfigError(f"{cfg.source_file}: field `templates`: {e}") from None
+        return Plan(trials, view="predictions")
+
+    def report(self, cfg: ScoreConfig, store: ResultStore) -> list[str]:
+        with store.connect(read_only=True) as con:
+            rows = con.execute("""SELECT model, target, metrics->>'$.template' AS template, round(avg(score), 4)
+                                  FROM runs WHERE kind = 'score' AND experiment = ? AND status = 'ok'
+                                  GROUP BY ALL ORDER BY ALL""", [cfg.name]).fetchall()
+        if not rows or all(r[3] is None for r in rows):
+            return [f"scored {len(rows)} (model, task, template) cells; rows in table `predictions`"]
+        return ["model / task / template: score (the task metric)"] + [f"  {m} / {t} / {tp}: {s}" for m, t, tp, s in rows]
+
+
+def _check_ref(ref: str, cfg: ScoreConfig, field: str) -> None:
+    """Model references that cannot resolve fail before Ray starts (a stored run must exist)."""
+    from pathlib import Path
+
+    from rayjobs.config import ConfigError
+
+    if ref.startswith("run:") and cfg.results_store:
+        folder = ResultStore(cfg.results_store).checkpoint_dir(ref[4:])
+        if not folder.is_dir():
+            raise ConfigError(f"{cfg.source_file}: field `{field}`: no stored checkpoint {folder}")
+    elif ref.startswith((".", "/", "~")) and not Path(ref).expanduser().is_dir():
+        raise ConfigError(f"{cfg.source_file}: field `{field}`: model folder {ref} does not exist")
+
+
+JOB = ScoreJob()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rayjobs.driver import module_main
+
+    return module_main("score", argv)
+
+
+if __name__ == "__main__":
+    from rayjobs.driver import guarded_module_main
+
+    guarded_module_main("score")

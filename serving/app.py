@@ -1,0 +1,262 @@
+"""The transferlab Serve application: a FastAPI ingress in front of the scoring deployment.
+
+    serve run serving/config.yaml            # or: transferlab serve --db results/taskweb.duckdb
+    curl -s localhost:8000/v1/score -H 'content-type: application/json' -d '{"model": "builtin:minilm",
+         "template": {"input": "Review: {input} Sentiment?", "answer_choices": ["negative", "positive"]},
+         "examples": [{"input": "a joyful film"}]}'
+
+Endpoints (OpenAPI at /docs): POST /v1/score (model + template + examples -> per-example predictions
+records, the `predictions` columns), POST /v1/completions (the OpenAI subset scoring needs: prompt,
+max_tokens, logprobs, echo), GET /v1/models, POST /v1/rank/sources (top-k sources for a target by a
+stored or computed selector, read-only over the store), GET /v1/stats, GET /healthz.
+
+Errors are JSON `{"error": {"message", "type", "code"}, "detail"}` with a 4xx for every bad request
+(422 names the field, 413 too many examples, 404 unknown model / run key, 503 a model that failed to
+load or a replica that is restarting, 504 a request slower than `request_timeout_s`). Serve has no
+authentication of its own: with TRANSFERLAB_API_TOKEN set in the ingress replica's environment every
+/v1 route requires `Authorization: Bearer <token>` (/healthz and /docs stay open for probes).
+"""
+
+# no `from __future__ import annotations`: FastAPI must see the body models, not strings, through
+# Serve's class-based view
+import asyncio
+import hmac
+import os
+import time
+import uuid
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
+
+from serving.schemas import (
+    CompletionRequest,
+    CompletionResponse,
+    ErrorBody,
+    ModelCard,
+    ModelList,
+    RankRequest,
+    RankResponse,
+    ScoreRequest,
+    ScoreResponse,
+)
+from serving.scorer import Scorer
+from serving.settings import ServeSettings, is_endpoint
+
+TOKEN_ENV = "TRANSFERLAB_API_TOKEN"
+
+api = FastAPI(title="transferlab", version="0.1.0",
+              description="Models with prompts as black boxes, per-example outputs, and source-selection "
+                          "queries over the transferlab results store.")
+ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": ErrorBody} for c in (401, 404, 413, 422, 503, 504)}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+def _error(status: int, message: str, kind: str, detail: Any = None, headers: dict[str, str] | None = None
+           ) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status},
+                         "detail": message if detail is None else detail}, status_code=status, headers=headers)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_: Request, e: ApiError) -> JSONResponse:
+    headers = {"Retry-After": "2"} if e.status == 503 else None
+    return _error(e.status, e.message, e.kind, headers=headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+    """422 naming each bad field (`body.examples.0.input: Field required`)."""
+    errors = e.errors()
+    parts = [f"{'.'.join(str(x) for x in err.get('loc', ()))}: {err.get('msg', '')}" for err in errors]
+    detail = [{k: v for k, v in err.items() if k in ("loc", "msg", "type")} for err in errors]
+    return _error(422, "; ".join(parts), "invalid_request_error", detail)
+
+
+@api.exception_handler(HTTPException)
+async def _http(_: Request, e: HTTPException) -> JSONResponse:
+    return _error(e.status_code, str(e.detail), "invalid_request_error", headers=getattr(e, "headers", None))
+
+
+@api.exception_handler(Exception)
+async def _bug(_: Request, e: Exception) -> JSONResponse:
+    """A server-side fault (not a bad request): still JSON, with the exception named."""
+    return _error(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+
+
+def require_token(request: Request) -> None:
+    """Bearer-token check, on when TRANSFERLAB_API_TOKEN is set where the ingress replica runs."""
+    token = os.environ.get(TOKEN_ENV)
+    if not token:
+        return
+    got = request.headers.get("authorization", "")
+    scheme, _, value = got.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+        raise ApiError(401, "missing or wrong bearer token (Authorization: Bearer <TRANSFERLAB_API_TOKEN>)",
+                       "authentication_error")
+
+
+AUTH = [Depends(require_token)]
+
+
+@serve.deployment(name="Ingress", max_ongoing_requests=512)
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, scorer: DeploymentHandle, settings: dict[str, Any]):
+        self.scorer = scorer
+        self.settings = ServeSettings.model_validate(settings)
+        self._handles: dict[str, DeploymentHandle] = {}
+
+    def _scorer_for(self, model: str) -> DeploymentHandle:
+        """The scorer handle routed by model (multiplexing); one per model, reused (bounded)."""
+        handle = self._handles.get(model)
+        if handle is None:
+            if len(self._handles) >= 1024:
+                self._handles.clear()
+            handle = self._handles[model] = self.scorer.options(multiplexed_model_id=model)
+        return handle
+
+    async def _call(self, response: Any) -> dict[str, Any]:
+        """Await a scorer call: its outcome dict, 503 while a replica is down, 504 past the timeout."""
+        from ray.exceptions import RayActorError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        try:
+            out = await asyncio.wait_for(response, self.settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise ApiError(504, f"no answer within {self.settings.request_timeout_s:g}s (request_timeout_s)",
+                           "timeout") from None
+        except (RayActorError, BackPressureError, DeploymentUnavailableError) as e:
+            raise ApiError(503, f"scoring replica unavailable, retry shortly: {type(e).__name__}",
+                           "service_unavailable") from None
+        if out["status"] != 200:
+            raise ApiError(out["status"], out["message"], out.get("type", "invalid_request_error"))
+        return out
+
+    def _check_model(self, model: str) -> None:
+        if is_endpoint(model) and model not in self.settings.models:
+            raise ApiError(404, f"model {model} is not served: an http(s) endpoint must be listed in the "
+                                "application's `models`", "not_found_error")
+
+    @api.post("/v1/score", response_model=ScoreResponse, responses=ERRORS, dependencies=AUTH)
+    async def score(self, body: ScoreRequest) -> ScoreResponse:
+        """Score examples under a prompt template with a model: per example the choices' log-likelihoods,
+        probabilities and prediction (the `predictions` columns)."""
+        if len(body.examples) > self.settings.max_examples:
+            raise ApiError(413, f"{len(body.examples)} examples in one request; at most "
+                                f"{self.settings.max_examples} (max_examples)", "request_too_large")
+        self._check_model(body.model)
+        out = await self._call(self._scorer_for(body.model).score.remote(body.model_dump()))
+        # the records are the scorer's own (ScoreResult fields); sent as they are, not validated twice
+        return JSONResponse({"model": body.model, "template": body.template.name, "results": out["results"]})
+
+    @api.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS, dependencies=AUTH)
+    async def completions(self, body: CompletionRequest) -> CompletionResponse:
+        """OpenAI legacy completions, the subset scoring needs: `echo` + `logprobs` + `max_tokens: 0` returns
+        the prompt tokens' log-probabilities (raw logits, first token None); `max_tokens` > 0 decodes greedily."""
+        model = body.model or self.settings.completion_model
+        if not model:
+            raise ApiError(422, "body.model: required (no completion_model is configured)")
+        prompts = body.prompts()
+        if len(prompts) > self.settings.max_prompts:
+            raise ApiError(413, f"{len(prompts)} prompts in one request; at most {self.settings.max_prompts} "
+                                "(max_prompts)", "request_too_large")
+        if body.max_tokens > self.settings.max_new_tokens:
+            raise ApiError(422, f"body.max_tokens: at most {self.settings.max_new_tokens} (max_new_tokens)")
+        self._check_model(model)
+        if is_endpoint(model):
+            raise ApiError(422, f"model {model} is an endpoint itself; /v1/completions serves local causal LMs")
+        out = await self._call(self._scorer_for(model).complete.remote({"model": model, "prompts": prompts,
+                                                       "max_tokens": body.max_tokens, "echo": body.echo,
+                                                       "logprobs": body.logprobs}))
+        n_p, n_c = out["prompt_tokens"], out["completion_tokens"]
+        return CompletionResponse(id=f"cmpl-{uuid.uuid4().hex[:24]}", created=int(time.time()), model=model,
+                                  choices=out["choices"],
+                                  usage={"prompt_tokens": n_p, "completion_tokens": n_c, "total_tokens": n_p + n_c})
+
+    @api.get("/v1/models", response_model=ModelList, responses=ERRORS, dependencies=AUTH)
+    async def models(self) -> ModelList:
+        """The configured models, then every stored run with a checkpoint (as run:<key>)."""
+        from serving.ranking import stored_runs
+
+        cards = [ModelCard(id=m) for m in self.settings.models]
+        db = self.settings.db
+        if db and os.path.isfile(db):
+            runs = await asyncio.to_thread(self._guard_store, stored_runs, db)
+            cards += [ModelCard(source="stored run", **r) for r in runs]
+        return ModelList(data=cards)
+
+    @api.post("/v1/rank/sources", response_model=RankResponse, responses=ERRORS, dependencies=AUTH)
+    async def rank_sources(self, body: RankRequest) -> RankResponse:
+        """Top-k source tasks for a target by a selector (TaskShop, RoE, LLM-similarity, measured transfer:
+        `oracle`), computed over the store read-only."""
+        from serving.ranking import rank_sources
+
+        if not self.settings.db:
+            raise ApiError(503, "no results store configured (args.db or TRANSFERLAB_DB)", "service_unavailable")
+        out = await asyncio.to_thread(self._guard_store, rank_sources, self.settings.db, body.target, body.selector,
+                                      body.k, body.setup, body.lam, body.seed)
+        return RankResponse(**out)
+
+    @staticmethod
+    def _guard_store(fn: Any, *args: Any) -> Any:
+        from analysis.errors import AnalysisError
+        from analysis.store import StoreError
+
+        try:
+            return fn(*args)
+        except AnalysisError as e:  # unknown selector / setup / target, k too large
+            raise ApiError(422, str(e)) from None
+        except StoreError as e:  # no database, or it cannot be opened
+            raise ApiError(503, str(e), "service_unavailable") from None
+
+    @api.get("/v1/stats", dependencies=AUTH)
+    async def stats(self) -> dict[str, Any]:
+        """Counters of a scoring replica: requests, batches, forward passes per model, loaded models."""
+        return await self._call_stats()
+
+    async def _call_stats(self) -> dict[str, Any]:
+        from ray.exceptions import RayActorError
+
+        try:
+            return await asyncio.wait_for(self.scorer.stats.remote(), 10)
+        except (asyncio.TimeoutError, RayActorError) as e:
+            raise ApiError(503, f"scoring replica unavailable: {type(e).__name__}", "service_unavailable") from None
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        """200 when the ingress and a scoring replica answer (no token needed: for probes)."""
+        from ray.exceptions import RayActorError
+
+        try:
+            await asyncio.wait_for(self.scorer.ping.remote(), 5)
+        except (asyncio.TimeoutError, RayActorError) as e:
+            return _error(503, f"scoring replica not answering: {type(e).__name__}", "service_unavailable")
+        db = self.settings.db
+        return JSONResponse({"status": "ok", "store": db if db and os.path.isfile(db) else None})
+
+
+def build_app(args: dict[str, Any] | None = None) -> Any:
+    """The application for `serve run` / `serve deploy` (`import_path: serving.app:build_app`, `args`:
+    the fields of `ServeSettings`)."""
+    settings = ServeSettings.model_validate(args or {}).resolved()
+    payload = settings.model_dump()
+    logging = {"enable_access_log": settings.access_log}
+    scorer = Scorer.options(
+        num_replicas=settings.num_replicas, logging_config=logging,
+        max_ongoing_requests=max(256, 2 * settings.max_batch_size),  # room to fill the next batch
+        ray_actor_options={"num_cpus": settings.scorer_cpus, "num_gpus": settings.scorer_gpus},
+        user_config={"max_batch_size": settings.max_batch_size,
+                     "batch_wait_timeout_s": settings.batch_wait_timeout_s},
+    ).bind(payload)
+    return Ingress.options(ray_actor_options={"num_cpus": 0}, logging_config=logging).bind(scorer, payload)

@@ -1,0 +1,88 @@
+"""`transferlab serve`: the Serve application of serving/config.yaml on a local (or $RAY_ADDRESS) Ray.
+
+The convenience over `serve run serving/config.yaml`: the store and port as flags, settings validated
+before Ray starts (a bad one is one line and exit 2), and the repository importable by the replicas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG = Path(__file__).resolve().parent / "config.yaml"
+
+
+def load_serve_config(path: str | Path, overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the config's first application, its validated and resolved settings with `overrides` applied)."""
+    from pydantic import ValidationError
+
+    from rayjobs.config import ConfigError
+    from serving.settings import ServeSettings
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"serve config {p} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+        app = raw["applications"][0]
+    except (yaml.YAMLError, KeyError, IndexError, TypeError) as e:
+        raise ConfigError(f"serve config {p}: expected `applications: [...]` ({type(e).__name__}: {e})") from None
+    args = {**(app.get("args") or {}), **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        settings = ServeSettings.model_validate(args).resolved()
+    except ValidationError as e:
+        raise ConfigError(f"serve config {p}: {e}".replace("\n", "; ")) from None
+    return {**app, "http_options": raw.get("http_options") or {}}, settings.model_dump()
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {"max_batch_size": args.max_batch_size}
+    db = args.db or os.environ.get("TRANSFERLAB_DB")
+    if db:  # the store given here: its checkpoints are next to it unless --results says otherwise
+        overrides.update(db=db, results=args.results or str(Path(db).expanduser().resolve().parent))
+    elif args.results:
+        overrides["results"] = args.results
+    app, settings = load_serve_config(args.config, overrides)
+    if args.check:
+        print(json.dumps(settings, indent=2))
+        return 0
+    import ray
+    from ray import serve
+
+    from serving.app import build_app
+
+    http = app["http_options"]
+    host, port = args.host or http.get("host", "127.0.0.1"), args.port or http.get("port", 8000)
+    if not ray.is_initialized():
+        root = str(Path(__file__).resolve().parent.parent)  # replicas import serving/rayjobs/analysis from here
+        env = {**((app.get("runtime_env") or {}).get("env_vars") or {}),
+               "PYTHONPATH": os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH", "")] if p)}
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, runtime_env=None if address else {"env_vars": env})
+    serve.start(http_options={"host": host, "port": int(port)})
+    print(f"transferlab: serving on http://{host}:{port} (store {settings['db']}); docs at /docs; Ctrl-C stops")
+    serve.run(build_app(settings), name=app.get("name", "transferlab"), route_prefix=app.get("route_prefix", "/"),
+              blocking=True)
+    return 0
+
+
+def add_subcommand(sub: Any, default_db: Callable[[], str]) -> None:
+    """Register `transferlab serve` on the CLI's subparsers."""
+    help_ = "run the Serve application (scoring, completions, source ranking over HTTP; OpenAPI at /docs)"
+    p = sub.add_parser("serve", help=help_, description=help_ + f". Without --db: $TRANSFERLAB_DB, else the "
+                                                                f"config's store (the CLI default is {default_db()}).")
+    p.add_argument("--db", default=None, help="DuckDB results store to answer /v1/rank/sources from")
+    p.add_argument("--results", default=None, help="results folder with checkpoints for run:<key> (default: the "
+                                                   "db's folder)")
+    p.add_argument("--config", default=str(CONFIG), help="Serve config file (default: %(default)s)")
+    p.add_argument("--host", default=None, help="HTTP host (default: the config's http_options)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, 8000)")
+    p.add_argument("--max-batch-size", type=int, default=None, help="requests per dynamic batch (1 = unbatched)")
+    p.add_argument("--check", action="store_true", help="validate and print the resolved settings, start nothing")
+    p.set_defaults(func=_cmd_serve)

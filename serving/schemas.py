@@ -1,0 +1,180 @@
+"""Request and response models of the HTTP API (they are the OpenAPI schema at /docs).
+
+The score request uses the task registry's template fields (`input` with `{input}`, optional
+`answer_choices`), so a template copied from `rayjobs/task_registry.yaml` works as is. The completions
+models are the subset of OpenAI's legacy `POST /v1/completions` that scoring needs (prompt, max_tokens,
+logprobs, echo), so OpenAI clients and `rayjobs.blackbox.EndpointBox` talk to this app unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from rayjobs.tasks import Example
+from rayjobs.templates import PromptTemplate
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- /v1/score ------------------------------------------------------------------------------------------
+class TemplateIn(_Strict):
+    name: str = Field(default="request", description="template name (only echoed back)")
+    input: str = Field(description="format string over {input}, {options}, {options_list}; must use {input}")
+    answer_choices: list[str] | None = Field(default=None, min_length=1,
+                                             description="verbalised labels in the task's order")
+
+    @model_validator(mode="after")
+    def _valid(self) -> TemplateIn:
+        self.template()  # the registry's own checks: {input} present, known fields, a valid format string
+        return self
+
+    def template(self) -> PromptTemplate:
+        return PromptTemplate(name=self.name, input=self.input, answer_choices=self.answer_choices)
+
+
+class ExampleIn(_Strict):
+    input: str = Field(description="the example's text, substituted for {input}")
+    choices: list[str] | None = Field(default=None, min_length=1,
+                                      description="this example's answer choices (default: the template's)")
+    id: str | None = Field(default=None, description="echoed back in the result")
+
+    def example(self, template: TemplateIn, index: int) -> Example:
+        """Choices fall back to the template's verbalisers (the label set a choice task scores)."""
+        choices = self.choices or template.answer_choices or []
+        return Example(text=self.input, choices=tuple(choices), label=-1, uid=self.id or str(index))
+
+
+class ScoreRequest(_Strict):
+    model: str = Field(min_length=1, description="builtin:minilm | sentence:<path> | run:<key> | "
+                                                 "a local LM folder or hub id | a listed http(s)://.../v1#model")
+    template: TemplateIn
+    examples: list[ExampleIn] = Field(min_length=1)
+    generate: bool = Field(default=False, description="also return greedy generations (pred_text; LMs)")
+    perplexity: bool = Field(default=False, description="also return each rendered prompt's perplexity (LMs)")
+
+
+class ScoreResult(BaseModel):
+    id: str
+    choices: list[str] | None = None
+    logprobs: list[float] | None = Field(default=None, description="summed log-likelihood per choice")
+    logprobs_mean: list[float] | None = Field(default=None, description="length-normalised per choice")
+    probs: list[float] | None = Field(default=None, description="softmax over the choices of the scores "
+                                                                "used to predict")
+    prediction: int | None = Field(default=None, description="index into choices")
+    pred_text: str | None = None
+    pred_value: float | None = None
+    prompt_ppl: float | None = None
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    template: str
+    results: list[ScoreResult]
+
+
+# -- /v1/models ------------------------------------------------------------------------------------------
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    owned_by: str = "transferlab"
+    source: Literal["config", "stored run"] = "config"
+    task: str | None = None
+    setup: str | None = None
+    score: float | None = Field(default=None, description="the stored run's evaluation score")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# -- /v1/rank/sources ------------------------------------------------------------------------------------
+class RankRequest(_Strict):
+    target: str = Field(min_length=1)
+    selector: str = Field(min_length=1, description="roe | llm | taskshop-roe | taskshop-llm | oracle "
+                                                    "(measured transfer) | size | random | a stored name")
+    setup: str | None = Field(default=None, description="transfer setup ADAPTATION:MODEL (TaskShop, oracle)")
+    k: int = Field(default=5, ge=1, le=1000)
+    lam: float | None = Field(default=None, ge=0, le=1, description="TaskShop's lambda (default 0.7)")
+    seed: int = 0
+
+
+class RankedSource(BaseModel):
+    rank: int
+    source: str
+    score: float
+
+
+class RankResponse(BaseModel):
+    target: str
+    selector: str
+    stored_as: str
+    setup: str | None
+    k: int
+    n_candidates: int
+    sources: list[RankedSource]
+
+
+# -- /v1/completions (OpenAI subset) ---------------------------------------------------------------------
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we have no use for (user, ...)
+
+    model: str | None = None
+    prompt: str | list[str]
+    max_tokens: int = Field(default=16, ge=0)
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    echo: bool = False
+    temperature: float | None = Field(default=None, description="0 or unset: greedy (the only decoding)")
+    n: int = Field(default=1, ge=1, le=1)
+    stream: Literal[False] = False
+
+    @model_validator(mode="after")
+    def _greedy(self) -> CompletionRequest:
+        if self.temperature not in (None, 0):
+            raise ValueError("only greedy decoding is served: temperature must be 0 or unset")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("prompt is an empty list")
+        return self
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None = None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ErrorBody(BaseModel):
+    """Every error: OpenAI's shape (`error.message`), plus `detail` as FastAPI clients expect."""
+
+    error: dict[str, Any]
+    detail: Any

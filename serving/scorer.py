@@ -1,0 +1,201 @@
+"""The scoring deployment: black boxes multiplexed per replica (LRU), requests batched across callers.
+
+`@serve.multiplexed` keeps up to `max_models_per_replica` loaded black boxes (any `open_black_box`
+reference: builtin:minilm, run:<key> checkpoints and their adapters, LM folders) and routes requests for
+a model to a replica that has it. `@serve.batch` collects concurrent score requests (up to
+`max_batch_size`, waiting at most `batch_wait_timeout_s`; both live-updatable through `user_config`) and
+scores each group that shares a model with one forward pass (`serving.batching.score_jobs`), in a
+worker thread so the event loop keeps collecting the next batch. Forward passes are counted by a hook on
+each model (`stats`), which is how the tests see batching.
+
+Outcomes are plain dicts `{"status": 200, ...}` or `{"status": 4xx/5xx, "message": ...}`, so a bad
+request or a model that fails to load never raises through the handle (no 500, the replica stays
+healthy); a failed load is not cached, the next request for that model tries again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+from ray import serve
+
+from rayjobs import observe
+from rayjobs.blackbox import BlackBox, UnknownModelError, open_black_box
+from rayjobs.models.loading import ModelError
+from serving.batching import Failure, ScoreJob, score_jobs
+from serving.settings import ServeSettings
+
+
+class Loaded:
+    """A loaded black box and its forward-pass counter; `__del__` is Serve's unload hook (LRU eviction)."""
+
+    def __init__(self, model_id: str, box: BlackBox, on_unload: Any):
+        self.model_id, self.box, self._on_unload = model_id, box, on_unload
+        self.forwards = 0
+        self._hook = None
+        module = getattr(getattr(box, "tm", None), "module", None)
+        if module is not None:
+            import torch
+
+            # a SentenceTransformer is a Sequential whose forward encode() calls directly: hook its first stage
+            root = module[0] if isinstance(module, torch.nn.Sequential) and len(module) else module
+            self._hook = root.register_forward_hook(self._count)
+
+    def _count(self, *_: Any) -> None:
+        self.forwards += 1
+
+    def __del__(self) -> None:
+        cb, self._on_unload = getattr(self, "_on_unload", None), None
+        if cb is not None:
+            cb(self)
+
+
+def _to_gpu(box: BlackBox) -> None:
+    """Move a model to the replica's GPU where its scoring path follows the model's device: LMs (inputs go to
+    `TaskModel.device`) and the sentence scorer; encoder classifiers are scored on the CPU (their batches are
+    built on the CPU by the shared scoring loop)."""
+    import torch
+
+    tm = getattr(box, "tm", None)
+    if tm is None or not torch.cuda.is_available():
+        return
+    if box.kind in ("causal", "seq2seq", "run:causal", "run:seq2seq"):
+        tm.module.to("cuda")
+    elif box.kind == "sentence":
+        tm.encoder.to("cuda")
+
+
+def _failure(status: int, message: str, kind: str = "invalid_request_error") -> dict[str, Any]:
+    return {"status": status, "message": message, "type": kind}
+
+
+@serve.deployment(name="Scorer", max_ongoing_requests=256, health_check_period_s=5)
+class Scorer:
+    def __init__(self, settings: dict[str, Any]):
+        self.settings = ServeSettings.model_validate(settings)
+        if self.settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.settings.torch_threads)
+        self.counts: Counter[str] = Counter()
+        self.loaded: dict[str, Loaded] = {}
+        self.unloaded_forwards: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self.started = time.time()
+
+        async def load(model_id: str) -> Loaded:
+            return await self._load(model_id)
+
+        # wired at init so the LRU size comes from the settings (Serve detects instance-level multiplexing)
+        self.get_model = serve.multiplexed(max_num_models_per_replica=self.settings.max_models_per_replica)(load)
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """user_config: {max_batch_size, batch_wait_timeout_s}; `serve deploy` changes them without a restart."""
+        if "max_batch_size" in config:
+            self._batched.set_max_batch_size(int(config["max_batch_size"]))
+        if "batch_wait_timeout_s" in config:
+            self._batched.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
+
+    # -- models -----------------------------------------------------------------------------------
+    async def _load(self, model_id: str) -> Loaded:
+        s = self.settings
+        box = await asyncio.to_thread(open_black_box, model_id, results=s.results, max_length=s.max_length)
+        if s.scorer_gpus > 0:
+            await asyncio.to_thread(_to_gpu, box)
+        loaded = Loaded(model_id, box, self._unloaded)
+        with self._lock:
+            self.loaded[model_id] = loaded
+            self.counts["loads"] += 1
+        return loaded
+
+    def _unloaded(self, loaded: Loaded) -> None:
+        with self._lock:
+            if self.loaded.get(loaded.model_id) is loaded:
+                del self.loaded[loaded.model_id]
+                self.unloaded_forwards[loaded.model_id] += loaded.forwards
+                self.counts["unloads"] += 1
+
+    async def _model(self, model_id: str) -> Loaded | dict[str, Any]:
+        from rayjobs.models.loading import BUILTINS
+
+        if model_id.startswith("builtin:") and model_id[len("builtin:"):] not in BUILTINS:
+            return _failure(404, f"unknown builtin model {model_id}; known: "
+                                 f"{', '.join('builtin:' + b for b in BUILTINS)}", "not_found_error")
+        try:
+            return await self.get_model(model_id)
+        except UnknownModelError as e:
+            return _failure(404, str(e), "not_found_error")
+        except Exception as e:  # noqa: BLE001 - ModelError, OSError, a broken checkpoint: the reason, not a 500
+            self.counts["load_failures"] += 1
+            reason = str(e) if isinstance(e, ModelError) else f"{type(e).__name__}: {e}"
+            return _failure(503, f"model {model_id} failed to load: {reason}", "model_unavailable")
+
+    # -- scoring ----------------------------------------------------------------------------------
+    async def score(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One /v1/score request (validated by the ingress): {model, template, examples, generate, perplexity}."""
+        from serving.schemas import ExampleIn, TemplateIn
+
+        model = await self._model(request["model"])
+        if isinstance(model, dict):
+            return model
+        tpl = TemplateIn.model_construct(**request["template"])  # validated by the ingress already
+        job = ScoreJob(model.box, tpl.template(),
+                       [ExampleIn.model_construct(**e).example(tpl, i) for i, e in enumerate(request["examples"])],
+                       bool(request.get("generate")), bool(request.get("perplexity")))
+        self.counts["requests"] += 1
+        observe.serve_request("Scorer")
+        out = await self._batched(job)
+        if isinstance(out, Failure):
+            return _failure(out.status, out.message, out.type)
+        return {"status": 200, "results": [{**r, "id": e.uid} for r, e in zip(out, job.examples, strict=True)]}
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _batched(self, jobs: list[ScoreJob]) -> list[list[dict[str, Any]] | Failure]:
+        self.counts["batches"] += 1
+        self.counts["batched_requests"] += len(jobs)
+        self.counts["max_batch"] = max(self.counts["max_batch"], len(jobs))
+        observe.serve_batch("Scorer", len(jobs))
+        return await asyncio.to_thread(score_jobs, jobs)
+
+    # -- completions ------------------------------------------------------------------------------
+    async def complete(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One /v1/completions request: {model, prompts, max_tokens, echo, logprobs}."""
+        from serving.completions import causal_lm, complete
+
+        model = await self._model(request["model"])
+        if isinstance(model, dict):
+            return model
+        tm = getattr(model.box, "tm", None)
+        if not causal_lm(tm):
+            return _failure(422, f"model {request['model']} is a {model.box.kind} scorer; /v1/completions "
+                                 "needs a causal LM (a GPT-2 style folder or a stored causal run)")
+
+        def run() -> tuple[list[dict[str, Any]], int, int]:
+            with model.box._lock:
+                return complete(tm, request["prompts"], request["max_tokens"], request["echo"], request["logprobs"])
+
+        self.counts["completions"] += 1
+        choices, n_prompt, n_new = await asyncio.to_thread(run)
+        return {"status": 200, "choices": choices, "prompt_tokens": n_prompt, "completion_tokens": n_new}
+
+    # -- introspection ----------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Counters of this replica: requests, batches, forward passes per model, loaded models (LRU order)."""
+        ctx = serve.get_replica_context()
+        with self._lock:
+            forwards = Counter(self.unloaded_forwards)
+            for mid, m in self.loaded.items():
+                forwards[mid] += m.forwards
+            loaded = list(self.loaded)
+        return {"replica": ctx.replica_id.unique_id, "pid": os.getpid(), "uptime_s": time.time() - self.started,
+                "max_batch_size": self._batched._get_max_batch_size(),
+                "batch_wait_timeout_s": self._batched._get_batch_wait_timeout_s(),
+                "loaded_models": loaded, "forward_passes": dict(forwards), **dict(self.counts)}
+
+    def ping(self) -> str:
+        return "ok"

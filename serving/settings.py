@@ -1,0 +1,54 @@
+"""Settings of the Serve application: the `args` of `serving/config.yaml` (or `transferlab serve` flags).
+
+One validated model for every knob, so a typo in the config fails at build time with the field's name
+instead of as a replica that crashes later. Paths are made absolute where the application is built
+(the `serve run` process, whose working directory the user chose), because replicas may run elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ServeSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    db: str | None = Field(default=None, description="DuckDB results store answering /v1/rank/sources and "
+                                                      "listing stored runs (default: $TRANSFERLAB_DB)")
+    results: str | None = Field(default=None, description="results folder holding checkpoints/<run_key> for "
+                                                          "run:<key> models (default: the db's folder)")
+    models: list[str] = Field(default_factory=lambda: ["builtin:minilm"],
+                              description="model references advertised by /v1/models; http(s) endpoints "
+                                          "are served only when listed here")
+    completion_model: str | None = Field(default=None, description="causal LM used by /v1/completions when "
+                                                                   "a request names no model")
+    max_examples: int = Field(default=256, gt=0, description="examples per /v1/score request (more: 413)")
+    max_prompts: int = Field(default=256, gt=0, description="prompts per /v1/completions request (more: 413)")
+    max_new_tokens: int = Field(default=64, ge=0, description="largest max_tokens of /v1/completions")
+    max_batch_size: int = Field(default=32, gt=0, description="requests per dynamic batch (@serve.batch); "
+                                                              "1 = unbatched")
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0, description="longest wait for a batch to fill")
+    max_models_per_replica: int = Field(default=4, gt=0, description="models kept per scoring replica (LRU)")
+    num_replicas: int = Field(default=1, gt=0, description="scoring replicas")
+    scorer_cpus: float = Field(default=1.0, ge=0, description="CPUs reserved per scoring replica")
+    scorer_gpus: float = Field(default=0.0, ge=0, description="GPUs reserved per scoring replica")
+    torch_threads: int | None = Field(default=None, gt=0, description="torch intra-op threads per scoring "
+                                                                      "replica (default: Ray's, = scorer_cpus)")
+    max_length: int = Field(default=512, gt=0, description="token limit of LM prompts")
+    access_log: bool = Field(default=True, description="Serve's per-request access log lines in the replicas")
+    request_timeout_s: float = Field(default=120.0, gt=0, description="a request slower than this gets 504")
+
+    def resolved(self) -> ServeSettings:
+        """Absolute paths; the store from $TRANSFERLAB_DB when not given; results next to the store."""
+        db = self.db or os.environ.get("TRANSFERLAB_DB")
+        db_path = Path(db).expanduser().resolve() if db else None
+        results = self.results or (str(db_path.parent) if db_path else None)
+        return self.model_copy(update={"db": str(db_path) if db_path else None,
+                                       "results": str(Path(results).expanduser().resolve()) if results else None})
+
+
+def is_endpoint(ref: str) -> bool:
+    return ref.startswith(("http://", "https://"))
