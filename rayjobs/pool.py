@@ -13,6 +13,7 @@ Train workers are started per trial by `TorchTrainer`, so nothing is kept warm f
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import time
@@ -78,6 +79,7 @@ class TrialWorker:
             from rayjobs.models import encoder, text_to_text  # noqa: F401
         self.defaults = train_loop.capture_process_state()
         self.trials = 0
+        gc.freeze()  # the imported modules: the collection after each trial need not scan them again
 
     def ready(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "host": socket.gethostname()}
@@ -101,6 +103,8 @@ class TrialWorker:
         finally:
             self.trials += 1
             train_loop.release_memory()
+            if self.trials == 1:  # what the first trial imported lazily (model classes) stays too
+                gc.freeze()
         out["finished"] = time.time()
         return out
 

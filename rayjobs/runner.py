@@ -15,8 +15,8 @@ failed run (by the trial; by the driver when its worker process died) and retrie
 `run.max_failures` times; trials depending on a failed run are reported as blocked and left for a
 re-run; the other trials go on.
 
-Hooks: `RunCallback` (trial start / end, run end) is called in the driver; progress lines and the
-periodic ingest are callbacks, and so can be metrics.
+Hooks: `RunCallback` (trial start / retry / end, run end) is called in the driver; the progress lines,
+the periodic ingest and the Ray metrics (`TrialMetrics`, see `rayjobs.observe`) are callbacks.
 """
 
 from __future__ import annotations
@@ -104,6 +104,11 @@ def distributed_concurrency(trials: list[TrialSpec]) -> int | None:
     return max(1, max(fits))
 
 
+#: workers of a shape a run may ask a remote cluster for even when fewer fit it now: queued ones are
+#: the demand its autoscaler scales on
+REMOTE_MIN_WORKERS = 16
+
+
 def shape_caps(trials: list[TrialSpec], run: RunSpec) -> dict[Shape, int]:
     """How many workers of each shape may run at once: what fits the cluster now; on a remote cluster at
     least `REMOTE_MIN_WORKERS`, so that queued workers are demand its autoscaler scales on; never more
@@ -119,10 +124,6 @@ def shape_caps(trials: list[TrialSpec], run: RunSpec) -> dict[Shape, int]:
             cap = max(cap, REMOTE_MIN_WORKERS)
         caps[shape] = min(cap, n, run.max_concurrent_trials or cap)
     return caps
-
-
-#: workers of a shape a run may ask a remote (autoscaling) cluster for beyond what fits it now
-REMOTE_MIN_WORKERS = 16
 
 
 # -- what a run reports ----------------------------------------------------------------------------------
@@ -295,6 +296,8 @@ def schedule(name: str, trials: list[TrialSpec], run: RunSpec, done: set[str], *
 
 
 CAPS_EVERY_S = 10.0
+#: failed worker starts in a row (with none of the shape alive) after which a run gives up
+MAX_START_FAILURES = 3
 
 
 @dataclass
@@ -314,6 +317,7 @@ class _Scheduler:
         self.inflight: dict[Any, _Flight] = {}
         self.failed: set[str] = set()  # given up on, or blocked
         self.attempts: Counter[str] = Counter()
+        self.start_failures: Counter[Shape] = Counter()
         self.caps = shape_caps(trials, run)
         self.caps_at = self.t0 = time.monotonic()
         self.own_pool = own_pool
@@ -345,12 +349,21 @@ class _Scheduler:
             finished, _ = ray.wait(refs, num_returns=1, timeout=5.0)
             for ref in finished:
                 if ref in starting:
-                    try:
-                        self.pool.mark_ready(starting[ref])
-                    except Exception as e:
-                        raise RuntimeError(f"a trial worker ({starting[ref].shape}) failed to start: {e}") from e
+                    self.worker_started(starting[ref])
                 else:
                     self.complete(ref)
+
+    def worker_started(self, worker: Worker) -> None:
+        """A worker came up, or failed to (its node was lost, or it cannot start at all). A few failed
+        starts in a row with none of its shape alive mean the latter: the run stops with the error."""
+        try:
+            self.pool.mark_ready(worker)
+            self.start_failures[worker.shape] = 0
+        except Exception as e:  # noqa: BLE001 - mark_ready dropped it; the next dispatch starts another
+            self.start_failures[worker.shape] += 1
+            alive = any(w.shape == worker.shape and w.ready_ref is None for w in self.pool.workers)
+            if self.start_failures[worker.shape] >= MAX_START_FAILURES and not alive:
+                raise RuntimeError(f"trial workers ({worker.shape}) fail to start: {e}") from e
 
     def update_caps(self) -> None:
         """On a remote cluster nodes come and go: re-read what fits every `CAPS_EVERY_S` seconds."""

@@ -24,7 +24,8 @@ MAX_LOSS_POINTS = 2000
 def inject_fault(spec: TrialSpec, rank: int | None = None) -> None:
     """Failure injection for tests: TRANSFERLAB_FAULT="<action>[@rank<N>]:<label substring>[;<rule>...]".
 
-    <action> is `raise`, `kill` (SIGKILL) or `kill-once` (SIGKILL on the first attempt only). Without
+    <action> is `raise`, `kill` (SIGKILL), `kill-once` (SIGKILL on the first attempt only) or
+    `sleep<S>` (wait S seconds, then run: a straggler that stays in flight long enough to be hit). Without
     `@rank<N>` it fires in the trial process (the coordinator of a distributed trial); with it, only
     in Ray Train worker N of a distributed trial, so a test can fail one rank while the others wait
     in a collective.
@@ -35,6 +36,9 @@ def inject_fault(spec: TrialSpec, rank: int | None = None) -> None:
         action, pattern = rule.split(":", 1)
         action, _, where = action.partition("@")
         if where != ("" if rank is None else f"rank{rank}") or not pattern or pattern not in spec.label:
+            continue
+        if action.startswith("sleep"):
+            time.sleep(float(action[len("sleep"):] or 1))
             continue
         if action == "raise":
             raise RuntimeError(f"injected failure for {spec.label}" + ("" if rank is None else f" on rank {rank}"))
