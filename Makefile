@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU build of torch by default; GPU users install their own torch first (TORCH_SPEC= to skip).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo test bench bench-training bench-serve smoke-configs lint clean
+.PHONY: venv demo test bench bench-training bench-serve smoke-configs fute-cpu lint clean
 
 # deepspeed (in `dev`) is an sdist: its isolated build env gets only setuptools (without torch its
 # setup.py skips op pre-compilation), so no CUDA torch is fetched and no --no-build-isolation is
@@ -42,6 +42,10 @@ bench-serve: venv
 # Every config in configs/ end to end with --smoke (tiny models, 3 tasks, a few steps), timed.
 smoke-configs: venv
 	$(BIN)/python -m rayjobs.smoke
+
+# FUTE (paper 004) on a CPU: embeddings, selection evaluations and the report with figures (reports/fute_cpu/).
+fute-cpu: venv
+	$(BIN)/python benchmarks/fute_cpu.py
 
 lint: venv
 	$(BIN)/ruff check .

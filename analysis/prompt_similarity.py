@@ -123,7 +123,26 @@ def load_soft_prompt(folder: str | Path) -> np.ndarray:
         raise
     except Exception as e:  # a truncated or foreign file
         raise AnalysisError(f"checkpoint {path} is not a readable safetensors file: {e}") from None
-    return _matrix(tensor.float().numpy(), f"soft prompt in {path}")
+    return _matrix(_encoder_prompt(tensor.float().numpy(), Path(folder)), f"soft prompt in {path}")
+
+
+def _encoder_prompt(matrix: np.ndarray, folder: Path) -> np.ndarray:
+    """The prompt the model reads. peft's prompt tuning of a seq2seq model defaults to two transformer
+    submodules: a [2N, dim] table whose second half (the decoder's) is never used by prompt tuning and
+    stays at its random initialisation. Keep the first N rows, N = num_virtual_tokens from the
+    checkpoint's setup (rows beyond it would only add noise to FEATURE/UNIGRAM/MAX)."""
+    import json
+
+    meta_path = folder / "meta.json"
+    try:
+        setup = json.loads(meta_path.read_text()).get("setup_spec") or {}
+    except (OSError, ValueError):
+        return matrix
+    params = (setup.get("adaptation") or {}).get("params") or {}
+    n = params.get("num_virtual_tokens", 20)  # rayjobs' PROMPT_DEFAULTS
+    if (setup.get("model") or {}).get("family") == "seq2seq" and matrix.shape[0] == 2 * n:
+        return matrix[:n]
+    return matrix
 
 
 def _results_dir(con: duckdb.DuckDBPyConnection) -> Path | None:

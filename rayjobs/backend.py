@@ -1,7 +1,8 @@
-"""Optimisation backends of the training loop: plain torch (AdamW) or a DeepSpeed ZeRO engine.
+"""Optimisation backends of the training loop: plain torch (AdamW or Adafactor) or a DeepSpeed ZeRO engine.
 
-The loop only calls `backward`, `step`, `model_for_eval` and `save`; everything that differs
-between a single CPU process and a sharded multi-GPU run lives behind these four methods.
+The loop only calls `backward`, `step`, `model_for_eval` and `save` (and, for best-step selection in a
+single process, `snapshot` / `restore`); everything that differs between a single CPU process and a
+sharded multi-GPU run lives behind these methods.
 """
 
 from __future__ import annotations
@@ -25,12 +26,25 @@ def _linear_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int) ->
 
 
 def make_optimizer(tm: TaskModel, hp: TrainSpec) -> torch.optim.Optimizer:
+    """`train.optimizer` over the trainable parameters, no weight decay on biases and norm weights.
+
+    adamw: torch's AdamW. adafactor: transformers' Adafactor at the fixed learning rate `learning_rate`
+    (relative_step, scale_parameter and warmup_init off: the setting of prompt tuning in Lester et al.
+    2021 and Lin et al. 2024), its other settings at their defaults (no momentum, update clipping 1.0);
+    the loop's linear schedule drives its lr as it does AdamW's.
+    """
     decay, no_decay = [], []
     for name, p in tm.module.named_parameters():
         if p.requires_grad:
             (no_decay if name.endswith("bias") or "norm" in name.lower() else decay).append(p)
-    groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.learning_rate)
+    groups = [g for g in ({"params": decay, "weight_decay": hp.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    if hp.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(groups, lr=hp.learning_rate, relative_step=False, scale_parameter=False,
+                         warmup_init=False)
+    return torch.optim.AdamW(groups, lr=hp.learning_rate)
 
 
 class TorchBackend:
@@ -55,11 +69,28 @@ class TorchBackend:
     def model_for_eval(self) -> TaskModel:
         return self.tm
 
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of the trainable parameters (what changes during training), for best-step selection."""
+        return {n: p.detach().to("cpu", copy=True) for n, p in self.tm.module.named_parameters() if p.requires_grad}
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        own = dict(self.tm.module.named_parameters())
+        with torch.no_grad():
+            for name, tensor in state.items():
+                own[name].copy_(tensor)
+
     def save(self, folder: Path, meta: dict[str, Any] | None) -> Path:
         return self.tm.save(folder, meta or {})
 
 
 def make_backend(tm: TaskModel, hp: TrainSpec, setup: SetupSpec, ctx: Any, total_steps: int, micro: int) -> Any:
+    if setup.deepspeed is not None or getattr(ctx, "world_size", 1) > 1:
+        unsupported = [f for f, v in (("optimizer: adafactor", hp.optimizer == "adafactor"),
+                                      ("eval_every", hp.eval_every is not None)) if v]
+        if unsupported:
+            raise ValueError(f"setup {setup.key!r}: train {' and '.join(unsupported)} run in a single process "
+                             "only, not under DeepSpeed / several workers (its engine owns the optimiser and "
+                             "shards the parameters)")
     if setup.deepspeed is not None:
         from rayjobs.deepspeed_backend import DeepSpeedBackend
 

@@ -10,14 +10,16 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     PrivateAttr,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -67,6 +69,33 @@ class AdaptationSpec(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class ValidationSpec(_Strict):
+    """Examples held out of a trial's training sample for periodic evaluation (`TrainSpec.eval_every`).
+
+    They come from the training pool, never from the evaluation pool, so picking the best step does not
+    look at the data the run is scored on. `n` and `fraction` cap the count together (the smaller one);
+    the split is seeded by the trial's seed, so a transfer and its baseline validate on the same examples.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True,
+                              serialize_by_alias=True)
+
+    n: int | None = Field(default=None, gt=0, description="at most this many examples")
+    fraction: float | None = Field(default=None, gt=0, lt=1, description="at most this share of the sample")
+    from_: Literal["train"] = Field(default="train", alias="from", description="the pool held out from")
+
+    @model_validator(mode="after")
+    def _some_size(self) -> ValidationSpec:
+        if self.n is None and self.fraction is None:
+            raise ValueError("give `n` (examples) and/or `fraction` (of the training sample)")
+        return self
+
+    def size(self, pool: int) -> int:
+        caps = [c for c in (self.n, None if self.fraction is None else max(1, round(self.fraction * pool)))
+                if c is not None]
+        return min(caps)
+
+
 class TrainSpec(_Strict):
     epochs: float = Field(default=3, gt=0)
     learning_rate: float = Field(default=2e-5, gt=0)
@@ -78,6 +107,19 @@ class TrainSpec(_Strict):
     max_grad_norm: float | None = 1.0
     max_steps: int | None = Field(default=None, gt=0, description="caps the number of optimiser steps")
     gradient_checkpointing: bool = False
+    # added after run-key version 2: in a run key only when not the default (plan.identity_dump)
+    optimizer: Literal["adamw", "adafactor"] = Field(
+        default="adamw", description="adafactor: fixed lr, no relative step / parameter scaling (Lester et al.)")
+    eval_every: int | None = Field(
+        default=None, gt=0, description="evaluate on `validation` every N optimiser steps; keep the best state")
+    validation: ValidationSpec | None = Field(default=None, description="held-out part of the training sample")
+
+    @model_validator(mode="after")
+    def _eval_needs_validation(self) -> TrainSpec:
+        if (self.eval_every is None) != (self.validation is None):
+            raise ValueError("`eval_every` and `validation` go together: evaluate every N steps on examples "
+                             "held out of the training sample (validation: {n: 500, from: train})")
+        return self
 
 
 class DeepSpeedSpec(_Strict):
@@ -203,12 +245,79 @@ class JobConfig(_Strict):
         return self
 
 
+class SeedLists(_Strict):
+    """Separate seeds of the two stages (Lin et al.: sources 42/150/386, transfers 112/28/52).
+
+    Each source is trained once per `source` seed and each target-only baseline once per `target` seed;
+    a transfer starts from a source run and trains with a target seed, and is paired with the baseline
+    of that target seed. `cross`: every source seed with every target seed; `zip`: the i-th source
+    seed with the i-th target seed (lists of equal length; 3 transfers per pair as in Lin et al.'s counts).
+    """
+
+    source: list[int] = Field(min_length=1)
+    target: list[int] = Field(min_length=1)
+    pairing: Literal["cross", "zip"] = "cross"
+
+    @model_validator(mode="after")
+    def _check(self) -> SeedLists:
+        for name in ("source", "target"):
+            v = getattr(self, name)
+            if len(set(v)) != len(v):
+                raise ValueError(f"seeds.{name} must be unique")
+        if self.pairing == "zip" and len(self.source) != len(self.target):
+            raise ValueError(f"seeds.pairing zip needs as many source as target seeds "
+                             f"({len(self.source)} vs {len(self.target)})")
+        return self
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """(source seed, target seed) of every transfer of one (source, target) pair."""
+        if self.pairing == "zip":
+            return list(zip(self.source, self.target, strict=True))
+        return [(s, t) for s in self.source for t in self.target]
+
+
+def _seeds_form(v: Any) -> str:
+    return "stages" if isinstance(v, dict | SeedLists) else "list"
+
+
+#: `seeds:` of a pairwise config: one list for every stage, or separate source / target lists
+PairwiseSeeds = Annotated[Annotated[list[int], Field(min_length=1), Tag("list")] | Annotated[SeedLists, Tag("stages")],
+                          Discriminator(_seeds_form)]
+
+
 class ExperimentConfig(JobConfig):
-    """A pairwise (intermediate-task) transfer grid."""
+    """A pairwise (intermediate-task) transfer grid.
+
+    `seeds: [..]` trains a source, a baseline and a transfer with the same seed; `seeds: {source: [..],
+    target: [..]}` (SeedLists) gives the stages separate seeds.
+    """
 
     job: Literal["pairwise"] = "pairwise"
     tasks: TaskSelection
     setups: list[SetupSpec] = Field(min_length=1)
+    seeds: PairwiseSeeds = Field(default_factory=lambda: list(TASKWEB_SEEDS))  # type: ignore[assignment]
+    save_target_checkpoints: bool = Field(
+        default=False, description="also keep the target-only baselines' trained parameters (the target's own "
+        "soft prompt for prompt-similarity selectors); a baseline stored without one is not retrained")
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, v: list[int] | SeedLists) -> list[int] | SeedLists:
+        if isinstance(v, list) and len(set(v)) != len(v):
+            raise ValueError("seeds must be unique")
+        return v
+
+    @property
+    def source_seeds(self) -> list[int]:
+        return list(self.seeds.source) if isinstance(self.seeds, SeedLists) else list(self.seeds)
+
+    @property
+    def target_seeds(self) -> list[int]:
+        return list(self.seeds.target) if isinstance(self.seeds, SeedLists) else list(self.seeds)
+
+    def seed_pairs(self) -> list[tuple[int, int]]:
+        """(source seed, target seed) of the transfers: the same seed twice for a plain list."""
+        return self.seeds.pairs() if isinstance(self.seeds, SeedLists) else [(s, s) for s in self.seeds]
 
 
 def unique_setup_keys(setups: list[SetupSpec]) -> None:

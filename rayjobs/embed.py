@@ -52,6 +52,7 @@ class PairwiseRef(_Strict):
     config: str = Field(description="pairwise config file (relative to this config)")
     setups: list[str] | None = Field(default=None, description="setup keys whose source models are black boxes "
                                                                 "(default all)")
+    seeds: list[int] | None = Field(default=None, description="seeds whose source models are black boxes (default all)")
     smoke: bool = Field(default=False, description="shrink the pairwise config as its --smoke does (set by --smoke)")
 
 
@@ -175,10 +176,10 @@ def _pairwise(cfg: EmbedConfig, store: ResultStore) -> tuple[list[TrialSpec], li
     if unknown:
         raise ConfigError(f"{cfg.source_file}: field `mte.pairwise.setups`: {unknown} not in {ref.config} "
                           f"(setups: {keys})")
-    seeds = sorted({t.seed for t in trials})
+    seeds = sorted({t.seed for t in trials if not ref.seeds or t.seed in ref.seeds})
     items = []
     for t in trials:
-        if t.kind != "source" or (ref.setups and t.setup.key not in ref.setups):
+        if t.kind != "source" or (ref.setups and t.setup.key not in ref.setups) or (ref.seeds and t.seed not in ref.seeds):
             continue
         spec = registry.get(t.train_task)
         if not spec.choices:
@@ -407,6 +408,7 @@ def probe_trial(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
         "model": p.get("model") or trial.setup.model.name, "adaptation": "none", "source": trial.source,
         "target": trial.eval_task, "seed": trial.seed, "n_train": 0, "n_eval": len(rows),
         "hparams": {k: p[k] for k in ("ref", "temperature", "max_length", "template", "choices", "pool_digest")},
+        "metric": None, "score": None,
         "metrics": {"black_box": box.kind, "template": template.name, "prompt": p.get("prompt"), "calls": len(rows),
                     "batch_size": p["batch_size"], "split": "pool", "choices": list(choices)},
         "train_time_s": 0.0, "wall_time_s": time.time() - t0, "host": socket.gethostname(), "status": "ok",
@@ -450,6 +452,12 @@ def embed_trial(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
         task = choice_task(trial.eval_task, p["choices"])
         extra.update(data=f"probe:{pool.digest}", probe_key=p["probe_key"], choices=p["choices"])
     tm = build_surrogate(space, task, trial.seed)
+    if trial.setup.resources.gpu > 0:  # a single-process trial with a GPU trains the surrogate on it
+        import torch
+
+        if torch.cuda.is_available():
+            tm.module.to("cuda")
+            ctx = TrainContext(device="cuda", progress=ctx.progress)
     soft = SoftLabelModel(tm, {e.uid: q for e, q in zip(examples, targets, strict=True)})
     fitted = fit(soft, examples, trial, ctx)
     vec, info = compute_embedding(space, tm, examples, targets, trial.seed)

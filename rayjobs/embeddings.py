@@ -153,13 +153,14 @@ def choice_logprobs(tm: TaskModel, batch: dict[str, Any]) -> torch.Tensor:
     from rayjobs.models.encoder import EncoderClassifier, EncoderMultipleChoice
     from rayjobs.models.text_to_text import _TextToText
 
+    batch = {k: v for k, v in batch.items() if k != "soft"}  # the targets are the loss's, not the model's
     own = getattr(tm, "choice_logits", None)
     if own is not None:
         logits = own(batch)
     elif isinstance(tm, EncoderMultipleChoice):
         logits = tm._logits(batch)
     elif isinstance(tm, EncoderClassifier):
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", "examples", "soft")}
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "examples")}
         logits = tm.module(**inputs).logits
     elif isinstance(tm, _TextToText):
         examples: list[Example] = batch["examples"]
@@ -270,10 +271,11 @@ def fisher_embedding(tm: TaskModel, examples: Sequence[Example], targets: Sequen
     old = _only_grad(params, module)
     acc = [torch.zeros_like(p, dtype=torch.float64) for p in params]
     try:
+        device = params[0].device
         for e, q in zip(examples, targets, strict=True):
-            batch = tm.collate([e])
+            batch = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in tm.collate([e]).items()}
             logp = choice_logprobs(tm, batch)[0, :len(e.choices)]
-            qv = torch.tensor(list(q), dtype=logp.dtype)
+            qv = torch.tensor(list(q), dtype=logp.dtype, device=logp.device)
             if variant == "fisher_sq_mean":  # the gradient of the example's training loss, summed
                 grads = torch.autograd.grad(-(torch.where(qv > 0, qv * logp, torch.zeros_like(logp))).sum(), params)
                 for a, g in zip(acc, grads, strict=True):
@@ -292,7 +294,7 @@ def fisher_embedding(tm: TaskModel, examples: Sequence[Example], targets: Sequen
         _restore(module, old)
     n = len(examples)
     parts = [(a / n) ** 2 if variant == "fisher_sq_mean" else a / n for a in acc]
-    vec = torch.cat([p.reshape(-1) for p in parts]).float().numpy()
+    vec = torch.cat([p.reshape(-1) for p in parts]).float().cpu().numpy()
     info = {"variant": variant, "fisher_labels": labels if variant == "fisher_eq3" else "loss_gradient",
             "n_fisher": n, "params": [[name, int(p.numel())] for name, p in named]}
     return vec, info
@@ -314,7 +316,7 @@ def tupate_embedding(tm: TaskModel) -> tuple[np.ndarray, dict[str, Any]]:
     tokens = module.prompt_tokens[adapter][:cfg.num_virtual_tokens].unsqueeze(0).to(encoder.embedding.weight.device)
     module.eval()
     with torch.no_grad():
-        out = encoder(tokens)[0].float()
+        out = encoder(tokens)[0].float().cpu()
     kind = str(cfg.peft_type.value if hasattr(cfg.peft_type, "value") else cfg.peft_type)
     if kind == "PREFIX_TUNING":
         t, layers, hidden = cfg.num_virtual_tokens, cfg.num_layers, cfg.token_dim

@@ -331,7 +331,7 @@ class MtlJob(Job):
         check_mtl(cfg, registry)
         trials, rows = expand_mtl(cfg, registry, str(store.root))
         return Plan(trials, summary=f"{len(rows)} (grouping, group, setup, seed) cells -> {len(trials)} distinct runs",
-                    view="mtl_groups", before_run=[lambda st: record_groups(st, rows)])
+                    view="mtl_comparison", before_run=[lambda st: record_groups(st, rows)])
 
     def report(self, cfg: MtlConfig, store: ResultStore) -> list[str]:
         return member_lines(store, cfg)

@@ -1,8 +1,9 @@
 """Expand an experiment config into trials with deterministic run keys.
 
 Pairwise transfer runs in stages so nothing is trained twice: one source model per
-(setup, source, seed), one target-only baseline per (setup, target, seed), and one transfer per
-(setup, source, target, seed) that starts from its source checkpoint and is paired with its baseline.
+(setup, source, source seed), one target-only baseline per (setup, target, target seed), and one
+transfer per (setup, source, target, seed pair) that starts from its source checkpoint and is paired
+with the baseline of its target seed.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class TrialSpec(BaseModel):
     target: str | None = None
     sources: list[str] | None = None
     seed: int
+    source_seed: int | None = None  # a transfer's: the seed of the source run it starts from
     n_train: int | None
     n_eval: int | None
     eval_fraction: float
@@ -61,8 +63,11 @@ class TrialSpec(BaseModel):
     @property
     def label(self) -> str:
         what = {"source": f"{self.source}", "target": f"{self.target} (baseline)",
-                "transfer": f"{self.source}->{self.target}"}.get(self.kind, f"{self.sources}->{self.target}")
-        return f"{self.kind} {self.setup.key} {what} seed={self.seed}"
+                "transfer": f"{self.source}->{self.target}"}.get(self.kind)
+        if what is None:  # multi-task sets, MTL groups, scoring, PVI, embeddings: what it trains on or scores
+            what = f"{'+'.join(self.sources)}->{self.target}" if self.sources else (self.target or self.train_task)
+        seed = self.seed if self.source_seed in (None, self.seed) else f"{self.source_seed}->{self.seed}"
+        return f"{self.kind} {self.setup.key} {what} seed={seed}"
 
 
 def run_key(payload: dict[str, Any]) -> str:
@@ -126,7 +131,12 @@ def trial_key(*, kind: str, setup: SetupSpec, hparams: TrainSpec, train_task: st
 
 
 def expand_pairwise(cfg: ExperimentConfig, registry: TaskRegistry, results_dir: str) -> list[TrialSpec]:
-    """All trials of a pairwise config, sources and baselines first, transfers last."""
+    """All trials of a pairwise config, sources and baselines first, transfers last.
+
+    A transfer trains its target with a target seed from the source run of its source seed
+    (`cfg.seed_pairs()`; the same seed for a plain `seeds` list) and is paired with the baseline of its
+    target seed; `runs.seed` is the target seed, `hparams.source_seed` the source's.
+    """
     tasks = dict.fromkeys(cfg.tasks.sources + cfg.tasks.target_list)
     origins = {t: registry.origin(t) for t in tasks}  # raises TaskError on unknown tasks / missing data
     sz = cfg.sizes
@@ -138,33 +148,38 @@ def expand_pairwise(cfg: ExperimentConfig, registry: TaskRegistry, results_dir: 
     transfers: list[TrialSpec] = []
     for setup in cfg.setups:
         data = {t: f"{origins[t]}|{prompt_identity(setup, registry.get(t))}" for t in tasks}
-        for seed in cfg.seeds:
-            src_keys: dict[str, str] = {}
+        src_keys: dict[tuple[str, int], str] = {}
+        for seed in cfg.source_seeds:
             for s in cfg.tasks.sources:
                 k = trial_key(kind="source", setup=setup, hparams=setup.source_hparams, train_task=s,
                               train_origin=data[s], eval_task=s, eval_origin=data[s], seed=seed,
                               n_train=sz.source_train, **key_common)
-                src_keys[s] = k
+                src_keys[s, seed] = k
                 sources.append(TrialSpec(run_key=k, kind="source", setup=setup, hparams=setup.source_hparams,
                                          train_task=s, eval_task=s, source=s, seed=seed,
                                          n_train=sz.source_train, save_checkpoint=True, **common))
-            base_keys: dict[str, str] = {}
+        base_keys: dict[tuple[str, int], str] = {}
+        for seed in cfg.target_seeds:
             for t in cfg.tasks.target_list:
                 k = trial_key(kind="target", setup=setup, hparams=setup.train, train_task=t, train_origin=data[t],
                               eval_task=t, eval_origin=data[t], seed=seed, n_train=sz.target_train, **key_common)
-                base_keys[t] = k
+                base_keys[t, seed] = k
                 baselines.append(TrialSpec(run_key=k, kind="target", setup=setup, hparams=setup.train,
                                            train_task=t, eval_task=t, target=t, seed=seed,
-                                           n_train=sz.target_train, **common))
+                                           n_train=sz.target_train, save_checkpoint=cfg.save_target_checkpoints,
+                                           **common))
+        for src_seed, seed in cfg.seed_pairs():
             for s in cfg.tasks.sources:
                 for t in cfg.tasks.target_list:
                     if s == t and cfg.tasks.exclude_self:
                         continue
+                    init = src_keys[s, src_seed]
                     k = trial_key(kind="transfer", setup=setup, hparams=setup.train, train_task=t,
                                   train_origin=data[t], eval_task=t, eval_origin=data[t], seed=seed,
-                                  n_train=sz.target_train, source_run_key=src_keys[s], **key_common)
+                                  n_train=sz.target_train, source_run_key=init, **key_common)
                     transfers.append(TrialSpec(run_key=k, kind="transfer", setup=setup, hparams=setup.train,
                                                train_task=t, eval_task=t, source=s, target=t, seed=seed,
-                                               n_train=sz.target_train, source_run_key=src_keys[s],
-                                               baseline_run_key=base_keys[t], **common))
+                                               source_seed=src_seed, n_train=sz.target_train,
+                                               source_run_key=init, baseline_run_key=base_keys[t, seed],
+                                               **common))
     return sources + baselines + transfers

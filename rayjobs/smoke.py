@@ -20,7 +20,16 @@ from typing import Any
 
 import yaml
 
-from rayjobs.config import AdaptationSpec, ExperimentConfig, JobConfig, ModelSpec, SetupSpec, TaskSelection
+from rayjobs.config import (
+    AdaptationSpec,
+    ExperimentConfig,
+    JobConfig,
+    ModelSpec,
+    SetupSpec,
+    TaskSelection,
+    TrainSpec,
+    ValidationSpec,
+)
 from rayjobs.multitask_config import RANKED_KINDS, MultitaskConfig
 from rayjobs.tasks import DEFAULT_DATA_ROOT, TaskRegistry
 
@@ -70,13 +79,19 @@ def _smoke_batch(batch_size: int, workers: int) -> int:
     return max(workers, min(batch_size, 8) // workers * workers)
 
 
+def _smoke_train(hp: TrainSpec, workers: int) -> TrainSpec:
+    """A few steps; periodic evaluation (if on) every 2 steps on 4 held-out examples."""
+    update: dict[str, Any] = {"epochs": 1, "max_steps": 3, "grad_accum_steps": 1,
+                              "batch_size": _smoke_batch(hp.batch_size, workers)}
+    if hp.eval_every is not None:
+        update.update(eval_every=2, validation=ValidationSpec(n=4))
+    return hp.model_copy(update=update)
+
+
 def _smoke_setup(s: SetupSpec) -> SetupSpec:
     workers = min(s.resources.workers, 2)
-    train = s.train.model_copy(update={"epochs": 1, "max_steps": 3, "grad_accum_steps": 1,
-                                       "batch_size": _smoke_batch(s.train.batch_size, workers)})
-    src = s.source_train.model_copy(update={"epochs": 1, "max_steps": 3, "grad_accum_steps": 1,
-                                            "batch_size": _smoke_batch(s.source_train.batch_size, workers)}) \
-        if s.source_train else None
+    train = _smoke_train(s.train, workers)
+    src = _smoke_train(s.source_train, workers) if s.source_train else None
     res = s.resources.model_copy(update={"gpu": 0, "cpu": 1, "workers": workers, "memory_gb": None})
     # GPU-only DeepSpeed settings go: half precision, offload, and `extra` (bucket sizes, NVMe paths...)
     ds = s.deepspeed.model_copy(update={"precision": "fp32", "offload_optimizer": False, "offload_params": False,
@@ -93,14 +108,15 @@ def has_local_data(registry: TaskRegistry, task: str) -> bool:
 
 
 def smoke_tasks(cfg: ExperimentConfig) -> TaskSelection:
-    """A few tasks of a large grid, those with local data first (no hub needed): at most 3 (a full
-    3-task pairwise grid), or 1 source and 1 target when a setup is distributed (a Ray Train worker
-    group per trial costs ~40 s on a laptop)."""
+    """A few tasks of a large grid, only those with local data where there are any (no hub needed): at
+    most 3 (a full 3-task pairwise grid), or 1 source and 1 target when a setup is distributed (a Ray
+    Train worker group per trial costs ~40 s on a laptop)."""
     registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
 
     def pick(names: list[str], k: int, avoid: list[str] | None = None) -> list[str]:
         pool = [t for t in names if t not in (avoid or [])] or list(names)
-        return list(dict.fromkeys([t for t in pool if has_local_data(registry, t)] + pool))[:k]
+        local = [t for t in pool if has_local_data(registry, t)]
+        return (local or pool)[:k]  # fewer tasks rather than ones that need the hub
 
     sel = cfg.tasks
     if any(s.deepspeed is not None or s.resources.workers > 1 for s in cfg.setups):
@@ -111,8 +127,11 @@ def smoke_tasks(cfg: ExperimentConfig) -> TaskSelection:
 
 
 def smoke_pairwise(cfg: ExperimentConfig) -> ExperimentConfig:
+    """One seed (one source and one target seed where the stages have their own), tiny sizes, <= 3 tasks."""
     sizes = cfg.sizes.model_copy(update={"source_train": 24, "target_train": 24, "eval": 24})
-    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1], "sizes": sizes,
+    seeds = cfg.seeds[:1] if isinstance(cfg.seeds, list) else \
+        cfg.seeds.model_copy(update={"source": cfg.seeds.source[:1], "target": cfg.seeds.target[:1]})
+    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": seeds, "sizes": sizes,
                                   "tasks": smoke_tasks(cfg), "setups": [_smoke_setup(s) for s in cfg.setups]})
 
 
@@ -225,16 +244,19 @@ def smoke_embed(cfg: Any) -> Any:
         return s.model_copy(update={"surrogate": tiny, "train": train, "trainable": [], "fisher_params": [],
                                     "fisher_examples": 4, "adaptation": s.adaptation.model_copy(update={"params": params})})
 
-    local = sorted(cfg.dte.tasks, key=lambda t: not has_local_data(registry, t))[:2]
+    local = [t for t in cfg.dte.tasks if has_local_data(registry, t)][:2]
     prompted = cfg.dte.prompted_tasks if cfg.dte.prompted_tasks == "all" else cfg.dte.prompted_tasks[:2]
     dte = cfg.dte.model_copy(update={"tasks": local, "n": 8, "n_prompted": 4,
                                      "prompted_tasks": ["cb", "mrpc"] if prompted == "all" else prompted})
-    pool = cfg.pool.model_copy(update={"tasks": cfg.pool.tasks[:2], "prompted_tasks": cfg.pool.prompted_tasks[:2],
-                                       "n_per_task": 4})
+    pool_tasks = [t for t in cfg.pool.tasks if has_local_data(registry, t)][:2]
+    needs_pool = bool(cfg.mte.pairwise or (cfg.mte.models and cfg.mte.prompts))
+    pool_prompted = cfg.pool.prompted_tasks[:2] or ([] if pool_tasks or not needs_pool else ["story_cloze"])
+    pool = cfg.pool.model_copy(update={"tasks": pool_tasks, "prompted_tasks": pool_prompted, "n_per_task": 4})
     models = [m if m.ref.startswith(offline) else m.model_copy(update={"ref": "builtin:minilm", "temperature": None})
               for m in cfg.mte.models[:1]]
     prompts = [p.model_copy(update={"templates": p.templates if isinstance(p.templates, str) else p.templates[:2],
-                                    "extra": p.extra[:1]}) for p in cfg.mte.prompts[:1]]
+                                    "extra": p.extra[:1]})
+               for p in cfg.mte.prompts if has_local_data(registry, p.task)][:1]
     pairwise = cfg.mte.pairwise.model_copy(update={"smoke": True}) if cfg.mte.pairwise else None
     mte = cfg.mte.model_copy(update={"models": models, "prompts": prompts, "pairwise": pairwise, "n_eval": 8,
                                      "batch_size": min(cfg.mte.batch_size, 8)})

@@ -185,6 +185,9 @@ class FitResult:
     micro_batch: int
     losses: list[float]
     train_time_s: float
+    #: periodic evaluation (train.eval_every): n_validation, validation_curve [[step, score], ...],
+    #: best_step, best_validation_score; empty when off
+    validation: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -247,6 +250,44 @@ def _model_init_context(trial: TrialSpec, ctx: TrainContext) -> Any:
     return model_init_context(trial, ctx)
 
 
+def validation_split(examples: list[Example], trial: TrialSpec) -> tuple[list[Example], list[Example]]:
+    """(training, validation): `train.validation`'s examples held out of the training sample, drawn with
+    the trial's seed (a transfer and its baseline hold out the same ones); the rest keep their order."""
+    spec = trial.hparams.validation
+    if spec is None:
+        return examples, []
+    n = spec.size(len(examples))
+    if n >= len(examples):
+        raise ValueError(f"train.validation holds out {n} of {len(examples)} training examples of "
+                         f"{trial.train_task!r}: none would be left to train on")
+    order = list(range(len(examples)))
+    random.Random(f"validation:{trial.seed}").shuffle(order)
+    held = set(order[:n])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+class _BestStep:
+    """The validation curve and the trainable state of its best step (the first of equal scores)."""
+
+    def __init__(self, tm: TaskModel, examples: list[Example], batch_size: int, device: str):
+        self.tm, self.examples, self.batch_size, self.device = tm, examples, batch_size, device
+        self.curve: list[list[float]] = []
+        self.best_step: int | None = None
+        self.best_score: float | None = None
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def __call__(self, step: int, backend: Any) -> None:
+        score, _ = evaluate(self.tm, self.examples, self.batch_size, self.device)
+        self.tm.module.train()
+        self.curve.append([step, float(score)])
+        if not math.isnan(score) and (self.best_score is None or score > self.best_score):
+            self.best_step, self.best_score, self.state = step, float(score), backend.snapshot()
+
+    def summary(self) -> dict[str, Any]:
+        return {"n_validation": len(self.examples), "validation_curve": self.curve, "best_step": self.best_step,
+                "best_validation_score": self.best_score}
+
+
 def fit(tm: TaskModel, examples: list[Example], trial: TrialSpec, ctx: TrainContext,
         batcher: Batcher | None = None) -> FitResult:
     """Step 3: the optimisation loop.
@@ -258,16 +299,22 @@ def fit(tm: TaskModel, examples: list[Example], trial: TrialSpec, ctx: TrainCont
     global micro-batch (micro * world_size examples), so an optimiser step sees the same global
     batch for any world size; with world_size 1 this is exactly the single-process order. A last
     global batch smaller than world_size is dropped (every rank must run the same number of passes).
+
+    Periodic evaluation (`train.eval_every` with `train.validation`): every N optimiser steps and after
+    the last one, the task metric on examples held out of the training sample; the state of the best
+    step is restored at the end, so the evaluation and the checkpoint are those of the best step.
     """
     from rayjobs.backend import make_backend
 
     hp = trial.hparams
+    examples, held_out = validation_split(examples, trial)
     micro = max(1, hp.batch_size // (ctx.world_size * hp.grad_accum_steps))
     steps_per_epoch = math.ceil(len(examples) / (micro * ctx.world_size * hp.grad_accum_steps))
     total_steps = max(1, math.ceil(steps_per_epoch * hp.epochs))
     if hp.max_steps:
         total_steps = min(total_steps, hp.max_steps)
     backend = make_backend(tm, hp, trial.setup, ctx, total_steps, micro)
+    validate = _BestStep(tm, held_out, hp.eval_batch_size, ctx.device) if hp.eval_every else None
 
     rng = random.Random(trial.seed)
     step, losses, t_train = 0, [], time.time()
@@ -283,12 +330,20 @@ def fit(tm: TaskModel, examples: list[Example], trial: TrialSpec, ctx: TrainCont
             if (i + 1) % hp.grad_accum_steps == 0 or i == len(batches) - 1:
                 backend.step()
                 step += 1
+                if validate is not None and hp.eval_every and step % hp.eval_every == 0:
+                    validate(step, backend)
                 if step >= total_steps:
                     break
         epoch += 1
         if ctx.progress:
             ctx.progress({"epoch": epoch, "step": step, "loss": float(np.mean(losses[-len(batches):]))})
-    return FitResult(backend, step, micro, losses, time.time() - t_train)
+    if validate is None:
+        return FitResult(backend, step, micro, losses, time.time() - t_train)
+    if not validate.curve or validate.curve[-1][0] != step:
+        validate(step, backend)
+    if validate.state is not None and validate.best_step != step:
+        backend.restore(validate.state)
+    return FitResult(backend, step, micro, losses, time.time() - t_train, validation=validate.summary())
 
 
 def evaluate_trial(tm: TaskModel, data: TrialData, trial: TrialSpec, ctx: TrainContext) -> EvalResult:
@@ -324,11 +379,13 @@ def result_row(trial: TrialSpec, data: TrialData, tm: TaskModel, fitted: FitResu
         "model": setup.model.name, "adaptation": setup.adaptation.method,
         "source": trial.source, "target": trial.target, "sources": trial.sources, "seed": trial.seed,
         "source_run_key": trial.source_run_key, "baseline_run_key": trial.baseline_run_key,
-        "n_train": len(data.train), "n_eval": len(data.eval),
+        "n_train": len(data.train) - fitted.validation.get("n_validation", 0), "n_eval": len(data.eval),
         "hparams": {**hp.model_dump(), "world_size": ctx.world_size, "micro_batch": fitted.micro_batch,
-                    "steps": fitted.steps, "data": data.origins},
+                    "steps": fitted.steps, "data": data.origins,
+                    **({"source_seed": trial.source_seed} if trial.source_seed is not None else {})},
         "metric": data.eval_spec.metric,
-        "score": ev.score, "metrics": {**ev.metrics, "final_train_loss": float(np.mean(fitted.losses[-10:]))},
+        "score": ev.score, "metrics": {**ev.metrics, "final_train_loss": float(np.mean(fitted.losses[-10:])),
+                                       **fitted.validation},
         "trainable_params": trainable, "total_params": total,
         "train_time_s": fitted.train_time_s, "wall_time_s": time.time() - t0,
         "host": socket.gethostname(), "checkpoint": checkpoint, "status": "ok",

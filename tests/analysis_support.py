@@ -25,8 +25,9 @@ needs_taskweb = pytest.mark.skipif(
 
 
 @functools.lru_cache(maxsize=1)
-def taskweb_db() -> Path:
-    """Path of a store with the whole TaskWeb release imported (shared, treat as read-only)."""
+def pristine_taskweb_db() -> Path:
+    """A store with exactly the TaskWeb release imported, which no test opens writable: copy it
+    (`copy_db`) where a test needs to know what the store holds before it."""
     from analysis.db import open_store
     from analysis.taskweb_import import import_taskweb
 
@@ -36,6 +37,15 @@ def taskweb_db() -> Path:
     with open_store(db, create=True) as con:
         import_taskweb(con, TASKWEB)
     return db
+
+
+@functools.lru_cache(maxsize=1)
+def taskweb_db() -> Path:
+    """A shared store with the TaskWeb release imported. Tests that compute selectors store them here
+    (a cache others may reuse), so its selector_scores grow during a session; see pristine_taskweb_db."""
+    root = Path(tempfile.mkdtemp(prefix="transferlab-taskweb-shared-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return copy_db(pristine_taskweb_db(), root)
 
 
 def copy_db(src: Path, dest_dir: Path) -> Path:

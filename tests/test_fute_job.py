@@ -43,6 +43,7 @@ def test_embed_job_runs_on_ray_stores_vectors_and_resumes(tmp_path: Path) -> Non
     path, results = tiny_config(tmp_path), tmp_path / "results"
     r = cli("embed", str(path), "--results", str(results))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "FAILED" not in r.stdout and " 0 failed" in r.stdout, r.stdout[-3000:]
     assert "6 runs (4 embeddings in 1 space(s), 2 black boxes on a 8-input probe pool" in r.stdout
     with open_store(results / "transferlab.duckdb") as con:
         rows = con.execute("""SELECT kind, task, model, prompt, dims, file, loss, variant, space FROM task_embeddings

@@ -139,12 +139,21 @@ def test_readme_cluster_commands_run_the_quickstart_with_token_auth(tmp_path: Pa
             "source": 3, "target": 3, "transfer": 6}
         assert con.execute("SELECT count(DISTINCT run_key) FROM runs").fetchone()[0] == 12
         con.close()
-        # the trials' metrics on the head's Prometheus endpoint (the README's --metrics-export-port)
-        deadline = time.time() + 60
-        while total(samples := scrape(ports[8080]), "ray_transferlab_trial_events_total", event="finished") < 12:
-            assert time.time() < deadline, ("trial metrics did not reach the metrics endpoint",
-                                            sorted({(n, lab.get("event"), v) for n, lab, v in samples
-                                                    if "transferlab" in n}), _grep_logs(ray_tmp, "transferlab metrics"))
+        # the job's metrics on the head's Prometheus endpoint (the README's --metrics-export-port): every
+        # trial's start (recorded early in each trial) and the driver's ingest; a trial process ending
+        # within Ray's 10 s export interval of its finish may not get its last increments out
+        def seen(samples: list) -> bool:
+            return (total(samples, "ray_transferlab_trial_events_total", event="started") == 12
+                    and total(samples, "ray_transferlab_trial_events_total", event="finished") >= 1
+                    and total(samples, "ray_transferlab_rows_ingested_total", table="runs") == 12)
+
+        deadline = time.time() + 120
+        while not seen(samples := scrape(ports[8080])):
+            assert time.time() < deadline, ("trial metrics did not reach the metrics endpoint", {
+                f"{n}{{{lab.get('event') or lab.get('state') or ''}}}": total(samples, n, **{
+                    k: lab[k] for k in ("event", "state") if k in lab})
+                for n, lab, _ in samples if "transferlab" in n and "bucket" not in n},
+                _grep_logs(ray_tmp, "transferlab metrics"))
             time.sleep(3)
     finally:
         if head_pid:  # the README's second block

@@ -198,3 +198,23 @@ def test_selector_errors(tmp_path):
         con.execute("UPDATE runs SET adaptation = 'prompt_tuning'; DELETE FROM runs WHERE kind = 'target'")
         with pytest.raises(AnalysisError, match="no target-only baseline runs of setup 'pt:m'"):
             resolve(con, "feature", setup="pt:m")
+
+
+def test_seq2seq_prompt_keeps_the_encoder_rows_peft_trains(tmp_path) -> None:
+    """peft doubles a seq2seq prompt table (encoder + never-used decoder half): only the first N rows are
+    the prompt the model reads."""
+    from rayjobs.config import AdaptationSpec, ModelSpec, SetupSpec
+    from rayjobs.models import build_task_model
+    from rayjobs.tasks import LocalSource, TaskSpec
+    from tests.conftest import TINY_T5
+
+    setup = SetupSpec(model=ModelSpec(name="t5", config=dict(TINY_T5), family="seq2seq"),
+                      adaptation=AdaptationSpec(method="prompt_tuning", params={"num_virtual_tokens": 4}))
+    task = TaskSpec(name="x", choices=["a", "b"], local=LocalSource(path="-"))
+    tm = build_task_model(setup.model, setup.adaptation, task)
+    table = next(p for n, p in tm.module.named_parameters() if "prompt_encoder" in n)
+    assert table.shape[0] == 8  # peft's default for seq2seq: two transformer submodules
+    tm.save(tmp_path / "ck", {"setup_spec": setup.model_dump(mode="json")})
+    got = ps.load_soft_prompt(tmp_path / "ck")
+    assert got.shape == (4, table.shape[1])
+    assert np.allclose(got, table[:4].detach().numpy())

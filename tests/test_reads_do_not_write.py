@@ -10,7 +10,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
-from analysis_support import TASKWEB, copy_db, needs_taskweb, taskweb_db
+from analysis_support import TASKWEB, copy_db, needs_taskweb, pristine_taskweb_db
 
 from analysis.db import read_store
 from rayjobs.cli import main
@@ -41,7 +41,7 @@ def _state(folder: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("store")
-    return copy_db(taskweb_db(), folder)
+    return copy_db(pristine_taskweb_db(), folder)
 
 
 @needs_taskweb
@@ -102,7 +102,7 @@ def test_failed_import_leaves_no_file(tmp_path, capsys):
 
 @needs_taskweb
 def test_failed_import_keeps_an_existing_store(tmp_path, capsys):
-    db = copy_db(taskweb_db(), tmp_path)
+    db = copy_db(pristine_taskweb_db(), tmp_path)
     (tmp_path / "nothing").mkdir()
     assert main(["import", "taskweb", str(tmp_path / "nothing"), "--db", str(db)]) == 2
     assert db.exists() and main(["sql", "SELECT count(*) AS n FROM runs", "--json", "--db", str(db)]) == 0
@@ -120,7 +120,7 @@ def test_successful_import_creates_the_store(tmp_path, capsys):
 @needs_taskweb
 def test_read_store_takes_the_columns_both_versions_know(tmp_path):
     """A store from another version (a column missing here, an extra one there) still reads."""
-    db = copy_db(taskweb_db(), tmp_path)
+    db = copy_db(pristine_taskweb_db(), tmp_path)
     with duckdb.connect(str(db)) as con:
         con.execute("ALTER TABLE selector_scores DROP COLUMN details")
         con.execute("ALTER TABLE runs ADD COLUMN from_the_future INTEGER")

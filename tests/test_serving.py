@@ -26,7 +26,7 @@ import pytest
 import requests
 import torch
 import yaml
-from analysis_support import TASKWEB, needs_taskweb, taskweb_db
+from analysis_support import TASKWEB, needs_taskweb, pristine_taskweb_db
 from test_analysis_selection import TABLE6, TABLE7
 from test_scoring import tiny_lm_folder  # noqa: F401 - the module-scoped fixture, shared
 
@@ -108,7 +108,7 @@ def test_batched_scoring_equals_each_request_alone_and_isolates_a_bad_one(traine
 def test_read_only_store_computes_taskshop_without_writing() -> None:
     from serving.ranking import rank_sources, read_only_store
 
-    db = taskweb_db()
+    db = pristine_taskweb_db()
     before = hashlib.sha256(db.read_bytes()).hexdigest()
     res = rank_sources(db, "rte", "taskshop-roe", 5, setup="finetune:t5l", lam=0.7)
     assert [s["source"] for s in res["sources"]] == TABLE6["rte"]
@@ -175,7 +175,7 @@ def service(trained_source: dict[str, Any], tiny_lm_folder: Path, tmp_path_facto
 
     root = tmp_path_factory.mktemp("serve")
     db = root / "store.duckdb"
-    shutil.copy(taskweb_db(), db)
+    shutil.copy(pristine_taskweb_db(), db)
     ResultStore(trained_source["results"], db_path=db).ingest()  # the runs and predictions, into the copy
     saved = {k: os.environ.get(k) for k in (TOKEN_ENV, "RAY_AUTH_MODE")}
     os.environ[TOKEN_ENV] = TOKEN  # the ingress replica inherits it from the Ray this process starts
