@@ -25,7 +25,8 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q tests
 
-# Figures: vectorised analyses vs loops; staged vs naive pairwise plan and Ray/Tune overhead per trial.
+# Figures: vectorised analyses vs loops; staged vs naive pairwise plan (wall-time ratio next to its compute
+# ratio), per-trial overhead on warm workers, worker-idle time saved by releasing transfers early.
 bench: venv
 	$(BIN)/python benchmarks/bench_analysis.py
 	$(BIN)/python benchmarks/bench_pairwise.py

@@ -18,11 +18,22 @@ optimizer offload. The LR schedule is the torch backend's own linear warmup + li
 as a client scheduler: DeepSpeed's `WarmupDecayLR` starts warmup at lr 0 and needs >= 2 warmup steps,
 so it cannot reproduce `warmup_ratio: 0` or the `(step + 1) / warmup` ramp. A `scheduler` section in
 `deepspeed.extra` replaces it.
+
+ZeRO-3 model construction (`model_init_context`): a pretrained model is loaded inside `zero.Init`
+(through transformers' `HfDeepSpeedConfig`), so every parameter is partitioned as it is created and
+no worker ever holds the whole model: a model larger than one worker's memory can start. Only rank 0
+reads checkpoint values; the weights are exactly those of a plain `from_pretrained` (new heads too).
+A model built from `config` (random weights) is built whole, as in a single process: under `zero.Init`
+transformers skips torch's default initialisers and re-initialises module by module, which draws other
+random numbers, and a ZeRO-3 run must equal its single-process run (they share a run key). Such
+models are small stand-ins; models too large for one worker come from a path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +123,9 @@ class DeepSpeedBackend:
         # overwrites it, so the fill only costs time and touches GBs of pages (seconds per step on CPU).
         torch.utils.deterministic.fill_uninitialized_memory = False
         on_gpu = str(ctx.device).startswith("cuda")
-        # counts before ZeRO-3 partitions the parameters (their numel() is 0 afterwards)
-        counts = tm.param_counts()
+        # counts of whole parameters (numel() of a ZeRO-3 partitioned one is 0)
+        counts = param_counts(tm.module)
+        self.zero_init = is_partitioned(tm.module)  # built inside zero.Init (`model_init_context`)
         tm.param_counts = lambda: counts  # type: ignore[method-assign]
         self.config = build_config(hp, ds, ctx.world_size, micro, on_gpu, n_params=counts[0])
         warmup = int(hp.warmup_ratio * total_steps)
@@ -163,6 +175,96 @@ class DeepSpeedBackend:
         state = self.trainable_state()
         if state is not None:
             info = {**(meta or {}), "deepspeed": {"stage": self.ds.stage, "precision": self.ds.precision,
-                                                  "world_size": self.engine.world_size}}
+                                                  "world_size": self.engine.world_size,
+                                                  "zero_init": self.zero_init}}
             checkpoint.save(folder, state, info)
         return Path(folder)
+
+
+# -- ZeRO-3 model construction ---------------------------------------------------------------------------
+def builds_partitioned(setup: Any) -> bool:
+    """Whether `model_init_context` builds this setup's model inside `zero.Init` (see the module docstring)."""
+    return setup.deepspeed is not None and setup.deepspeed.stage == 3 and setup.model.path is not None
+
+
+@contextlib.contextmanager
+def model_init_context(trial: Any, ctx: Any) -> Iterator[bool]:
+    """Inside it, transformers builds a ZeRO-3 trial's pretrained model partitioned across the ranks
+    (`zero.Init` with the trial's DeepSpeed config, dtype from its precision); yields whether it does.
+    The flag is process-wide in transformers, so it is set only while the model is built."""
+    if not builds_partitioned(trial.setup):
+        yield False
+        return
+    import deepspeed
+    import torch.distributed as dist
+    from transformers.integrations import deepspeed as hf_ds
+
+    if dist.is_initialized():  # zero.Init reads the world size from DeepSpeed's own handle on the group
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+    hp = trial.hparams
+    micro = max(1, hp.batch_size // (ctx.world_size * hp.grad_accum_steps))
+    cfg = build_config(hp, trial.setup.deepspeed, ctx.world_size, micro, str(ctx.device).startswith("cuda"))
+    keep = hf_ds.HfDeepSpeedConfig(cfg)  # registers itself (weakly) with transformers
+    try:
+        yield True
+    finally:
+        hf_ds.unset_hf_deepspeed_config()
+        del keep
+
+
+def param_counts(module: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters, counting a ZeRO-3 partitioned parameter whole."""
+    def n(p: torch.nn.Parameter) -> int:
+        return int(getattr(p, "ds_numel", p.numel()))
+
+    params = list(module.parameters())
+    return sum(n(p) for p in params if p.requires_grad), sum(n(p) for p in params)
+
+
+def is_partitioned(module: torch.nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def local_param_bytes(module: torch.nn.Module) -> int:
+    """Bytes of parameters this rank holds: its partitions of ZeRO-3 parameters, others whole."""
+    total = 0
+    for p in module.parameters():
+        t = p.ds_tensor if hasattr(p, "ds_tensor") else p
+        total += t.numel() * t.element_size()
+    return total
+
+
+def load_into_partitioned(module: torch.nn.Module, folder: str | Path,
+                          skip: Callable[[str], bool] = lambda _: False) -> int:
+    """`checkpoint.load_into` for a model built partitioned: every rank walks the checkpoint's tensors in
+    the same order and gathers one parameter at a time; rank 0 reads its value (bounded memory).
+    Shapes are checked on every rank first, from metadata, so a bad checkpoint fails all ranks alike."""
+    import deepspeed
+    import torch.distributed as dist
+    from safetensors import safe_open
+
+    path = Path(folder) / checkpoint.WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    own = dict(module.named_parameters())
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    with safe_open(str(path), framework="pt") as f:
+        names = [k for k in f.keys() if not skip(k)]  # noqa: SIM118 - safe_open has keys(), not iteration
+        for name in names:
+            if name not in own:
+                raise KeyError(f"checkpoint {folder} has parameter {name!r} the model does not have "
+                               "(different model or adaptation?)")
+            shape = tuple(f.get_slice(name).get_shape())
+            want = tuple(getattr(own[name], "ds_shape", own[name].shape))
+            if shape != want:
+                raise ValueError(f"checkpoint {folder}: shape of {name!r} is {shape}, model expects {want}")
+        with torch.no_grad():
+            for name in names:
+                p = own[name]
+                if not hasattr(p, "ds_id"):
+                    p.copy_(f.get_tensor(name))
+                    continue
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    if rank == 0:
+                        p.copy_(f.get_tensor(name))
+    return len(names)

@@ -1,8 +1,8 @@
-"""Multi-worker trials: a Ray Train `TorchTrainer` launched from inside the Tune trial.
+"""Multi-worker trials: a Ray Train `TorchTrainer` launched from the trial's worker.
 
 Ray Train V2 (the default from Ray 2.51) runs a Train controller next to the caller and starts its
-own placement group of `resources.workers` workers, each with `resources.cpu`/`gpu`; the Tune trial
-only coordinates (see `runner.trial_resources`). Every worker runs the one training loop
+own placement group of `resources.workers` workers, each with `resources.cpu`/`gpu`; the trial's
+worker only coordinates (see `pool.worker_shape`). Every worker runs the one training loop
 (`train_and_evaluate`) as one rank; the loop shards each global batch across ranks and the
 DeepSpeed backend reduces gradients. Rank 0's result row comes back as the training function's
 return value (`Result.return_value`), with the loss curve averaged over ranks so it is the loss
@@ -46,7 +46,7 @@ def _worker(config: dict[str, Any]) -> dict[str, Any] | None:
         device = str(dev)
 
     def progress(d: dict[str, Any]) -> None:
-        # every rank calls this once per epoch (ray.train.report is a barrier); rank 0's metrics reach Tune
+        # every rank calls this once per epoch (ray.train.report is a barrier): Ray Train's per-epoch record
         ray.train.report({**d, "done_training": False})
 
     row = train_and_evaluate(spec, TrainContext(rank=rank, world_size=world, device=device, progress=progress))
@@ -80,21 +80,12 @@ def train_distributed(spec: TrialSpec) -> dict[str, Any]:
     """Run one trial on `resources.workers` Ray Train workers; returns rank 0's result row."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from analysis.store import ResultStore
 
     if spec.setup.deepspeed is None:  # plain data parallel = ZeRO stage 0
         spec = spec.model_copy(update={"setup": spec.setup.model_copy(update={"deepspeed": DeepSpeedSpec(stage=0)})})
     per_worker, use_gpu = scaling_for(spec)
-    callbacks = []
-    try:  # forwards the workers' per-epoch reports to the Tune trial when there is one
-        import ray.tune
-
-        if ray.tune.get_context().get_trial_id() is not None:
-            callbacks.append(TuneReportCallback())
-    except Exception:  # noqa: BLE001 - not inside Tune (benchmarks, direct calls)
-        pass
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"trial": spec.model_dump(mode="json")},
@@ -103,7 +94,7 @@ def train_distributed(spec: TrialSpec) -> dict[str, Any]:
                                      resources_per_worker=per_worker),
         run_config=RunConfig(name=f"{spec.run_key}-{time.strftime('%Y%m%d-%H%M%S')}",
                              storage_path=str(ResultStore(spec.results_dir).root / "train"),
-                             failure_config=FailureConfig(max_failures=0), callbacks=callbacks),
+                             failure_config=FailureConfig(max_failures=0)),
     )
     result = trainer.fit()
     if result.error is not None:  # pragma: no cover - fit() raises on failure in Train V2

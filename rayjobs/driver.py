@@ -6,7 +6,7 @@
 Every kind goes the same way: load and validate the config as the kind it names (`job:`), apply
 `KEY=VALUE` overrides (dotted keys: `seeds=[1,2]`, `setups.0.train.epochs=1`), shrink it with
 `--smoke`, plan (every check that can fail before Ray starts), skip run keys already stored, run the
-rest on Ray Tune in dependency order, ingest, print the kind's report and where the results are.
+rest on Ray (each trial as soon as its dependencies are stored), ingest, print the kind's report and where the results are.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A job kind is one module under `rayjobs/` that defines a typed config (a `JobCon
 `job` field names the kind), `plan` (the config expanded into trials with run keys, after every check
 that can fail before Ray starts), and `report` (the lines printed after the run). The driver
 (`rayjobs/driver.py`) does the rest for every kind: flags, overrides, smoke shrinking, skipping stored
-run keys, running trials in dependency order on Ray Tune, ingest, and the closing lines.
+run keys, running trials on Ray as their dependencies are stored, ingest, and the closing lines.
 
 Adding a kind: write the module, subclass `Job`, and add one line to `JOB_MODULES`.
 """

@@ -3,8 +3,8 @@
 Every number is a `ray.util.metrics` object, exported by the Ray node the reporting process runs on
 (Prometheus names get Ray's `ray_` prefix, e.g. `ray_transferlab_trials`). Two sides report:
 
-- the driver (a Tune callback, `TuneMetrics`): trials running / done / failed per stage as Tune sees
-  them (a killed trial process still counts), retries, and rows ingested into the DuckDB file;
+- the driver (the runner's `TrialMetrics` callback): trials running / done / failed per stage as the
+  runner sees them (a killed trial process still counts), retries, and rows ingested into the DuckDB file;
 - each trial process (`trial_started/finished/failed`): trial events, training throughput in
   examples per second (a histogram: one observation per trial), examples trained, trial duration.
 
@@ -58,7 +58,7 @@ def _metric(name: str) -> Any:
         from ray.util.metrics import Counter, Gauge, Histogram
 
         specs: dict[str, Any] = {
-            "trials": lambda: Gauge("transferlab_trials", "trials of a stage by state, as the driver's Tune run sees them",
+            "trials": lambda: Gauge("transferlab_trials", "trials of a stage by state, as the driver's runner sees them",
                                     tag_keys=("experiment", "stage", "state")),
             "retries": lambda: Counter("transferlab_trial_retries_total", "trials restarted after a crash (max_failures)",
                                        tag_keys=("experiment", "stage")),
@@ -167,15 +167,14 @@ def rows_ingested(counts: dict[str, int] | None) -> None:
 
 
 class StageCounts:
-    """Per (experiment, stage): trials running / done / failed, as the Tune callback sees them."""
+    """Per (experiment, stage): trials running / done / failed, as the driver's runner sees them."""
 
     def __init__(self) -> None:
         self.counts: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: dict.fromkeys(STATES, 0))
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def move(self, trial: Any, frm: str | None, to: str | None) -> None:
-        key = _trial_key(trial)
+    def move(self, key: tuple[str, str], frm: str | None, to: str | None) -> None:
         with self._lock:
             c = self.counts[key]
             if frm:
@@ -186,10 +185,6 @@ class StageCounts:
         if self._thread is None:
             self._thread = threading.Thread(target=self._republish, name="transferlab-metrics", daemon=True)
             self._thread.start()
-
-    def __reduce__(self) -> tuple:
-        # Tune pickles its callbacks (and with them what they reference): stand for the process's table
-        return (_shared_counts, ())
 
     def _publish(self) -> None:
         with self._lock:
@@ -203,71 +198,22 @@ class StageCounts:
             _emit(self._publish)
 
 
-def _trial_key(trial: Any) -> tuple[str, str]:
-    t = trial.config.get("trial", {})
-    return str(t.get("experiment", "?")), str(t.get("kind", "?"))
-
-
-#: one count table per driver process: a job's stages (waves) add up under the same experiment
+#: one count table per driver process: a job's runs add up under the same experiment
 COUNTS = StageCounts()
 
 
-def _shared_counts() -> StageCounts:
-    return COUNTS
+def trial_state(experiment: str, stage: str, frm: str | None, to: str | None) -> None:
+    """A trial of (experiment, stage) moved from state `frm` to `to` (None: not counted), in the driver."""
+    COUNTS.move((str(experiment), str(stage)), frm, to)
 
 
-def tune_callbacks() -> list[Any]:
-    """Callbacks for a `tune.RunConfig` that publish trial states per stage (`transferlab_trials`)."""
-    from ray.tune import Callback
-
-    class TuneMetrics(Callback):
-        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            COUNTS.move(trial, None, "running")
-
-        def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            COUNTS.move(trial, "running", None)  # restarted: counted running again on its next start
-            _emit(lambda: _metric("retries").inc(1, tags=dict(zip(("experiment", "stage"), _trial_key(trial),
-                                                                   strict=True))))
-
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            COUNTS.move(trial, "running", "done")
-
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            COUNTS.move(trial, "running", "failed")
-
-    class RecordLost(Callback):
-        """A trial whose process died (SIGKILL, out of memory, its node lost) wrote no result row; once
-        Tune gives up on it (after `run.max_failures` retries) record a `failed` row with Tune's error,
-        so the store and `transferlab status` show it like any failed run (a re-run retries it)."""
-
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            record_lost(trial)
-
-    return [TuneMetrics(), RecordLost()]
-
-
-def record_lost(trial: Any) -> bool:
-    """Write the failed row of an errored Tune trial that stored no row itself; True when written."""
-    from analysis.store import ResultStore
-    from rayjobs.plan import TrialSpec
-    from rayjobs.trial import _failed_row
-
-    spec = TrialSpec.model_validate(trial.config["trial"])
-    store = ResultStore(spec.results_dir)
-    if store.read_result(spec.run_key) is not None:
-        return False
-    try:
-        detail = str(trial.get_error() or "").strip().splitlines()
-    except Exception:  # the error file may be missing when the node holding it is gone
-        detail = []
-    err = TrialLost("trial process died without writing a result (killed, out of memory or node lost)"
-                    + (f"; Tune: {detail[-1]}" if detail else ""))
-    store.write_result(_failed_row(spec, err, 0.0))
-    return True
+def trial_retried(experiment: str, stage: str) -> None:
+    """A trial restarted after its attempt failed (`run.max_failures`)."""
+    _emit(lambda: _metric("retries").inc(1, tags={"experiment": str(experiment), "stage": str(stage)}))
 
 
 class TrialLost(RuntimeError):
-    """The error recorded for a trial whose process died."""
+    """The error recorded for a trial whose process died (the runner stores its failed row)."""
 
 
 # -- Ray Serve ------------------------------------------------------------------------------------------

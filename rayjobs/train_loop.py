@@ -8,8 +8,12 @@ backward/step (see `backend.py`) instead of through Trainer's own integration.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import gc
 import math
+import os
 import random
 import socket
 import time
@@ -43,8 +47,53 @@ class TrainContext:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # every device's generator
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+# -- process state of a warm worker (rayjobs/pool.py) ----------------------------------------------------
+@dataclass(frozen=True)
+class ProcessState:
+    """Process-wide settings a trial may change and a later trial in the same process would inherit.
+    RNGs are not here: every trial seeds them first (`seed_everything`)."""
+
+    threads: int
+    deterministic: bool
+    deterministic_warn_only: bool
+    fill_uninitialized_memory: bool
+    default_dtype: torch.dtype
+    grad_enabled: bool
+    cwd: str
+
+
+def capture_process_state() -> ProcessState:
+    return ProcessState(torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+                        torch.is_deterministic_algorithms_warn_only_enabled(),
+                        torch.utils.deterministic.fill_uninitialized_memory, torch.get_default_dtype(),
+                        torch.is_grad_enabled(), os.getcwd())
+
+
+def restore_process_state(state: ProcessState) -> None:
+    """Back to `state` (taken when the worker started), before the next trial."""
+    torch.set_num_threads(state.threads)
+    torch.use_deterministic_algorithms(state.deterministic, warn_only=state.deterministic_warn_only)
+    # the DeepSpeed backend turns the fill off; a later trial must not inherit that
+    torch.utils.deterministic.fill_uninitialized_memory = state.fill_uninitialized_memory
+    torch.set_default_dtype(state.default_dtype)
+    torch.set_grad_enabled(state.grad_enabled)
+    os.chdir(state.cwd)
+
+
+def release_memory() -> None:
+    """Free what the last trial left (reference cycles in models/optimisers, cached allocator blocks) and
+    hand freed heap back to the OS, so a warm worker does not grow from trial to trial."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _batches(examples: list[Example], size: int, rng: random.Random | None) -> list[list[Example]]:
@@ -168,20 +217,38 @@ def prepare_data(trial: TrialSpec) -> TrialData:
                      resolve(eval_data.spec, trial.setup.prompts.eval, fam), [train_data.origin, eval_data.origin])
 
 
-def prepare_model(trial: TrialSpec, data: TrialData) -> TaskModel:
-    """Step 2: the model with its adaptation, initialised from the source checkpoint for a transfer."""
+def prepare_model(trial: TrialSpec, data: TrialData, ctx: TrainContext | None = None) -> TaskModel:
+    """Step 2: the model with its adaptation, initialised from the source checkpoint for a transfer.
+
+    A ZeRO-3 trial's pretrained model is built partitioned across the ranks (`zero.Init`, see
+    `deepspeed_backend.model_init_context`), so no worker holds it whole."""
     setup = trial.setup
     torch.manual_seed(trial.seed)  # head initialisation
-    tm = build_task_model(setup.model, setup.adaptation, data.train_spec)
-    if trial.source_run_key:
-        from analysis.store import ResultStore
+    with _model_init_context(trial, ctx or TrainContext()) as partitioned:
+        tm = build_task_model(setup.model, setup.adaptation, data.train_spec)
+        if trial.source_run_key:
+            from analysis.store import ResultStore
 
-        tm.load(ResultStore(trial.results_dir).checkpoint_dir(trial.source_run_key))
+            folder = ResultStore(trial.results_dir).checkpoint_dir(trial.source_run_key)
+            if partitioned:
+                from rayjobs.deepspeed_backend import load_into_partitioned
+
+                load_into_partitioned(tm.module, folder, skip=tm.is_head)
+            else:
+                tm.load(folder)
     if trial.hparams.gradient_checkpointing and hasattr(tm.module, "gradient_checkpointing_enable"):
         # non-reentrant (transformers 5's default, explicit for 4.x): with a frozen embedding (PEFT
         # methods) the reentrant variant drops the gradients of trainable parameters in checkpointed blocks
         tm.module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return tm
+
+
+def _model_init_context(trial: TrialSpec, ctx: TrainContext) -> Any:
+    if trial.setup.deepspeed is None or trial.setup.deepspeed.stage != 3:
+        return contextlib.nullcontext(False)
+    from rayjobs.deepspeed_backend import model_init_context  # deepspeed only where it is used
+
+    return model_init_context(trial, ctx)
 
 
 def validation_split(examples: list[Example], trial: TrialSpec) -> tuple[list[Example], list[Example]]:
@@ -342,7 +409,7 @@ def train_and_evaluate(trial: TrialSpec, ctx: TrainContext | None = None) -> dic
     t0 = time.time()
     seed_everything(trial.seed)
     data = prepare_data(trial)
-    tm = prepare_model(trial, data)
+    tm = prepare_model(trial, data, ctx)
     if trial.setup.deepspeed is None:  # DeepSpeed's engine places (and partitions) the model itself
         tm.module.to(ctx.device)
     fitted = fit(tm, data.train, trial, ctx)

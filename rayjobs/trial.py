@@ -1,8 +1,9 @@
-"""The Ray Tune trainable: one trial = one stage of one (setup, task(s), seed), result written atomically.
+"""One trial = one stage of one (setup, task(s), seed), its result written atomically.
 
-A trial whose result file already exists reports it and returns (a retried or resumed trial never
-trains twice). A trial that raises writes a `failed` row with its error, then re-raises so Tune
-marks it errored and retries it up to `run.max_failures` times; the other trials go on.
+A trial whose result file already exists returns it (a retried or resumed trial never trains twice).
+A trial that raises writes a `failed` row with its error, then re-raises; the runner retries it up to
+`run.max_failures` times and the other trials go on. It runs in a warm worker (`rayjobs.pool`), in a
+benchmark's own process, or once per rank-0 of a Ray Train group (`rayjobs.distributed`).
 """
 
 from __future__ import annotations
@@ -21,21 +22,24 @@ MAX_LOSS_POINTS = 2000
 
 
 def inject_fault(spec: TrialSpec, rank: int | None = None) -> None:
-    """Failure injection for tests: TRANSFERLAB_FAULT="<action>[@rank<N>]:<label substring>".
+    """Failure injection for tests: TRANSFERLAB_FAULT="<action>[@rank<N>]:<label substring>[;<rule>...]".
 
-    <action> is `raise`, `kill` (SIGKILL) or `kill-once` (SIGKILL on the first attempt only). Without
+    <action> is `raise`, `kill` (SIGKILL), `kill-once` (SIGKILL on the first attempt only) or
+    `sleep<S>` (wait S seconds, then run: a straggler that stays in flight long enough to be hit). Without
     `@rank<N>` it fires in the trial process (the coordinator of a distributed trial); with it, only
     in Ray Train worker N of a distributed trial, so a test can fail one rank while the others wait
     in a collective.
     """
-    rule = os.environ.get("TRANSFERLAB_FAULT", "")
-    if not rule or ":" not in rule:
-        return
-    action, pattern = rule.split(":", 1)
-    action, _, where = action.partition("@")
-    if where != ("" if rank is None else f"rank{rank}"):
-        return
-    if pattern and pattern in spec.label:
+    for rule in os.environ.get("TRANSFERLAB_FAULT", "").split(";"):
+        if ":" not in rule:
+            continue
+        action, pattern = rule.split(":", 1)
+        action, _, where = action.partition("@")
+        if where != ("" if rank is None else f"rank{rank}") or not pattern or pattern not in spec.label:
+            continue
+        if action.startswith("sleep"):
+            time.sleep(float(action[len("sleep"):] or 1))
+            continue
         if action == "raise":
             raise RuntimeError(f"injected failure for {spec.label}" + ("" if rank is None else f" on rank {rank}"))
         if action == "kill-once":  # first attempt only (a marker in the results folder): tests retries
@@ -63,7 +67,7 @@ def executor(name: str) -> Any:
 
 
 def execute(spec: TrialSpec, progress: Any = None) -> dict[str, Any]:
-    """Run one trial to a stored result row (used by Tune and directly by benchmarks).
+    """Run one trial to a stored result row (in a warm worker, or directly in benchmarks).
 
     With a remote results location (`results_uri`) the trial works in this node's mirror of it: it pulls
     its own row (done already?) and the runs it starts from, and pushes what it wrote, row last."""
@@ -93,7 +97,7 @@ def execute(spec: TrialSpec, progress: Any = None) -> dict[str, Any]:
             row = executor(spec.executor)(spec, TrainContext(progress=progress))
     except Exception as e:
         observe.trial_failed(spec)
-        store.write_result(_failed_row(spec, e, time.time() - t0))
+        store.write_result(failed_row(spec, e, time.time() - t0))
         store.push_run(spec.run_key)
         raise
     predictions = row.pop("predictions", None)
@@ -110,7 +114,7 @@ def execute(spec: TrialSpec, progress: Any = None) -> dict[str, Any]:
     return row
 
 
-def _failed_row(spec: TrialSpec, err: BaseException, wall: float) -> dict[str, Any]:
+def failed_row(spec: TrialSpec, err: BaseException, wall: float) -> dict[str, Any]:
     tb = traceback.format_exception(type(err), err, err.__traceback__)
     return {
         "run_key": spec.run_key, "experiment": spec.experiment, "kind": spec.kind, "setup": spec.setup.key,
@@ -119,15 +123,3 @@ def _failed_row(spec: TrialSpec, err: BaseException, wall: float) -> dict[str, A
         "baseline_run_key": spec.baseline_run_key, "status": "failed", "wall_time_s": wall,
         "error": f"{type(err).__name__}: {err}\n{''.join(tb[-3:])}"[:4000],
     }
-
-
-def tune_trainable(config: dict[str, Any]) -> None:
-    from ray import tune
-
-    spec = TrialSpec.model_validate(config["trial"])
-
-    def progress(d: dict[str, Any]) -> None:
-        tune.report({**d, "done_training": False})
-
-    row = execute(spec, progress)
-    tune.report({"score": row["score"], "train_time_s": row.get("train_time_s"), "done_training": True})

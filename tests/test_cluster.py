@@ -72,7 +72,7 @@ def rows(results: Path) -> list[dict]:
 
 
 def trial_in_flight(raylet_pid: int) -> bool:
-    """A Tune trial process (`ray::ImplicitFunc...`) runs on the node of this raylet."""
+    """A trial runs on the node of this raylet (a warm worker busy in `run`: `ray::TrialWorker.run`)."""
     try:
         kids = psutil.Process(raylet_pid).children(recursive=True)
     except psutil.NoSuchProcess:
@@ -83,16 +83,20 @@ def trial_in_flight(raylet_pid: int) -> bool:
             titles.append(" ".join(k.cmdline()))
         except psutil.Error:
             continue
-    return any(t.startswith("ray::ImplicitFunc") for t in titles)
+    return any(t.startswith("ray::TrialWorker.run") for t in titles)
 
 
 def test_lost_node_costs_only_its_in_flight_trial_and_a_rerun_stores_each_run_once(cluster: LocalCluster,
                                                                                     tmp_path: Path) -> None:
     cfg, results = grid(tmp_path, "spread"), tmp_path / "res"
     node_a, node_b = cluster.nodes[0], cluster.nodes[1]
+    # every trial waits 5 s first: on a warm worker a tiny trial lasts about a second, less than it takes
+    # to see it in flight and remove its node
+    slow = {"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"runtime_env": {"env_vars": {
+        "TRANSFERLAB_FAULT": "sleep5:full:tiny"}}})}
     proc = subprocess.Popen([sys.executable, "-m", "rayjobs.cli", "run", str(cfg), "--results", str(results)],
-                            cwd=REPO, env=cluster.driver_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            cwd=REPO, env=cluster.driver_env(**slow), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     # wait until node B has finished a trial and is running the next one, then lose it
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:

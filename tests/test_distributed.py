@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-2/3 with two Ray Train workers, launched from Tune trials on a real local Ray cluster.
+"""DeepSpeed ZeRO-2/3 with two Ray Train workers, launched from trial workers on a real local Ray cluster.
 
 The distributed runs must train like the single-process torch run (same global batches, same
 schedule): loss curves and checkpoints agree to float32 round-off. So must a one-worker DeepSpeed
@@ -40,10 +40,12 @@ TINY = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_at
 TOL = 1e-5
 
 
-def experiment(stage: int | None, workers: int, cpu: float = 1, name: str | None = None) -> ExperimentConfig:
+def experiment(stage: int | None, workers: int, cpu: float = 1, name: str | None = None,
+               model_path: str | None = None) -> ExperimentConfig:
+    model = {"name": "tiny", "path": model_path} if model_path else {"name": "tiny", "config": TINY}
     setup: dict[str, Any] = {
         "name": name,
-        "model": {"name": "tiny", "config": TINY, "max_length": 64},
+        "model": {**model, "max_length": 64},
         "train": {"epochs": 1, "batch_size": 8, "grad_accum_steps": 2, "learning_rate": 1e-3, "warmup_ratio": 0.25,
                   "max_steps": 4},
         "resources": {"cpu": cpu, "workers": workers}}
@@ -58,9 +60,10 @@ def experiment(stage: int | None, workers: int, cpu: float = 1, name: str | None
 
 #: name -> (ZeRO stage or None for the plain torch backend, workers, CPU per worker). Half a CPU lets two
 #: trials run side by side on the 2-CPU test cluster; ZeRO-3's workers take all of it, which only fits
-#: because a distributed trial's coordinator reserves no CPU (see `runner.trial_resources`).
+#: because a distributed trial's coordinator reserves no CPU (see `pool.worker_shape`). The "pre_"
+#: setups load TINY from a saved folder: ZeRO-3 builds such a model inside zero.Init.
 SETUPS = {"single": (None, 1, 0.5), "ds1": (2, 1, 0.5), "zero2": (2, 2, 0.5), "zero3": (3, 2, 1.0),
-          "fault": (2, 2, 0.5)}
+          "fault": (2, 2, 0.5), "pre_single": (None, 1, 0.5), "pre_zero3": (3, 2, 0.5)}
 #: rank 1 of the "fault" setup's trial raises while rank 0 waits for it in DeepSpeed's first collective
 FAULT = "raise@rank1:source fault "
 
@@ -78,17 +81,35 @@ def ray_cluster() -> Any:
     ray.shutdown()
 
 
+def save_pretrained(config: dict[str, Any], folder: Path, seed: int = 0) -> Path:
+    """A randomly initialised encoder saved like a hub checkpoint (no task head)."""
+    from transformers import AutoConfig, AutoModel
+
+    from rayjobs.config import ModelSpec
+    from rayjobs.models.loading import load_tokenizer
+
+    cfg = dict(config)
+    tok = load_tokenizer(ModelSpec(name="t", config=cfg))
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(AutoConfig.for_model(cfg.pop("model_type"), vocab_size=len(tok), **cfg))
+    model.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def sources(ray_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Each setup's source trial, all in one Tune stage; each setup has its own results folder
+    """Each setup's source trial, all in one run; each setup has its own results folder
     (ZeRO stage and worker count are placement, not part of the run key)."""
     from rayjobs.runner import run_stage
 
     root = tmp_path_factory.mktemp("dist")
+    pretrained = str(save_pretrained(TINY, root / "tiny-pretrained"))
     reg = TaskRegistry.load(data_root=DATA)
-    plans = {name: expand_pairwise(experiment(*sw, name=name), reg, str(root / name)) for name, sw in SETUPS.items()}
+    plans = {name: expand_pairwise(experiment(*sw, name=name, model_path=pretrained if name.startswith("pre_")
+                                              else None), reg, str(root / name)) for name, sw in SETUPS.items()}
     trials = [next(t for t in plan if t.kind == "source") for plan in plans.values()]
-    stage = run_stage("dist-sources", trials, RunSpec(verbose=0), root / "tune")
+    stage = run_stage("dist-sources", trials, RunSpec(verbose=0))
     rows = {name: ResultStore(str(root / name)).read_result(t.run_key) for name, t in zip(plans, trials, strict=True)}
     return {"root": root, "plans": plans, "rows": rows, "stage": stage}
 
@@ -102,10 +123,12 @@ def curve(row: dict[str, Any]) -> list[float]:
 @pytest.mark.integration
 def test_zero2_zero3_two_workers_train_like_one_process(sources: dict[str, Any]) -> None:
     rows = sources["rows"]
-    assert sources["stage"].ok == 4, {k: r.get("error") for k, r in rows.items()}
+    assert sources["stage"].ok == 6, {k: r.get("error") for k, r in rows.items()}
     single = curve(rows["single"])
     assert len(single) == 7  # 28 examples in global micro-batches of 4: groups of 2, a short last one
-    for name in ("ds1", "zero2", "zero3"):
+    for name, reference in (("ds1", "single"), ("zero2", "single"), ("zero3", "single"),
+                            ("pre_zero3", "pre_single")):
+        single = curve(rows[reference])
         row = rows[name]
         assert row["status"] == "ok", row.get("error")
         hp = json.loads(row["hparams"]) if isinstance(row["hparams"], str) else row["hparams"]
@@ -116,10 +139,11 @@ def test_zero2_zero3_two_workers_train_like_one_process(sources: dict[str, Any])
         diff = max(abs(a - b) for a, b in zip(single, dist, strict=True))
         print(f"{name}: max |loss difference| vs single process over {len(dist)} steps = {diff:.2e}")
         assert diff < TOL, (single, dist)
-        assert row["score"] == pytest.approx(rows["single"]["score"], abs=1e-6)
+        assert row["score"] == pytest.approx(rows[reference]["score"], abs=1e-6)
     # the weights moved away from their initial values (training happened) and agree across setups
-    a = load_file(str(Path(rows["single"]["checkpoint"]) / CKPT_WEIGHTS))
-    for name in ("ds1", "zero2", "zero3"):
+    for name, reference in (("ds1", "single"), ("zero2", "single"), ("zero3", "single"),
+                            ("pre_zero3", "pre_single")):
+        a = load_file(str(Path(rows[reference]["checkpoint"]) / CKPT_WEIGHTS))
         b = load_file(str(Path(rows[name]["checkpoint"]) / CKPT_WEIGHTS))
         assert a.keys() == b.keys()
         worst = max(float((a[k] - b[k]).abs().max()) for k in a)
@@ -130,23 +154,38 @@ def test_zero2_zero3_two_workers_train_like_one_process(sources: dict[str, Any])
 @needs_data
 @pytest.mark.integration
 def test_zero3_source_checkpoint_reloads_into_transfer_stage(sources: dict[str, Any]) -> None:
+    """Both ways a ZeRO-3 model is built (whole, then partitioned by DeepSpeed; or partitioned from the
+    start by zero.Init) save an ordinary checkpoint, which the transfer stage loads into the same build."""
     from rayjobs.runner import run_stage
 
-    row = sources["rows"]["zero3"]
-    folder = Path(row["checkpoint"])
-    meta = json.loads((folder / CKPT_META).read_text())
-    assert meta["deepspeed"] == {"stage": 3, "precision": "fp32", "world_size": 2}
-    state = load_file(str(folder / CKPT_WEIGHTS))
-    assert all(t.numel() > 0 and t.dtype == torch.float32 for t in state.values())  # gathered, not shards
-    n_params = sum(t.numel() for t in state.values())
-    assert n_params == row["trainable_params"] > 0  # counted before ZeRO-3 partitioning
-
-    transfer = next(t for t in sources["plans"]["zero3"] if t.kind == "transfer")
-    assert transfer.source_run_key == row["run_key"] and transfer.setup.deepspeed.stage == 3
-    stage = run_stage("dist-transfer", [transfer], RunSpec(verbose=0), sources["root"] / "tune")
-    out = ResultStore(transfer.results_dir).read_result(transfer.run_key)
-    assert stage.ok == 1 and out["status"] == "ok", out.get("error")
-    assert out["source_run_key"] == row["run_key"] and out["kind"] == "transfer"
+    transfers = []
+    for name, zero_init in (("zero3", False), ("pre_zero3", True)):
+        row = sources["rows"][name]
+        folder = Path(row["checkpoint"])
+        meta = json.loads((folder / CKPT_META).read_text())
+        assert meta["deepspeed"] == {"stage": 3, "precision": "fp32", "world_size": 2, "zero_init": zero_init}
+        state = load_file(str(folder / CKPT_WEIGHTS))
+        assert all(t.numel() > 0 and t.dtype == torch.float32 for t in state.values())  # gathered, not shards
+        n_params = sum(t.numel() for t in state.values())
+        assert n_params == row["trainable_params"] > 0  # whole parameters, not this rank's partitions
+        transfer = next(t for t in sources["plans"][name] if t.kind == "transfer")
+        assert transfer.source_run_key == row["run_key"] and transfer.setup.deepspeed.stage == 3
+        transfers.append(transfer)
+    stage = run_stage("dist-transfer", transfers, RunSpec(verbose=0))
+    assert stage.ok == 2, [r.error for r in stage.records]
+    for transfer in transfers:
+        out = ResultStore(transfer.results_dir).read_result(transfer.run_key)
+        assert out["status"] == "ok", out.get("error")
+        assert out["source_run_key"] == transfer.source_run_key and out["kind"] == "transfer"
+    # the partitioned load put the source's weights in: starting from the checkpoint, not from scratch,
+    # the transfer's first loss equals that of the same transfer run whole in a single process
+    single = next(t for t in sources["plans"]["pre_single"] if t.kind == "transfer")
+    single = single.model_copy(update={"source_run_key": transfers[1].source_run_key,
+                                       "results_dir": transfers[1].results_dir, "run_key": "single-check"})
+    run_stage("single-transfer", [single], RunSpec(verbose=0))
+    a = curve(ResultStore(single.results_dir).read_result("single-check"))
+    b = curve(ResultStore(transfers[1].results_dir).read_result(transfers[1].run_key))
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < TOL, (a, b)
 
 
 @needs_data
@@ -231,16 +270,18 @@ def trial_of(setup: SetupSpec, results_dir: str = os.devnull) -> TrialSpec:
 
 
 def test_distributed_trial_reserves_no_cpu_for_its_coordinator() -> None:
-    """Tune must not take CPU the Ray Train workers need (2 workers x 1 CPU on a 2-CPU machine)."""
-    from rayjobs.runner import trial_resources
+    """The trial's worker must not take CPU the Ray Train workers need (2 workers x 1 CPU on a 2-CPU machine)."""
+    from rayjobs.pool import worker_shape
 
-    pgf = trial_resources({"trial": trial_of(setup_with()).model_dump(mode="json")})
-    assert all(b.get("CPU", 0) == 0 and b.get("GPU", 0) == 0 for b in pgf.bundles)
+    shape = worker_shape(trial_of(setup_with()))
+    assert shape.coordinator and shape.cpu == 0 and shape.gpu == 0 and shape.options()["num_cpus"] == 0
+    single = worker_shape(trial_of(setup_with(deepspeed=None, resources={"cpu": 2, "workers": 1})))
+    assert not single.coordinator and single.options()["num_cpus"] == 2
 
 
 def test_stage_fails_before_training_when_a_worker_group_exceeds_the_local_cluster(
         ray_cluster: Any, tmp_path: Path) -> None:
-    """Preflight runs before Ray starts; the stage re-checks against the cluster it started, where
+    """Preflight runs before Ray starts; the runner re-checks against the cluster it started, where
     Ray Train would otherwise retry starting a 4-worker group on 2 CPUs forever."""
     from rayjobs.runner import run_stage
 
@@ -282,3 +323,144 @@ def test_smoke_shrinks_distributed_configs_to_a_cpu_run() -> None:
     quick = smoke_variant(full)
     assert len(full.tasks.sources) == 3 and quick.tasks.sources == full.tasks.sources  # small grids keep their tasks
     check_setups(quick, TaskRegistry.load(data_root=DATA))
+
+
+# -- ZeRO-3 model construction: zero.Init, memory per worker, dtype ----------------------------------------
+
+#: an encoder whose parameters (~150 MB fp32, 16 layers) dominate a worker's memory
+BIG = {"model_type": "bert", "hidden_size": 384, "num_hidden_layers": 16, "num_attention_heads": 6,
+       "intermediate_size": 1536}
+
+
+def _anon_rss_mib() -> float:
+    """Anonymous resident memory: the process's own pages (not the page cache of files it maps)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
+
+
+def _construction_memory(config: dict[str, Any]) -> list[list[dict[str, Any]]] | None:
+    """One Ray Train worker: build each trial's model through `prepare_model`, one after the other, and
+    measure this worker's peak anonymous memory while it is built, what it holds afterwards, and its
+    parameter bytes. Rank 0 returns every rank's measures."""
+    import ctypes
+    import gc
+    import threading
+
+    import ray.train
+    import torch.distributed as dist
+
+    from rayjobs.deepspeed_backend import is_partitioned, local_param_bytes
+    from rayjobs.train_loop import TrainContext, prepare_data, prepare_model
+
+    # a fixed mmap threshold: freed tensors go back to the OS, so RSS shows the live ones
+    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD
+    tctx = ray.train.get_context()
+    ctx = TrainContext(rank=tctx.get_world_rank(), world_size=tctx.get_world_size())
+    warm = TrialSpec.model_validate(config["warm"])
+    data = prepare_data(warm)
+    prepare_model(warm, data, ctx)  # the same code paths on a tiny model: imports are not counted
+    mine = []
+    for spec in config["trials"]:
+        trial = TrialSpec.model_validate(spec)
+        gc.collect()
+        base = _anon_rss_mib()
+        peak, done = [base], threading.Event()
+
+        def sample(peak: list[float] = peak, done: threading.Event = done) -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], _anon_rss_mib())
+                done.wait(0.001)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        tm = prepare_model(trial, data, ctx)
+        done.set()
+        sampler.join()
+        gc.collect()
+        mine.append({"rank": ctx.rank, "stage": trial.setup.deepspeed.stage,
+                     "peak_mib": max(peak[0], _anon_rss_mib()) - base, "held_mib": _anon_rss_mib() - base,
+                     "param_bytes": local_param_bytes(tm.module), "partitioned": is_partitioned(tm.module),
+                     "whole_params": sum(int(getattr(p, "ds_numel", p.numel())) for p in tm.module.parameters())})
+        del tm
+    gathered: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, mine)
+    return [[ranks[i] for ranks in gathered] for i in range(len(mine))] if ctx.rank == 0 else None
+
+
+def construction_memory(trials: list[TrialSpec], warm: TrialSpec, storage: Path) -> list[list[dict[str, Any]]]:
+    """`_construction_memory` on a worker group of the trials' size (their setups agree on it)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    workers = trials[0].setup.resources.workers
+    result = TorchTrainer(
+        _construction_memory, train_loop_config={"trials": [t.model_dump(mode="json") for t in trials],
+                                                 "warm": warm.model_dump(mode="json")},
+        torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5}),
+        run_config=RunConfig(storage_path=str(storage))).fit()
+    return result.return_value
+
+
+@needs_data
+@pytest.mark.integration
+def test_zero3_init_memory_per_worker_falls_with_the_number_of_workers(
+        ray_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A ZeRO-3 trial's pretrained model is built inside zero.Init: each worker holds 1/world of every
+    parameter, and a worker's peak memory while building it falls with the number of workers. Built
+    without zero.Init (ZeRO-2, same workers) every worker holds every parameter whole."""
+    import ray
+    from ray import cloudpickle
+
+    from rayjobs.config import AdaptationSpec, ModelSpec
+    from rayjobs.models import build_task_model
+
+    root = tmp_path_factory.mktemp("zinit")
+    big, tiny = save_pretrained(BIG, root / "big"), save_pretrained(TINY, root / "tiny")
+    reg = TaskRegistry.load(data_root=DATA)
+
+    def trial(path: Path, stage: int, workers: int) -> TrialSpec:
+        cfg = experiment(stage, workers, name=f"z{stage}w{workers}", model_path=str(path))
+        return next(t for t in expand_pairwise(cfg, reg, str(root / "r")) if t.kind == "source")
+
+    # the reference: the same model built whole in this process, no DeepSpeed
+    plain = build_task_model(ModelSpec(name="big", path=str(big)), AdaptationSpec(), reg.get("snli"))
+    numels = [p.numel() for p in plain.module.parameters()]
+    full = 4 * sum(numels)
+    del plain
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+    measure = ray.remote(num_cpus=0)(construction_memory)
+    one, two = ray.get([  # side by side: 1 worker + 2 workers of half a CPU each
+        measure.remote([trial(big, 3, 1)], trial(tiny, 3, 1), root / "train"),
+        measure.remote([trial(big, 3, 2), trial(big, 2, 2)], trial(tiny, 3, 2), root / "train")])
+    runs = {(3, 1): one[0], (3, 2): two[0], (2, 2): two[1]}
+    for (stage, workers), ranks in runs.items():
+        for r in ranks:
+            print(f"ZeRO-{stage} build, {workers} worker(s), rank {r['rank']}: peak +{r['peak_mib']:.0f} MiB "
+                  f"anonymous, holds +{r['held_mib']:.0f} MiB, parameters {r['param_bytes'] / 2**20:.0f} MiB")
+    for (stage, workers), ranks in runs.items():
+        assert len(ranks) == workers and all(r["whole_params"] == sum(numels) for r in ranks)
+        for r in ranks:
+            # zero.Init: each worker holds its partition of every parameter (DeepSpeed pads to world size);
+            # without it (ZeRO-2) every worker holds the whole model
+            want = 4 * sum(-(-n // workers) for n in numels) if stage == 3 else full
+            assert (r["partitioned"], r["param_bytes"]) == (stage == 3, want)
+    peak1, peak2 = (max(r["peak_mib"] for r in runs[(3, w)]) for w in (1, 2))
+    assert peak2 < 0.8 * peak1, (peak1, peak2)  # the busiest worker's peak falls with the number of workers
+    assert max(r["held_mib"] for r in runs[(3, 2)]) < 0.65 * min(r["held_mib"] for r in runs[(3, 1)])
+    assert full / 2**20 > 100  # parameters dominate a worker's memory: the comparison is about them
+
+
+@needs_data
+def test_model_dtype_is_honoured() -> None:
+    """`model.dtype` is the dtype the weights are built / loaded in, for config-built and pretrained models."""
+    from rayjobs.config import AdaptationSpec, ModelSpec
+    from rayjobs.models import build_task_model
+
+    task = TaskRegistry.load(data_root=DATA).get("snli")
+    for dtype in ("float32", "bfloat16", "float16"):
+        for source in ({"config": TINY}, {"path": "builtin:minilm"}):
+            tm = build_task_model(ModelSpec(name="m", dtype=dtype, **source), AdaptationSpec(), task)
+            assert {p.dtype for p in tm.module.parameters()} == {getattr(torch, dtype)}, (dtype, source)

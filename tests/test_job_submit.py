@@ -128,7 +128,7 @@ def test_readme_cluster_commands_run_the_quickstart_with_token_auth(tmp_path: Pa
         client = JobSubmissionClient(url, headers={"Authorization": f"Bearer {token}"})
         assert client.get_job_status(job_id.group(1)) == JobStatus.SUCCEEDED
         logs = client.get_job_logs(job_id.group(1))
-        assert "stage finished" in logs and "transferlab: results database" in logs
+        assert "] finished: " in logs and "transferlab: results database" in logs
         with pytest.raises(Exception, match="401|403"):
             urllib.request.urlopen(f"{url}/api/jobs/", timeout=10)
 

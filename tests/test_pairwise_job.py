@@ -78,15 +78,26 @@ def test_kill_midway_then_resume_stores_each_run_once(tmp_path: Path) -> None:
     cfg.write_text(GRID.format(data=DATA))
     results = tmp_path / "res"
     # 1) start, kill the whole driver process group once the first results exist
+    # transfers wait 30 s first: on warm workers the whole tiny grid finishes in seconds, faster than the
+    # kill below could land midway
+    slow = {**os.environ, "TRANSFERLAB_FAULT": "sleep30:->"}
     proc = subprocess.Popen([sys.executable, "-m", "rayjobs.cli", "run", str(cfg), "--results", str(results)],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, env=slow)
     deadline = time.time() + 400
     while time.time() < deadline and len(list((results / "runs").glob("*.parquet"))) < 2:
         time.sleep(1)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
     proc.wait()
-    first = {p.name for p in (results / "runs").glob("*.parquet")}
+    # Ray's workers run in process groups of their own: one that finishes its trial in the moment before
+    # it notices its raylet is gone still stores a complete run. Count the runs once nothing changes.
+    first: set[str] = set()
+    for _ in range(30):
+        now = {p.name for p in (results / "runs").glob("*.parquet")}
+        if now == first:
+            break
+        first = now
+        time.sleep(2)
     assert 2 <= len(first) < 6, first  # stopped midway
     mtimes = {p.name: p.stat().st_mtime_ns for p in (results / "runs").glob("*.parquet")}
 

@@ -70,14 +70,27 @@ def build_config(spec: ModelSpec, tokenizer: Any, **overrides: Any) -> Any:
         raise ModelError(f"model {spec.name!r}: bad tiny-model config: {e}") from None
 
 
+def dtype_kwargs(spec: ModelSpec) -> dict[str, Any]:
+    """`model.dtype` as transformers takes it: `dtype` from v5 (`torch_dtype` before). Always explicit:
+    transformers 5 otherwise loads a checkpoint in the dtype it was saved in."""
+    import torch
+    import transformers
+
+    key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    return {key: getattr(torch, spec.dtype)}
+
+
 def from_pretrained_or_config(auto_cls: Any, spec: ModelSpec, tokenizer: Any, **kwargs: Any) -> Any:
-    """Instantiate `auto_cls` from the spec's path, or with random weights from its `config`."""
+    """Instantiate `auto_cls` in `spec.dtype` from the spec's path, or with random weights from its `config`.
+
+    Under an active ZeRO-3 `HfDeepSpeedConfig` (`deepspeed_backend.model_init_context`), transformers
+    builds a pretrained model inside `deepspeed.zero.Init`: partitioned as it is created."""
     if spec.config is not None:
         cfg = build_config(spec, tokenizer, **kwargs)
-        return auto_cls.from_config(cfg)
+        return auto_cls.from_config(cfg, **dtype_kwargs(spec))
     assert spec.path is not None
     path = resolve_path(spec.path)
     try:
-        return auto_cls.from_pretrained(path, trust_remote_code=False, **kwargs)
+        return auto_cls.from_pretrained(path, trust_remote_code=False, **dtype_kwargs(spec), **kwargs)
     except OSError as e:
         raise ModelError(f"cannot load model {spec.name!r} from {path}: {e}") from None
