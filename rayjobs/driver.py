@@ -77,6 +77,9 @@ def add_job_arguments(ap: argparse.ArgumentParser, config_flag: bool = False) ->
     ap.add_argument("--results", help="results folder, or a pyarrow.fs URI such as s3://bucket/prefix for a "
                                       "cluster without a shared filesystem (default: the config's results_dir)")
     ap.add_argument("--db", help="DuckDB file the results are ingested into (default: RESULTS/transferlab.duckdb)")
+    ap.add_argument("-v", "--verbose", action="store_true",
+                    help="also print when each trial starts and on which worker, and the workers' model-loading "
+                         "output (default: one line per finished trial and per stage, plus errors)")
     ap.add_argument("--smoke", action="store_true",
                     help="shrink the config to run end to end on a laptop: tiny sizes and models, one seed, "
                          "a few steps (default: off)")
@@ -91,6 +94,8 @@ def run_from_args(args: argparse.Namespace, expect: str | None = None) -> int:
         from rayjobs.smoke import smoke_variant
 
         cfg = smoke_variant(cfg)
+    if getattr(args, "verbose", False):
+        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"verbose": max(2, cfg.run.verbose)})})
     results = str(args.results or cfg.results_dir)
     return run_job(job, cfg, results if "://" in results else str(Path(results)), args.db)
 

@@ -49,7 +49,7 @@ def init_ray(run: RunSpec) -> None:
     # Workers must import rayjobs/analysis: on a local Ray the repo root is on their path.
     root = str(Path(__file__).resolve().parent.parent)
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH", "")] if p),
-                        "TOKENIZERS_PARALLELISM": "false", **QUIET}}
+                        "TOKENIZERS_PARALLELISM": "false", **(QUIET if run.verbose < 2 else {})}}
     if address:
         ray.init(address=address, log_to_driver=True)
     else:

@@ -131,3 +131,23 @@ def test_failing_trial_is_recorded_and_others_finish(tmp_path: Path) -> None:
     failed = [x for x in rows if x[2] == "failed"]
     assert len(failed) == 1 and failed[0][:2] == ("target", "mrpc") and "injected failure" in failed[0][3]
     assert sum(x[2] == "ok" for x in rows) == 5  # sources, the other baseline, both transfers
+
+
+@pytest.mark.integration
+def test_default_output_is_a_line_per_trial_and_verbose_adds_starts(tmp_path: Path) -> None:
+    cfg = tmp_path / "grid.yaml"
+    cfg.write_text(GRID.format(data=DATA))
+    r = cli("run", str(cfg), "--results", str(tmp_path / "quiet"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [x for x in r.stdout.splitlines() if x.strip()]
+    done = [x for x in lines if " done, " in x and "| ok: " in x]
+    assert len(done) == 6  # one line per finished trial
+    # the driver's lines, the stage lines and the transfer matrix: no tables of trials, no model-loading
+    # chatter (progress bars, load reports), no start lines
+    noise = ("Trial status", "│", "╭", "Loading", "%|", "LOAD REPORT", "start:")
+    assert not [x for x in lines + r.stderr.splitlines() if any(n in x for n in noise)], lines
+    assert len(lines) <= 20, lines
+    v = cli("run", str(cfg), "--results", str(tmp_path / "loud"), "--verbose")
+    assert v.returncode == 0, v.stderr[-2000:]
+    starts = [x for x in v.stdout.splitlines() if "] start: " in x]
+    assert len(starts) == 6
