@@ -18,6 +18,27 @@ needs_data = pytest.mark.skipif(not (DATA / "tasks").is_dir(), reason="../shared
 TINY_BERT = {"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
              "intermediate_size": 32}
 TINY_GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 512}
+#: a pairwise grid on a tiny BERT (default: snli and mrpc, 16 examples each: 6 trainings in seconds)
+TINY_GRID = """
+name: {name}
+data_root: {data}
+tasks: {{sources: {sources}, targets: {targets}}}
+seeds: [7]
+sizes: {{source_train: 16, target_train: 16, eval: 16}}
+setups:
+  - model: {{name: tiny, config: {{model_type: bert, hidden_size: 16, num_hidden_layers: 1,
+            num_attention_heads: 2, intermediate_size: 32}}, max_length: 48}}
+    train: {{epochs: 1, batch_size: 8}}
+run: {{max_failures: {max_failures}}}
+"""
+
+
+def tiny_grid(name: str, data: Path | str = DATA, sources: str = "[snli, mrpc]", targets: str = "null",
+              max_failures: int = 0) -> str:
+    """The YAML text of `TINY_GRID` (targets null: the sources)."""
+    return TINY_GRID.format(name=name, data=data, sources=sources, targets=targets, max_failures=max_failures)
+
+
 TINY_T5 = {"model_type": "t5", "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_decoder_layers": 2,
            "num_heads": 4, "decoder_start_token_id": 0}
 

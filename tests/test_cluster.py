@@ -19,27 +19,13 @@ import psutil
 import pytest
 
 from tests.cluster_support import LocalCluster
-from tests.conftest import DATA, REPO, needs_data
+from tests.conftest import REPO, needs_data, tiny_grid
 
 pytestmark = [needs_data, pytest.mark.integration]
 
-GRID = """
-name: {name}
-data_root: {data}
-tasks: {{sources: {sources}, targets: {targets}}}
-seeds: [7]
-sizes: {{source_train: 16, target_train: 16, eval: 16}}
-setups:
-  - model: {{name: tiny, config: {{model_type: bert, hidden_size: 16, num_hidden_layers: 1,
-            num_attention_heads: 2, intermediate_size: 32}}, max_length: 48}}
-    train: {{epochs: 1, batch_size: 8}}
-run: {{max_failures: {max_failures}}}
-"""
-
-
 def grid(tmp: Path, name: str, sources: str = "[snli, mrpc]", targets: str = "null", max_failures: int = 0) -> Path:
     cfg = tmp / f"{name}.yaml"
-    cfg.write_text(GRID.format(name=name, data=DATA, sources=sources, targets=targets, max_failures=max_failures))
+    cfg.write_text(tiny_grid(name, sources=sources, targets=targets, max_failures=max_failures))
     return cfg
 
 

@@ -14,7 +14,7 @@ import pytest
 from analysis.status import render, summarise, write_plan
 from analysis.store import ResultStore
 from rayjobs import observe
-from tests.conftest import DATA, REPO, cli, needs_data
+from tests.conftest import REPO, cli, needs_data, tiny_grid
 
 # -- throughput -------------------------------------------------------------------------------------------
 
@@ -92,17 +92,6 @@ def test_status_cli_prints_the_summary_and_rejects_an_empty_folder(tmp_path: Pat
 
 # -- Ray metrics on the Prometheus endpoint -----------------------------------------------------------------
 
-GRID = """
-name: metrics
-data_root: {data}
-tasks: {{sources: [snli, mrpc]}}
-seeds: [7]
-sizes: {{source_train: 16, target_train: 16, eval: 16}}
-setups:
-  - model: {{name: tiny, config: {{model_type: bert, hidden_size: 16, num_hidden_layers: 1,
-            num_attention_heads: 2, intermediate_size: 32}}, max_length: 48}}
-    train: {{epochs: 1, batch_size: 8}}
-"""
 SAMPLE = re.compile(r"^(\w+)\{(.*)\} ([0-9.e+-]+)$")
 
 
@@ -144,7 +133,7 @@ def test_job_metrics_reach_the_prometheus_endpoint(tmp_path: Path) -> None:
     from rayjobs.job import get_job
 
     cfg_path = tmp_path / "grid.yaml"
-    cfg_path.write_text(GRID.format(data=DATA))
+    cfg_path.write_text(tiny_grid("metrics"))
     ray.init(address="local", include_dashboard=False, num_cpus=2,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}})
     try:

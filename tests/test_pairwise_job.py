@@ -12,31 +12,14 @@ from pathlib import Path
 import duckdb
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
-pytestmark = pytest.mark.skipif(not (DATA / "tasks").is_dir(), reason="../shared/data not present")
+from tests.conftest import REPO, cli, needs_data, tiny_grid
 
-GRID = """
-name: grid2
-data_root: {data}
-tasks: {{sources: [snli, mrpc]}}
-seeds: [7]
-sizes: {{source_train: 16, target_train: 16, eval: 16}}
-setups:
-  - model: {{name: tiny, config: {{model_type: bert, hidden_size: 16, num_hidden_layers: 1,
-            num_attention_heads: 2, intermediate_size: 32}}, max_length: 48}}
-    train: {{epochs: 1, batch_size: 8}}
-"""
-
-
-def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rayjobs.cli", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+pytestmark = needs_data
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(GRID.format(data=DATA).replace("mrpc", "nosuch"))
+    cfg.write_text(tiny_grid("grid2").replace("mrpc", "nosuch"))
     r = cli("run", str(cfg), "--results", str(tmp_path / "r"))
     assert r.returncode == 2 and "unknown task 'nosuch'" in r.stderr and "Traceback" not in r.stderr
 
@@ -44,11 +27,11 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     r = cli("run", str(cfg))
     assert r.returncode == 2 and "malformed YAML" in r.stderr
 
-    cfg.write_text(GRID.format(data=tmp_path / "nodata"))
+    cfg.write_text(tiny_grid("grid2", data=tmp_path / "nodata"))
     r = cli("run", str(cfg), "--results", str(tmp_path / "r"))
     assert r.returncode == 2 and "not found" in r.stderr and "snli.jsonl" in r.stderr
 
-    text = GRID.format(data=DATA).replace("{name: tiny, config: {model_type: bert, hidden_size: 16, "
+    text = tiny_grid("grid2").replace("{name: tiny, config: {model_type: bert, hidden_size: 16, "
                                           "num_hidden_layers: 1,\n            num_attention_heads: 2, "
                                           "intermediate_size: 32}, max_length: 48}",
                                           f"{{name: gone, path: {tmp_path / 'no_model'}}}")
@@ -59,7 +42,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
-    cfg.write_text(GRID.format(data=DATA))
+    cfg.write_text(tiny_grid("grid2"))
     try:
         if os.geteuid() == 0:  # root ignores permissions: use a path under a regular file instead
             (tmp_path / "afile").write_text("x")
@@ -75,7 +58,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_kill_midway_then_resume_stores_each_run_once(tmp_path: Path) -> None:
     cfg = tmp_path / "grid.yaml"
-    cfg.write_text(GRID.format(data=DATA))
+    cfg.write_text(tiny_grid("grid2"))
     results = tmp_path / "res"
     # 1) start, kill the whole driver process group once the first results exist
     # transfers wait 30 s first: on warm workers the whole tiny grid finishes in seconds, faster than the
@@ -121,7 +104,7 @@ def test_kill_midway_then_resume_stores_each_run_once(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_failing_trial_is_recorded_and_others_finish(tmp_path: Path) -> None:
     cfg = tmp_path / "grid.yaml"
-    cfg.write_text(GRID.format(data=DATA))
+    cfg.write_text(tiny_grid("grid2"))
     env = {**os.environ, "TRANSFERLAB_FAULT": "raise:mrpc (baseline)"}
     r = subprocess.run([sys.executable, "-m", "rayjobs.cli", "run", str(cfg), "--results", str(tmp_path / "r")],
                        cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
@@ -136,7 +119,7 @@ def test_failing_trial_is_recorded_and_others_finish(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_default_output_is_a_line_per_trial_and_verbose_adds_starts(tmp_path: Path) -> None:
     cfg = tmp_path / "grid.yaml"
-    cfg.write_text(GRID.format(data=DATA))
+    cfg.write_text(tiny_grid("grid2"))
     r = cli("run", str(cfg), "--results", str(tmp_path / "quiet"))
     assert r.returncode == 0, r.stderr[-2000:]
     lines = [x for x in r.stdout.splitlines() if x.strip()]

@@ -15,21 +15,10 @@ import duckdb
 import pyarrow.fs as pafs
 import pytest
 
-from tests.conftest import DATA, cli, needs_data
+from tests.conftest import cli, needs_data, tiny_grid
 
 pytestmark = needs_data
 
-GRID = """
-name: remote
-data_root: {data}
-tasks: {{sources: [snli, mrpc]}}
-seeds: [7]
-sizes: {{source_train: 16, target_train: 16, eval: 16}}
-setups:
-  - model: {{name: tiny, config: {{model_type: bert, hidden_size: 16, num_hidden_layers: 1,
-            num_attention_heads: 2, intermediate_size: 32}}, max_length: 48}}
-    train: {{epochs: 1, batch_size: 8}}
-"""
 CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -76,7 +65,7 @@ def test_results_in_s3_without_a_shared_folder_resume_from_the_bucket(s3: tuple[
     query, fs = s3
     uri = f"s3://tl-results/exp?{query}"
     cfg = tmp_path / "grid.yaml"
-    cfg.write_text(GRID.format(data=DATA))
+    cfg.write_text(tiny_grid("remote"))
     first, mirror = tmp_path / "first", tmp_path / "node-mirror"
     first.mkdir()
     env = {**os.environ, "TRANSFERLAB_MIRROR": str(mirror)}
@@ -120,7 +109,7 @@ def test_an_unusable_bucket_is_a_clear_error_before_ray_starts(s3: tuple[str, pa
                                                                tmp_path: Path) -> None:
     query, _ = s3
     cfg = tmp_path / "grid.yaml"
-    cfg.write_text(GRID.format(data=DATA))
+    cfg.write_text(tiny_grid("remote"))
     r = cli("run", str(cfg), "--results", f"s3://no-such-bucket/x?{query}", cwd=tmp_path)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "results location s3://no-such-bucket/x is not writable" in r.stderr
