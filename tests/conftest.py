@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,21 @@ setups:
     train: {{epochs: 1, batch_size: 8}}
 run: {{max_failures: {max_failures}}}
 """
+
+
+@contextmanager
+def local_ray(**env_vars: str) -> Iterator[Any]:
+    """A fresh 2-CPU local Ray whose workers import this checkout, with `env_vars` in their environment."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", **env_vars}})
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
 
 
 def tiny_grid(name: str, data: Path | str = DATA, sources: str = "[snli, mrpc]", targets: str = "null",

@@ -28,9 +28,8 @@ from rayjobs.models.loading import ModelError
 from rayjobs.plan import TrialSpec, expand_pairwise
 from rayjobs.preflight import check_distributed
 from rayjobs.tasks import TaskRegistry
+from tests.conftest import DATA, REPO, local_ray
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA / "tasks").is_dir(), reason="../shared/data not present")
 
 # dropout off: ranks draw different dropout masks than one process would, which is not what we compare
@@ -70,15 +69,8 @@ FAULT = "raise@rank1:source fault "
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> Any:
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
-                                       "TRANSFERLAB_FAULT": FAULT}})
-    yield ray
-    ray.shutdown()
+    with local_ray(TRANSFERLAB_FAULT=FAULT) as ray:
+        yield ray
 
 
 def save_pretrained(config: dict[str, Any], folder: Path, seed: int = 0) -> Path:

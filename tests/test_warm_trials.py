@@ -27,9 +27,8 @@ from rayjobs import train_loop
 from rayjobs.config import ExperimentConfig, RunSpec
 from rayjobs.plan import TrialSpec, expand_pairwise
 from rayjobs.tasks import TaskRegistry
+from tests.conftest import DATA, REPO, local_ray
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA / "tasks").is_dir(), reason="../shared/data not present")
 
 TINY = {"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -54,15 +53,8 @@ def one(trials: list[TrialSpec], kind: str, task: str) -> TrialSpec:
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> Any:
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
-                                       "TRANSFORMERS_VERBOSITY": "error", "TRANSFERLAB_FAULT": FAULTS}})
-    yield ray
-    ray.shutdown()
+    with local_ray(TRANSFORMERS_VERBOSITY="error", TRANSFERLAB_FAULT=FAULTS) as ray:
+        yield ray
     from rayjobs import observe
 
     observe.COUNTS.counts.clear()  # the driver's trial-state gauges of these runs end with this cluster
