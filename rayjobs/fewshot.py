@@ -25,7 +25,7 @@ from pydantic import Field, field_validator
 
 from analysis.store import ResultStore
 from rayjobs.config import ConfigError, JobConfig
-from rayjobs.job import Job, Plan
+from rayjobs.job import Job, Plan, check_choice_tasks
 from rayjobs.models.loading import ModelError
 from rayjobs.plan import TrialSpec, prompt_identity, trial_key
 from rayjobs.preflight import check_setup
@@ -91,15 +91,8 @@ def fewshot_template(template: PromptTemplate, demos: list[Example], separator: 
 # -- plan ------------------------------------------------------------------------------------------------
 def check_fewshot(cfg: FewshotConfig, registry: TaskRegistry) -> None:
     where = cfg.source_file
-    for t in cfg.tasks:
-        try:
-            spec = registry.get(t)
-            registry.origin(t)
-        except TaskError as e:
-            raise ConfigError(f"{where}: field `tasks`: {e}") from None
-        if spec.answer_type != "choice":
-            raise ConfigError(f"{where}: field `tasks`: task {t!r} has {spec.answer_type} answers; the few-shot "
-                              "baseline ranks answer choices")
+    specs = check_choice_tasks(where, cfg.tasks, registry, "the few-shot baseline ranks answer choices")
+    for t, spec in specs.items():
         if cfg.shots == "classes" and not spec.choices:
             raise ConfigError(f"{where}: field `shots`: task {t!r} has no fixed label set; give a number of shots")
     for i, setup in enumerate(cfg.setups):

@@ -35,6 +35,24 @@ JOB_MODULES: dict[str, str] = {
 }
 
 
+def check_choice_tasks(where: str, tasks: list[str], registry: Any, why: str) -> dict[str, Any]:
+    """Every task of a config is known and answers with a choice among answers (`why`: what needs the
+    choices); returns their specs. Errors name the config file and the field."""
+    from rayjobs.tasks import TaskError
+
+    specs = {}
+    for t in tasks:
+        try:
+            spec = registry.get(t)
+            registry.origin(t)
+        except TaskError as e:
+            raise ConfigError(f"{where}: field `tasks`: {e}") from None
+        if spec.answer_type != "choice":
+            raise ConfigError(f"{where}: field `tasks`: task {t!r} has {spec.answer_type} answers; {why}")
+        specs[t] = spec
+    return specs
+
+
 @dataclass
 class Plan:
     """A job's trials (in any order: the runner follows `TrialSpec.depends_on`) and what to say about them."""

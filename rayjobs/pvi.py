@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from analysis.store import ResultStore
 from rayjobs.config import ConfigError, JobConfig, PromptSpec, SetupSpec
-from rayjobs.job import Job, Plan
+from rayjobs.job import Job, Plan, check_choice_tasks
 from rayjobs.models.loading import ModelError
 from rayjobs.plan import TrialSpec, prompt_identity, trial_key
 from rayjobs.preflight import check_setup
@@ -67,15 +67,8 @@ def null_setup(setup: SetupSpec) -> SetupSpec:
 def check_pvi(cfg: PviConfig, registry: TaskRegistry) -> None:
     """Tasks with a choice among answers (PVI needs g(y) of the gold choice), models that fit them."""
     where = cfg.source_file
-    for t in cfg.tasks:
-        try:
-            spec = registry.get(t)
-            registry.origin(t)
-        except TaskError as e:
-            raise ConfigError(f"{where}: field `tasks`: {e}") from None
-        if spec.answer_type != "choice":
-            raise ConfigError(f"{where}: field `tasks`: task {t!r} has {spec.answer_type} answers; PVI needs the "
-                              "probability of the gold choice, so only choice tasks have one")
+    check_choice_tasks(where, cfg.tasks, registry,
+                       "PVI needs the probability of the gold choice, so only choice tasks have one")
     for i, setup in enumerate(cfg.setups):
         if setup.resources.workers > 1 or setup.deepspeed is not None:
             raise ConfigError(f"{where}: field `setups.{i}`: a PVI run is one process (drop `deepspeed` and "
