@@ -198,6 +198,20 @@ def _cmd_compute(args: argparse.Namespace) -> int:
     from analysis import selectors as sel
     from analysis.db import open_store
 
+    if args.kind == "semb":  # embed first, as roe
+        from analysis.prompt_similarity import semb_scores, store_semb
+        from analysis.roe import load_examples
+
+        examples = args.examples or str(_data_root() / "taskweb" / "prompted_examples_32.jsonl")
+        texts = load_examples(examples, args.max_per_task, text=lambda r: str(r["input"]))
+        if args.tasks:
+            texts = {t: v for t, v in texts.items() if t in args.tasks}
+        table, params = semb_scores(texts, targets=args.targets, model=args.model, batch_size=args.batch_size,
+                                    device=args.device)
+        with open_store(args.db, create=True) as con:
+            name = store_semb(con, table, {**params, "examples": examples}, args.name or "semb")
+        print(f"stored {table.num_rows} scores as selector '{name}'")
+        return 0
     if args.kind == "roe":  # embed first: a long run must not hold the store's lock
         from analysis.roe import roe_scores, store_roe
 
@@ -432,19 +446,20 @@ def register(sub: argparse._SubParsersAction, default_db: Callable[[], str]) -> 
     json_flag(p)
 
     p = add("compute-selector", "compute a selector's scores and store them", _cmd_compute,
-            "roe: RoE from few-shot example embeddings; taskshop: TaskShop (paper 000, Eq. 1) over a setup; "
+            "roe: RoE from few-shot example embeddings; semb: SEMB (Lin et al.), cosine of the tasks' mean "
+            "input embeddings from the same examples; taskshop: TaskShop (paper 000, Eq. 1) over a setup; "
             "random: seeded uniform scores; size: the source's training-set size.")
-    p.add_argument("kind", choices=["roe", "taskshop", "random", "size"], help="which selector to compute")
+    p.add_argument("kind", choices=["roe", "semb", "taskshop", "random", "size"], help="which selector to compute")
     p.add_argument("--name", help="stored name (default: roe-minilm for roe; taskshop-F[SETUP,lambda=L] for taskshop)")
-    p.add_argument("--examples", help="roe: few-shot JSONL {task,input,choices} (default: TaskWeb's prompted_examples_32)")
-    p.add_argument("--model", help="roe: sentence-transformers model path or id (default: bundled all-MiniLM-L6-v2)")
+    p.add_argument("--examples", help="roe, semb: few-shot JSONL {task,input,choices} (default: TaskWeb's prompted_examples_32)")
+    p.add_argument("--model", help="roe, semb: sentence-transformers model path or id (default: bundled all-MiniLM-L6-v2)")
     p.add_argument("--max-seq-length", type=int, default=512,
                    help="roe: token truncation (default: %(default)s, as TaskWeb)")
-    p.add_argument("--max-per-task", type=int, help="roe: use only the first N examples of each task (default: all)")
-    p.add_argument("--tasks", type=_names, help="roe: only these tasks, comma-separated (default: all with examples)")
-    p.add_argument("--targets", type=_names, help="roe: score only these targets (default: every task)")
-    p.add_argument("--device", help="roe: torch device (default: GPU if available, else CPU)")
-    p.add_argument("--batch-size", type=int, default=64, help="roe: embedding batch size (default: %(default)s)")
+    p.add_argument("--max-per-task", type=int, help="roe, semb: use only the first N examples of each task (default: all)")
+    p.add_argument("--tasks", type=_names, help="roe, semb: only these tasks, comma-separated (default: all with examples)")
+    p.add_argument("--targets", type=_names, help="roe, semb: score only these targets (default: every task)")
+    p.add_argument("--device", help="roe, semb: torch device (default: GPU if available, else CPU)")
+    p.add_argument("--batch-size", type=int, default=64, help="roe, semb: embedding batch size (default: %(default)s)")
     p.add_argument("--f", default="roe", help="taskshop: the stored selector used as F (default: %(default)s)")
     p.add_argument("--setup", help="taskshop: transfer setup ADAPTATION:MODEL or 'mean' (required for taskshop)")
     p.add_argument("--lambda", dest="lam", type=float, default=0.7, help="taskshop: lambda in [0, 1] (default: %(default)s)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,10 @@ def render(example: dict[str, Any]) -> str:
     return f"{example.get('choices')}</s>{example['input']}"
 
 
-def load_examples(path: str | Path, max_per_task: int | None = None) -> dict[str, list[str]]:
-    """Rendered few-shot inputs per task from a JSONL of {"task", "input", "choices"} records."""
+def load_examples(path: str | Path, max_per_task: int | None = None,
+                  text: Callable[[dict[str, Any]], str] = render) -> dict[str, list[str]]:
+    """Rendered few-shot inputs per task from a JSONL of {"task", "input", "choices"} records (`text`
+    renders one record: RoE's choices + input by default)."""
     p = Path(path)
     if not p.is_file():
         raise AnalysisError(f"few-shot examples file {p} does not exist")
@@ -46,12 +49,12 @@ def load_examples(path: str | Path, max_per_task: int | None = None) -> dict[str
                 continue
             try:
                 rec = json.loads(line)
-                task, text = rec["task"], render(rec)
+                task, rendered = rec["task"], text(rec)
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise AnalysisError(f"{p}:{i}: not a few-shot example record ({e})") from None
             bucket = out.setdefault(task, [])
             if max_per_task is None or len(bucket) < max_per_task:
-                bucket.append(text)
+                bucket.append(rendered)
     if not out:
         raise AnalysisError(f"{p} holds no examples")
     return out

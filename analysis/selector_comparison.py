@@ -87,19 +87,22 @@ def compare_all(con: duckdb.DuckDBPyConnection, setup: str, families: list[str],
 
 def winner(rows: list[dict[str, Any]], family: str) -> dict[str, Any] | None:
     """The selector with the highest NDCG under `family` (the oracle, the ceiling, excluded), the margin
-    over the runner-up in NDCG points, and the spread of its NDCG over seeds where the family has seeds."""
+    over the best selector scoring lower (ties are listed), and the spread of its NDCG over seeds where the
+    family ranks per seed."""
     ok = [(r["selector"], r[family]) for r in rows
           if r["selector"] != "oracle" and "ndcg" in r.get(family, {}) and r[family]["ndcg"] is not None
           and not math.isnan(r[family]["ndcg"])]
     if not ok:
         return None
     ok.sort(key=lambda x: (-x[1]["ndcg"], x[0]))
-    (name, best), runner = ok[0], (ok[1] if len(ok) > 1 else None)
+    name, best = ok[0]
+    ties = [n for n, v in ok[1:] if v["ndcg"] == best["ndcg"]]
+    runner = next((x for x in ok[1:] if x[1]["ndcg"] < best["ndcg"]), None)  # the best that scores lower
     seeds = list(best["seed_ndcg"].values())
     return {"selector": name, "ndcg": best["ndcg"], "regret": best["regret"],
             "runner_up": runner[0] if runner else None,
             "margin": best["ndcg"] - runner[1]["ndcg"] if runner else None,
-            "ties": [n for n, v in ok[1:] if v["ndcg"] == best["ndcg"]],
+            "ties": ties,
             "seed_min": min(seeds) if seeds else None, "seed_max": max(seeds) if seeds else None,
             "seed_sd": statistics.pstdev(seeds) if len(seeds) > 1 else None, "n_seeds": len(seeds)}
 

@@ -318,3 +318,15 @@ def test_every_selector_in_one_table_by_family_with_seed_spread(tmp_path, capsys
     assert "n/a feature:" in out
     with pytest.raises(SystemExit):
         main(["evaluate-selection", "--db", str(db), "--selector", "all", "--setup", "pt:m", "--metrics", "lin,x"])
+
+
+def test_the_winner_margin_is_over_the_best_lower_score_and_ties_are_named():
+    from analysis.selector_comparison import winner
+
+    def row(name, ndcg):
+        return {"selector": name, "lin": {"ndcg": ndcg, "regret": 0.0, "seed_ndcg": {}}}
+
+    rows = [row("b", 0.9), row("a", 0.9), row("c", 0.8), row("oracle", 1.0), {"selector": "d", "lin": {"error": "x"}}]
+    w = winner(rows, "lin")
+    assert (w["selector"], w["ties"], w["runner_up"]) == ("a", ["b"], "c")
+    assert w["margin"] == pytest.approx(0.1) and w["seed_sd"] is None
