@@ -89,6 +89,33 @@ def test_semb_from_embeddings_and_minilm():
         ps.semb_scores(texts, targets=["d"])
 
 
+
+def test_compute_selector_semb_stores_the_cosines_of_mean_input_embeddings(tmp_path):
+    import json
+
+    from sentence_transformers import SentenceTransformer
+
+    from rayjobs.cli import main
+    from rayjobs.models.loading import resolve_path
+
+    texts = {"a": ["The cat sat on the mat.", "A dog barked."], "b": ["Stocks fell sharply today."],
+             "c": ["The kitten slept on the rug."]}
+    jsonl = tmp_path / "ex.jsonl"  # RoE's records: SEMB embeds the inputs only, not the choices
+    jsonl.write_text("".join(json.dumps({"task": t, "input": x, "choices": ["yes", "no"]}) + "\n"
+                             for t, xs in texts.items() for x in xs))
+    db = tmp_path / "s.duckdb"
+    assert main(["compute-selector", "semb", "--db", str(db), "--examples", str(jsonl), "--tasks", "a,b,c"]) == 0
+    with open_store(db) as con:
+        got = {(s, t): v for s, t, v in con.execute(
+            "SELECT source, target, score FROM selector_scores WHERE selector = 'semb'").fetchall()}
+    st = SentenceTransformer(resolve_path("builtin:minilm"), device="cpu")
+    mean = {k: st.encode(v, convert_to_numpy=True, normalize_embeddings=True).mean(axis=0) for k, v in texts.items()}
+    assert set(got) == {(s, t) for s in "abc" for t in "abc" if s != t}
+    for (s, t), v in got.items():
+        assert v == pytest.approx(float(mean[s] @ mean[t] / (np.linalg.norm(mean[s]) * np.linalg.norm(mean[t]))),
+                                  abs=1e-5)
+
+
 # -- checkpoints ------------------------------------------------------------------------------------------------
 def test_loader_reads_a_peft_prompt_tuning_checkpoint(tmp_path):
     """The trainable state of a real peft prompt-tuning model, saved as the trainer saves it."""
