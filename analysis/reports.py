@@ -33,6 +33,7 @@ from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from matplotlib.patches import FancyArrowPatch  # noqa: E402
 
 from analysis import analytics as an  # noqa: E402
+from analysis import selectors as sel  # noqa: E402
 from analysis.errors import AnalysisError  # noqa: E402
 from analysis.ranking import TASKWEB_CATEGORIES, _registry_category, evaluate_selection  # noqa: E402
 
@@ -291,9 +292,7 @@ def default_selection_setup(con: duckdb.DuckDBPyConnection, drawn: list[str], al
 
 def selector_names(con: duckdb.DuckDBPyConnection) -> list[str]:
     """Selectors for the table: random, size, every stored base selector and TaskShop over each."""
-    base = [r[0] for r in con.execute(
-        "SELECT selector FROM selector_scores GROUP BY selector "
-        "HAVING NOT list_contains(?, any_value(method)) ORDER BY selector", [list(_DERIVED_METHODS)]).fetchall()]
+    base = sel.base_selectors(con, _DERIVED_METHODS)
     return ["random", "size", *base, *[f"taskshop-{b}" for b in base]]
 
 

@@ -31,17 +31,25 @@ _DERIVED = ("taskshop", "random", "oracle", "size", "feature", "feature-l2", "un
 def comparison_selectors(con: duckdb.DuckDBPyConnection) -> list[str]:
     """random, size, each stored base selector (roe, llm, semb, ...), the setup selectors, then TaskShop
     over every base and setup selector (F), then the oracle (the gold ranking: the ceiling)."""
-    base = [r[0] for r in con.execute(
-        "SELECT selector FROM selector_scores GROUP BY selector "
-        "HAVING NOT list_contains(?, any_value(method)) ORDER BY selector", [list(_DERIVED)]).fetchall()]
-    own = [*base, *SETUP_SELECTORS]
+    own = [*sel.base_selectors(con, _DERIVED), *SETUP_SELECTORS]
     return ["random", "size", *own, *[f"taskshop-{f}" for f in own], "oracle"]
 
 
-def _stored_f(con: duckdb.DuckDBPyConnection, name: str, setup: str, seed: int) -> str:
-    """TaskShop takes stored scores as F: a setup selector is materialised first under its stored name."""
-    f = name[len("taskshop-"):]
-    return "taskshop-" + (sel.resolve(con, f, setup=setup, seed=seed) if f in SETUP_SELECTORS else f)
+def _setup_scores(con: duckdb.DuckDBPyConnection, setup: str, seed: int) -> Any:
+    """Each setup selector materialised once (reading checkpoints or vectors), its stored name or its error:
+    the plain row, TaskShop over it and every family then read the same stored scores."""
+    done: dict[str, str | AnalysisError] = {}
+
+    def stored(name: str) -> str:
+        if name not in done:
+            try:
+                done[name] = sel.resolve(con, name, setup=setup, seed=seed)
+            except AnalysisError as e:
+                done[name] = e
+        if isinstance(done[name], AnalysisError):
+            raise done[name]
+        return str(done[name])
+    return stored
 
 
 def _seed_means(res: dict[str, Any]) -> dict[Any, float]:
@@ -67,12 +75,15 @@ def compare_all(con: duckdb.DuckDBPyConnection, setup: str, families: list[str],
         require_setup(con, setup)
         raise AnalysisError(f"setup '{setup}' has no transfer between distinct tasks to rank")
     k = min(k, fewest)
+    stored = _setup_scores(con, setup, seed)
     rows: list[dict[str, Any]] = []
     for name in selectors or comparison_selectors(con):
         row: dict[str, Any] = {"selector": name}
+        f = name[len("taskshop-"):] if name.startswith("taskshop-") else None
         for fam in families:
             try:
-                used = _stored_f(con, name, setup, seed) if name.startswith("taskshop-") else name
+                used = (stored(name) if name in SETUP_SELECTORS
+                        else f"taskshop-{stored(f)}" if f in SETUP_SELECTORS else name)
                 res = evaluate_selection(con, used, setup, k=k, seed=seed, metrics=fam, pool=pool)
             except AnalysisError as e:
                 row[fam] = {"error": str(e)}

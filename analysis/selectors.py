@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +76,14 @@ def store_scores(con: duckdb.DuckDBPyConnection, name: str, method: str, params:
             con.execute("ROLLBACK")
             raise
     return scores.num_rows
+
+
+def base_selectors(con: duckdb.DuckDBPyConnection, derived: Sequence[str]) -> list[str]:
+    """Stored selectors other than those whose method is in `derived` (scores computed from others or
+    from a setup), by name."""
+    return [r[0] for r in con.execute(
+        "SELECT selector FROM selector_scores GROUP BY selector "
+        "HAVING NOT list_contains(?, any_value(method)) ORDER BY selector", [list(derived)]).fetchall()]
 
 
 def has_selector(con: duckdb.DuckDBPyConnection, name: str) -> bool:

@@ -167,11 +167,12 @@ class ResultStore:
             pass
 
     # -- a remote results location (analysis.remote) -----------------------------------------
-    def sync_down(self) -> None:
-        """Run rows and predictions the remote has and this mirror lacks (checkpoints stay remote)."""
+    def sync_down(self, predictions: bool = True) -> None:
+        """Run rows (and predictions) the remote has and this mirror lacks (checkpoints stay remote)."""
         if self.remote is not None:
             self.remote.pull_new("runs", self.runs_dir)
-            self.remote.pull_new("predictions", self.predictions_dir)
+            if predictions:
+                self.remote.pull_new("predictions", self.predictions_dir)
 
     def push_run(self, run_key: str) -> None:
         if self.remote is not None:
@@ -251,7 +252,7 @@ class ResultStore:
 
     def finished_keys(self) -> set[str]:
         """Run keys with a successful result file (the source of truth for resuming)."""
-        self.sync_down()
+        self.sync_down(predictions=False)
         if not self.runs_dir.exists():
             return set()
         files = [str(p) for p in self.runs_dir.glob("*.parquet")]

@@ -73,13 +73,12 @@ def _sql_description() -> str:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    from analysis.remote import is_uri, node_mirror
     from analysis.status import PLAN_FILE, render, summarise
 
-    if "://" in args.results:  # a remote results location: read it through this machine's mirror
-        from analysis.remote import node_mirror
-
+    if is_uri(args.results):  # a remote results location: read it through this machine's mirror
         store = ResultStore(node_mirror(args.results), remote=args.results)
-        store.sync_down()
+        store.sync_down(predictions=False)  # status reads the run rows and the plan only
         if store.remote.exists(PLAN_FILE):
             store.remote.get_file(PLAN_FILE, store.root / PLAN_FILE)
     else:

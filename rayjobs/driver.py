@@ -96,8 +96,10 @@ def run_from_args(args: argparse.Namespace, expect: str | None = None) -> int:
         cfg = smoke_variant(cfg)
     if getattr(args, "verbose", False):
         cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"verbose": max(2, cfg.run.verbose)})})
+    from analysis.remote import is_uri
+
     results = str(args.results or cfg.results_dir)
-    return run_job(job, cfg, results if "://" in results else str(Path(results)), args.db)
+    return run_job(job, cfg, results if is_uri(results) else str(Path(results)), args.db)
 
 
 def job_module(kind: str) -> str:

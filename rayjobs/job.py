@@ -35,18 +35,24 @@ JOB_MODULES: dict[str, str] = {
 }
 
 
-def check_choice_tasks(where: str, tasks: list[str], registry: Any, why: str) -> dict[str, Any]:
-    """Every task of a config is known and answers with a choice among answers (`why`: what needs the
-    choices); returns their specs. Errors name the config file and the field."""
+def task_spec(registry: Any, task: str, where: str, field: str = "tasks") -> Any:
+    """A task a config names, known to the registry with its data; errors name the file and the field."""
     from rayjobs.tasks import TaskError
 
+    try:
+        spec = registry.get(task)
+        registry.origin(task)
+    except TaskError as e:
+        raise ConfigError(f"{where}: field `{field}`: {e}") from None
+    return spec
+
+
+def check_choice_tasks(where: str, tasks: list[str], registry: Any, why: str) -> dict[str, Any]:
+    """Every task of a config is known and answers with a choice among answers (`why`: what needs the
+    choices); returns their specs."""
     specs = {}
     for t in tasks:
-        try:
-            spec = registry.get(t)
-            registry.origin(t)
-        except TaskError as e:
-            raise ConfigError(f"{where}: field `tasks`: {e}") from None
+        spec = task_spec(registry, t, where)
         if spec.answer_type != "choice":
             raise ConfigError(f"{where}: field `tasks`: task {t!r} has {spec.answer_type} answers; {why}")
         specs[t] = spec

@@ -36,7 +36,7 @@ from pydantic import Field, field_validator, model_validator
 
 from analysis.store import ResultStore
 from rayjobs.config import ConfigError, JobConfig, SetupSpec
-from rayjobs.job import Job, Plan
+from rayjobs.job import Job, Plan, task_spec
 from rayjobs.models.loading import ModelError
 from rayjobs.plan import TrialSpec, prompt_identity, trial_key
 from rayjobs.preflight import check_setup
@@ -129,11 +129,7 @@ def check_mtl(cfg: MtlConfig, registry: TaskRegistry) -> list[str]:
     where = cfg.source_file
     tasks = list(dict.fromkeys(t for groups in cfg.groups.values() for g in groups for t in g))
     for t in tasks:
-        try:
-            spec = registry.get(t)
-            registry.origin(t)
-        except TaskError as e:
-            raise ConfigError(f"{where}: field `groups`: {e}") from None
+        spec = task_spec(registry, t, where, "groups")
         if spec.answer_type != "choice" or not spec.choices:
             raise ConfigError(f"{where}: field `groups`: task {t!r} has no fixed label set; hard parameter sharing "
                               "gives each member a classification head over its labels")

@@ -147,7 +147,7 @@ def _key(setup: SetupSpec, srcs: list[str], ss: SourceSet, seed: int, cfg: Multi
 
 
 def absolute_paths(cfg: MultitaskConfig) -> MultitaskConfig:
-    """Paths resolved against the driver's folder: Tune runs each trial in its own folder."""
+    """Paths resolved against the driver's folder: Ray runs each trial worker in a folder of its own."""
     def ab(p: str | None) -> str | None:
         return None if p is None else str(Path(p).expanduser().resolve())
 

@@ -259,10 +259,8 @@ def run_trials(name: str, todo: list[TrialSpec], run: RunSpec, store: Any, *, po
     return result
 
 
-def run_stage(name: str, trials: list[TrialSpec], run: RunSpec, storage: Path | None = None, *,
-              pool: WorkerPool | None = None) -> StageResult:
-    """Run `trials` whose dependencies outside the list are stored already (tests, benchmarks).
-    `storage` is unused (kept for callers of the Tune-based runner)."""
+def run_stage(name: str, trials: list[TrialSpec], run: RunSpec, *, pool: WorkerPool | None = None) -> StageResult:
+    """Run `trials` whose dependencies outside the list are stored already (tests, benchmarks)."""
     keys = {t.run_key for t in trials}
     outside = {d for t in trials for d in t.depends_on if d not in keys}
     return schedule(name, trials, run, outside, pool=pool)

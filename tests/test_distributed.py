@@ -279,7 +279,7 @@ def test_stage_fails_before_training_when_a_worker_group_exceeds_the_local_clust
 
     too_big = trial_of(setup_with(resources={"cpu": 1, "workers": 4}), str(tmp_path / "r"))
     with pytest.raises(ModelError, match="4 workers x 1 CPU = 4 CPU, but the Ray cluster has 2 CPU"):
-        run_stage("too-big", [too_big], RunSpec(verbose=0), tmp_path / "tune")
+        run_stage("too-big", [too_big], RunSpec(verbose=0))
     assert not (tmp_path / "tune").exists() and not (tmp_path / "r").exists()  # no trial started
 
 
