@@ -376,10 +376,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_groups(args: argparse.Namespace) -> int:
     from analysis.db import open_store
-    from analysis.pvi_grouping import plan_groups, write_groups_config
+    from analysis.pvi_grouping import plan_groups, pvi_figures, write_groups_config
 
     with open_store(args.db) as con:
         plan = plan_groups(con, args.setup, args.threshold, args.rule, args.welch, args.seed, args.tasks, args.prefer)
+        figures = pvi_figures(con, args.setup, args.figures, args.threshold, args.welch, args.seed) \
+            if args.figures else []
     if args.write_config:
         write_groups_config(plan, args.write_config)
     if args.json:
@@ -395,6 +397,8 @@ def _cmd_groups(args: argparse.Namespace) -> int:
              t.effect_size, t.is_similar) for t in plan.tests])
     if args.write_config:
         print(f"wrote {args.write_config}")
+    for f in figures:
+        print(f"wrote {f}")
     return 0
 
 
@@ -550,4 +554,6 @@ def register(sub: argparse._SubParsersAction, default_db: Callable[[], str]) -> 
     p.add_argument("--tasks", type=_names, help="only these tasks, comma-separated (default: every task)")
     p.add_argument("--write-config", help="write the YAML fragment `groups: {pvi, dissimilar, all, random, single}` here "
                                           "(default: print only)")
+    p.add_argument("--figures", help="write the PVI distributions per task and the heatmap of pairwise p-values "
+                                     "(PNG) into this folder (default: none)")
     json_flag(p)

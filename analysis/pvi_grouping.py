@@ -459,8 +459,10 @@ def pvi_figures(con: duckdb.DuckDBPyConnection, setup: str, out_dir: str | Path,
         t = compare_pair(dists[tasks[a]], dists[tasks[b]], threshold, welch)
         pm[a, b] = pm[b, a] = t.p
     fig, ax = plt.subplots(figsize=(0.8 * k + 3, 0.7 * k + 2))
-    shown = np.clip(pm, 1e-12, 1.0)
-    im = ax.imshow(shown, cmap="viridis", norm=LogNorm(1e-12, 1.0))
+    # the colour scale spans the p-values there are (down to 1e-12), not a fixed 12 decades
+    lo = float(np.clip(np.nanmin(pm) / 10, 1e-12, 1e-3)) if k > 1 and np.isfinite(pm).any() else 1e-3
+    shown = np.clip(pm, lo, 1.0)
+    im = ax.imshow(shown, cmap="viridis", norm=LogNorm(lo, 1.0))
     for a in range(k):
         for b in range(k):
             if a == b:
@@ -468,9 +470,9 @@ def pvi_figures(con: duckdb.DuckDBPyConnection, setup: str, out_dir: str | Path,
             pv = pm[a, b]
             txt = "nan" if np.isnan(pv) else (f"{pv:.2f}" if pv >= 0.01 else f"{pv:.0e}")
             ax.text(b, a, txt, ha="center", va="center", fontsize=7,
-                    color="black" if shown[a, b] > 1e-3 else "white")
-            if _similar(pv, threshold):
-                ax.add_patch(Rectangle((b - 0.5, a - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
+                    color="black" if shown[a, b] > lo ** 0.5 else "white")
+            if _similar(pv, threshold):  # inset, so neighbours' outlines do not frame a dissimilar cell
+                ax.add_patch(Rectangle((b - 0.42, a - 0.42), 0.84, 0.84, fill=False, edgecolor="red", lw=1.5))
     ax.set_xticks(range(k), tasks, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(k), tasks, fontsize=8)
     test = "Welch" if welch else "Student"

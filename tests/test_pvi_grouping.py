@@ -369,3 +369,15 @@ def test_pvi_figures_are_written(tmp_path):
     for p in paths:
         data = p.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_groups_writes_the_pvi_figures_where_asked(tmp_path):
+    store = _three_task_store(tmp_path)
+    out = tmp_path / "figs"
+    cmd = [sys.executable, "-m", "rayjobs.cli", "groups", "--db", str(store.db_path), "--setup", SETUP,
+           "--figures", str(out)]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["pvi_distributions_full_minilm.png", "pvi_pvalues_full_minilm.png"]
+    assert all(f"wrote {out / n}" in res.stdout for n in names)
