@@ -1,25 +1,30 @@
 """Serving throughput and latency: batched vs unbatched Serve, and Serve's overhead over the scorer itself.
 
     .venv/bin/python benchmarks/bench_serve.py [--model builtin:minilm] [--examples 1] [--requests 256]
-        [--concurrency 1 8 32] [--batch-size 32] [--wait 0.005] [--threads 1]
+        [--concurrency 1 8 32] [--batch-size 32] [--wait 0.005] [--threads 1] [--ingress proxy direct]
 
-One local Ray + Serve started here, the application of serving/app.py deployed once and switched between
-`max_batch_size=B` (batched) and `max_batch_size=1` (unbatched) through its user_config (no restart, same
-replica, same loaded model). At each concurrency level c, c client threads send /v1/score requests back
-to back (closed loop, keep-alive HTTP) for `--requests` requests; throughput = requests / wall time,
-latency percentiles over all requests. "Direct" calls the same scorer in this process with the same
-torch threads: at c=1 `BlackBox.score` per request, at c>1 `serving.batching.score_jobs` over groups of
-c requests (exactly what one full Serve batch runs), so direct / Serve is the price of the HTTP proxy,
-the FastAPI ingress, the handle call and the batch queue. Tokens/s counts the model's tokens of every
-rendered prompt and choice. Every figure comes from one run on one machine: on a shared machine compare
-the ratios, not seconds across runs.
+For each ingress mode a fresh local Ray + Serve is started (in a child process: the mode is an environment
+variable of the Ray processes): `proxy` is Serve's default path (HTTP proxy actor -> ingress replica),
+`direct` is Ray's direct ingress (the ingress replica listens itself; `transferlab serve --direct-ingress`).
+The application of serving/app.py is deployed once per mode and switched between `max_batch_size=B`
+(batched) and `max_batch_size=1` (unbatched) through its user_config (no restart, same replicas, same
+loaded model). At each concurrency level c, c client threads send /v1/score requests back to back (closed
+loop, keep-alive HTTP) for `--requests` requests; throughput = requests / wall time, latency percentiles
+over all requests. "Direct" calls the same scorer in this process with the same torch threads: at c=1
+`BlackBox.score` per request, at c>1 `serving.batching.score_jobs` over groups of c requests (exactly what
+one full Serve batch runs), so direct / Serve is the price of the HTTP path, the ingress, the Ray calls
+and the batch queues, and direct c / direct 1 is the most batching can gain with this model (its
+ceiling). Tokens/s counts the model's tokens of every rendered prompt and choice. Every figure comes from
+one run on one machine: on a shared machine compare the ratios, not seconds across runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -162,6 +167,58 @@ def tokens_per_request(model: str, n_examples: int) -> float:
     return float(sum(len(tok(t)["input_ids"]) for t in texts))
 
 
+def measure_serve(args: argparse.Namespace, mode: str) -> dict[str, dict[str, float]]:
+    """Batched and unbatched arms through one Serve application with `mode` ingress (runs in a child)."""
+    import ray
+    import requests
+    import torch
+    from ray import serve
+
+    from serving.app import build_app
+    from serving.cli import _answering_port, direct_ingress_env
+
+    port = _free_port()
+    env = {"PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
+           **dict(kv.split("=", 1) for kv in args.ray_env)}
+    if mode == "direct":
+        direct_port = _free_port()
+        env.update(direct_ingress_env(direct_port))
+    os.environ.update(env)  # inherited by the Ray this starts
+    gpu = torch.cuda.is_available()
+    ray.init(include_dashboard=False, log_to_driver=False, _temp_dir=tempfile.mkdtemp(prefix="tl-bench-", dir="/tmp"),
+             runtime_env={"env_vars": env})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    settings = {"models": [args.model], "max_examples": max(256, args.examples), "batch_wait_timeout_s": args.wait,
+                "torch_threads": args.threads, "scorer_cpus": args.threads, "access_log": args.access_log,
+                "scorer_gpus": 1 if gpu else 0}
+    n_for = {c: max(c, args.requests // 4 if c == 1 else args.requests) for c in args.concurrency}
+    results: dict[str, dict[str, float]] = {}
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for arm, size in (("batched", args.batch_size), ("unbatched", 1)):
+            serve.run(build_app({**settings, "max_batch_size": size}), name="bench", route_prefix="/")
+            if mode == "direct":
+                got = _answering_port("127.0.0.1", range(direct_port, direct_port + 10))
+                assert got is not None, "the direct-ingress replica does not answer"
+                url = f"http://127.0.0.1:{got}"
+            stats = requests.get(url + "/v1/stats", timeout=60).json()
+            assert stats["max_batch_size"] == size and stats["ingress"]["max_batch_size"] == size, stats
+            load(url, args.model, 4, 16, args.examples)  # warm: model loaded, connections open
+            for c in args.concurrency:
+                s0 = requests.get(url + "/v1/stats", timeout=60).json()
+                r = load(url, args.model, c, n_for[c], args.examples)
+                s1 = requests.get(url + "/v1/stats", timeout=60).json()
+                r["batch"] = (s1["batched_requests"] - s0["batched_requests"]) / max(1, s1["batches"] - s0["batches"])
+                r["calls"] = (s1["calls"] - s0.get("calls", 0)) / n_for[c]
+                results[f"{arm}/{c}"] = r
+                print(f"  {mode:6s} {arm:9s} c={c:<3d} {r['rps']:8.1f} req/s, mean batch {r['batch']:.1f} requests, "
+                      f"{r['calls']:.2f} Ray calls per request", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return results
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="builtin:minilm")
@@ -171,79 +228,73 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=32, help="max_batch_size of the batched arm")
     ap.add_argument("--wait", type=float, default=0.005, help="batch_wait_timeout_s of the batched arm")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (scorer replica and direct)")
+    ap.add_argument("--ingress", nargs="+", choices=["proxy", "direct"], default=["proxy", "direct"],
+                    help="ingress modes to measure, each on a fresh Ray (default: both)")
     ap.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False,
                     help="Serve's per-request access log in the replicas (the application's default is on)")
     ap.add_argument("--ray-env", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="environment of the Ray processes, e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
+                    help="environment of the Ray processes, e.g. RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0")
+    ap.add_argument("--child", choices=["proxy", "direct"], help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    os.environ.update(dict(kv.split("=", 1) for kv in args.ray_env))  # inherited by the Ray this starts
+    if args.child:
+        Path(args.out).write_text(json.dumps(measure_serve(args, args.child)))
+        return 0
 
-    import ray
-    import requests
     import torch
-    from ray import serve
 
-    from serving.app import build_app
-
-    gpu = torch.cuda.is_available()
-    ray.init(include_dashboard=False, log_to_driver=False, _temp_dir=tempfile.mkdtemp(prefix="tl-bench-", dir="/tmp"),
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}})
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    settings = {"models": [args.model], "max_examples": max(256, args.examples), "batch_wait_timeout_s": args.wait,
-                "torch_threads": args.threads, "scorer_cpus": args.threads, "access_log": args.access_log, "scorer_gpus": 1 if gpu else 0}
-    n_for = {c: max(c, args.requests // 4 if c == 1 else args.requests) for c in args.concurrency}
     results: dict[tuple[str, int], dict[str, float]] = {}
-    try:
-        for arm, size in (("batched", args.batch_size), ("unbatched", 1)):
-            serve.run(build_app({**settings, "max_batch_size": size}), name="bench", route_prefix="/")
-            stats = requests.get(url + "/v1/stats", timeout=60).json()
-            assert stats["max_batch_size"] == size, stats
-            load(url, args.model, 4, 16, args.examples)  # warm: model loaded, connections open
-            for c in args.concurrency:
-                s0 = requests.get(url + "/v1/stats", timeout=60).json()
-                results[(arm, c)] = r = load(url, args.model, c, n_for[c], args.examples)
-                s1 = requests.get(url + "/v1/stats", timeout=60).json()
-                r["batch"] = (s1["batched_requests"] - s0["batched_requests"]) / max(1, s1["batches"] - s0["batches"])
-                print(f"  {arm:9s} c={c:<3d} {r['rps']:8.1f} req/s, mean batch {r['batch']:.1f} requests", flush=True)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    argv = [a for a in sys.argv[1:]]
+    for mode in args.ingress:
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            subprocess.run([sys.executable, __file__, *argv, "--child", mode, "--out", f.name], check=True)
+            for key, r in json.loads(Path(f.name).read_text()).items():
+                arm, c = key.split("/")
+                results[(f"{mode} {arm}", int(c))] = r
     for c in args.concurrency:
-        results[("direct", c)] = direct(args.model, c, n_for[c], args.examples, args.threads)
+        results[("direct", c)] = direct(args.model, c, max(c, args.requests // 4 if c == 1 else args.requests),
+                                        args.examples, args.threads)
     tpr = tokens_per_request(args.model, args.examples)
+    gpu = torch.cuda.is_available()
+    arms = [f"{m} {a}" for m in args.ingress for a in ("batched", "unbatched")] + ["direct"]
 
     print(f"\nbench-serve: model {args.model}, {args.examples} example(s) x {len(TEMPLATE['answer_choices'])} "
           f"choices per request, {tpr:.0f} tokens per request, torch threads {args.threads}, "
           f"{'GPU ' + torch.cuda.get_device_name(0) if gpu else f'CPU ({os.cpu_count()} cores)'}, "
           f"batched max_batch_size={args.batch_size} wait={args.wait * 1000:g} ms, access log "
           f"{'on' if args.access_log else 'off'}{', ' + ' '.join(args.ray_env) if args.ray_env else ''}")
-    print(f"{'arm':10s} {'c':>3s} {'req/s':>8s} {'tokens/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s} {'batch':>6s}")
-    for arm in ("batched", "unbatched", "direct"):
+    print(f"{'arm':18s} {'c':>3s} {'req/s':>8s} {'tokens/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s} {'batch':>6s} "
+          f"{'calls/req':>9s}")
+    for arm in arms:
         for c in args.concurrency:
             r = results[(arm, c)]
-            batch = r.get("batch", c)
-            print(f"{arm:10s} {c:3d} {r['rps']:8.1f} {r['rps'] * tpr:9.0f} {r['p50'] * 1000:8.1f} {r['p99'] * 1000:8.1f} "
-                  f"{batch:6.1f}")
+            print(f"{arm:18s} {c:3d} {r['rps']:8.1f} {r['rps'] * tpr:9.0f} {r['p50'] * 1000:8.1f} "
+                  f"{r['p99'] * 1000:8.1f} {r.get('batch', c):6.1f} {r.get('calls', float('nan')):9.2f}")
     roles = ["client", "proxy", "ingress", "scorer", "ray"]
-    print("\nCPU ms per request (all processes of this Ray session; independent of other load on the machine):")
-    print(f"{'arm':10s} {'c':>3s} " + " ".join(f"{r:>8s}" for r in roles) + f" {'total':>8s}")
-    for arm in ("batched", "unbatched", "direct"):
+    print("\nCPU ms per request (all processes of each Ray session; independent of other load on the machine):")
+    print(f"{'arm':18s} {'c':>3s} " + " ".join(f"{r:>8s}" for r in roles) + f" {'total':>8s}")
+    for arm in arms:
         for c in args.concurrency:
             r = results[(arm, c)]
             vals = [r.get(f"cpu_{k}", 0.0) for k in roles]
-            print(f"{arm:10s} {c:3d} " + " ".join(f"{v:8.2f}" for v in vals) + f" {sum(vals):8.2f}")
-    print("\nratios (same run):")
-    for c in args.concurrency:
-        b, u, d = results[("batched", c)], results[("unbatched", c)], results[("direct", c)]
-        print(f"  c={c:<3d} batched / unbatched throughput {b['rps'] / u['rps']:5.2f}x   "
-              f"Serve overhead per request vs direct {d['rps'] / b['rps'] - 1:+6.1%}")
+            print(f"{arm:18s} {c:3d} " + " ".join(f"{v:8.2f}" for v in vals) + f" {sum(vals):8.2f}")
     c = max(args.concurrency)
-    b, u, d = results[("batched", c)], results[("unbatched", c)], results[("direct", c)]
-    print(f"\ntargets at c={c}: batched >= 5x unbatched: {b['rps'] / u['rps']:.2f}x "
-          f"({'met' if b['rps'] >= 5 * u['rps'] else 'NOT met'}); Serve overhead <= 20%: "
-          f"{d['rps'] / b['rps'] - 1:+.1%} ({'met' if d['rps'] <= 1.2 * b['rps'] else 'NOT met'})")
+    d1, dc = results[("direct", min(args.concurrency))], results[("direct", c)]
+    print(f"\nthe model's own batching gain (direct c={c} / direct c={min(args.concurrency)}): "
+          f"{dc['rps'] / d1['rps']:.2f}x, the ceiling of batched / unbatched")
+    print("ratios (same run):")
+    for mode in args.ingress:
+        for cc in args.concurrency:
+            b, u, d = (results[(f"{mode} batched", cc)], results[(f"{mode} unbatched", cc)],
+                       results[("direct", cc)])
+            print(f"  {mode:6s} c={cc:<3d} batched / unbatched throughput {b['rps'] / u['rps']:5.2f}x   "
+                  f"Serve overhead per request vs direct {d['rps'] / b['rps'] - 1:+6.1%}")
+    print(f"\ntargets at c={c}:")
+    for mode in args.ingress:
+        b, u = results[(f"{mode} batched", c)], results[(f"{mode} unbatched", c)]
+        print(f"  {mode:6s} batched >= 5x unbatched: {b['rps'] / u['rps']:.2f}x "
+              f"({'met' if b['rps'] >= 5 * u['rps'] else 'NOT met'}); Serve overhead <= 20%: "
+              f"{dc['rps'] / b['rps'] - 1:+.1%} ({'met' if dc['rps'] <= 1.2 * b['rps'] else 'NOT met'})")
     return 0
 
 

@@ -32,6 +32,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
@@ -54,6 +56,7 @@ from serving.scorer import Scorer
 from serving.settings import ServeSettings, is_endpoint
 
 TOKEN_ENV = "TRANSFERLAB_API_TOKEN"
+UNAVAILABLE = (RayActorError, BackPressureError, DeploymentUnavailableError)  # a replica down or full: 503
 
 api = FastAPI(title="transferlab", version="0.1.0",
               description="Models with prompts as black boxes, per-example outputs, and source-selection "
@@ -131,22 +134,49 @@ class Ingress:
             handle = self._handles[model] = self.scorer.options(multiplexed_model_id=model)
         return handle
 
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """user_config, shared with the scorer: the ingress batches with the same size and wait."""
+        if "max_batch_size" in config:
+            self._forward.set_max_batch_size(int(config["max_batch_size"]))
+        if "batch_wait_timeout_s" in config:
+            self._forward.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
+
     async def _call(self, response: Any) -> dict[str, Any]:
         """Await a scorer call: its outcome dict, 503 while a replica is down, 504 past the timeout."""
-        from ray.exceptions import RayActorError
-        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-
         try:
             out = await asyncio.wait_for(response, self.settings.request_timeout_s)
         except asyncio.TimeoutError:
-            response.cancel()
+            if hasattr(response, "cancel"):
+                response.cancel()
             raise ApiError(504, f"no answer within {self.settings.request_timeout_s:g}s (request_timeout_s)",
                            "timeout") from None
-        except (RayActorError, BackPressureError, DeploymentUnavailableError) as e:
+        except UNAVAILABLE as e:
             raise ApiError(503, f"scoring replica unavailable, retry shortly: {type(e).__name__}",
                            "service_unavailable") from None
         if out["status"] != 200:
             raise ApiError(out["status"], out["message"], out.get("type", "invalid_request_error"))
+        return out
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, max_concurrent_batches=64)
+    async def _forward(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Concurrent /v1/score requests go to the scorer as one call per model: one Ray call per batch instead
+        of one per request, which is most of Serve's cost per request on a small model. Several batches are in
+        flight at once, so the scorer's own batch queue merges them while it computes."""
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(r["model"], []).append(i)
+        out: list[dict[str, Any]] = [{}] * len(requests)
+
+        async def send(model: str, idx: list[int]) -> None:
+            try:
+                got = await self._scorer_for(model).score_many.remote([requests[i] for i in idx])
+            except UNAVAILABLE as e:
+                got = [{"status": 503, "message": f"scoring replica unavailable, retry shortly: {type(e).__name__}",
+                        "type": "service_unavailable"}] * len(idx)
+            for i, o in zip(idx, got, strict=True):
+                out[i] = o
+
+        await asyncio.gather(*(send(m, idx) for m, idx in groups.items()))
         return out
 
     def _check_model(self, model: str) -> None:
@@ -162,7 +192,7 @@ class Ingress:
             raise ApiError(413, f"{len(body.examples)} examples in one request; at most "
                                 f"{self.settings.max_examples} (max_examples)", "request_too_large")
         self._check_model(body.model)
-        out = await self._call(self._scorer_for(body.model).score.remote(body.model_dump()))
+        out = await self._call(self._forward(body.model_dump()))
         # the records are the scorer's own (ScoreResult fields); sent as they are, not validated twice
         return JSONResponse({"model": body.model, "template": body.template.name, "results": out["results"]})
 
@@ -253,12 +283,14 @@ class Ingress:
 
     @api.get("/v1/stats", dependencies=AUTH)
     async def stats(self) -> dict[str, Any]:
-        """Counters of a scoring replica: requests, batches, forward passes per model, loaded models."""
-        return await self._call_stats()
+        """Counters of a scoring replica (requests, Ray calls, batches, forward passes per model, loaded
+        models) and the ingress's batching settings."""
+        out = await self._call_stats()
+        out["ingress"] = {"max_batch_size": self._forward._get_max_batch_size(),
+                          "batch_wait_timeout_s": self._forward._get_batch_wait_timeout_s()}
+        return out
 
     async def _call_stats(self) -> dict[str, Any]:
-        from ray.exceptions import RayActorError
-
         try:
             return await asyncio.wait_for(self.scorer.stats.remote(), 10)
         except (asyncio.TimeoutError, RayActorError) as e:
@@ -267,8 +299,6 @@ class Ingress:
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
         """200 when the ingress and a scoring replica answer (no token needed: for probes)."""
-        from ray.exceptions import RayActorError
-
         try:
             await asyncio.wait_for(self.scorer.ping.remote(), 5)
         except (asyncio.TimeoutError, RayActorError) as e:
@@ -290,4 +320,6 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
         user_config={"max_batch_size": settings.max_batch_size,
                      "batch_wait_timeout_s": settings.batch_wait_timeout_s},
     ).bind(payload)
-    return Ingress.options(ray_actor_options={"num_cpus": 0}, logging_config=logging).bind(scorer, payload)
+    return Ingress.options(ray_actor_options={"num_cpus": 0}, logging_config=logging,
+                           user_config={"max_batch_size": settings.max_batch_size,
+                                        "batch_wait_timeout_s": settings.batch_wait_timeout_s}).bind(scorer, payload)

@@ -2,10 +2,11 @@
 
 `@serve.multiplexed` keeps up to `max_models_per_replica` loaded black boxes (any `open_black_box`
 reference: builtin:minilm, run:<key> checkpoints and their adapters, LM folders) and routes requests for
-a model to a replica that has it. `@serve.batch` collects concurrent score requests (up to
-`max_batch_size`, waiting at most `batch_wait_timeout_s`; both live-updatable through `user_config`) and
-scores each group that shares a model with one forward pass (`serving.batching.score_jobs`), in a
-worker thread so the event loop keeps collecting the next batch. Forward passes are counted by a hook on
+a model to a replica that has it. Requests arrive in bundles: the ingress batches concurrent requests
+(waiting up to `batch_wait_timeout_s`) and sends each batch as one `score_many` call. `@serve.batch` here
+merges bundles (up to `max_batch_size` requests, waiting up to the same `batch_wait_timeout_s` for more,
+which fills batches from several ingress batches under load) and scores each group that shares a model with one forward
+pass (`serving.batching.score_jobs`), in a worker thread so the event loop keeps receiving. Forward passes are counted by a hook on
 each model (`stats`), which is how the tests see batching.
 
 Outcomes are plain dicts `{"status": 200, ...}` or `{"status": 4xx/5xx, "message": ...}`, so a bad
@@ -138,29 +139,59 @@ class Scorer:
     # -- scoring ----------------------------------------------------------------------------------
     async def score(self, request: dict[str, Any]) -> dict[str, Any]:
         """One /v1/score request (validated by the ingress): {model, template, examples, generate, perplexity}."""
+        return (await self.score_many([request]))[0]
+
+    async def score_many(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Several /v1/score requests in one call (the ingress sends its own batches this way: one Ray call
+        per batch instead of per request); one outcome per request, in order. Requests of different models
+        are scored apart; the ingress groups them by model so multiplexing routes each group."""
         from serving.schemas import ExampleIn, TemplateIn
 
-        model = await self._model(request["model"])
-        if isinstance(model, dict):
-            return model
-        tpl = TemplateIn.model_construct(**request["template"])  # validated by the ingress already
-        job = ScoreJob(model.box, tpl.template(),
-                       [ExampleIn.model_construct(**e).example(tpl, i) for i, e in enumerate(request["examples"])],
-                       bool(request.get("generate")), bool(request.get("perplexity")))
-        self.counts["requests"] += 1
-        observe.serve_request("Scorer")
-        out = await self._batched(job)
-        if isinstance(out, Failure):
-            return _failure(out.status, out.message, out.type)
-        return {"status": 200, "results": [{**r, "id": e.uid} for r, e in zip(out, job.examples, strict=True)]}
+        out: list[dict[str, Any] | None] = [None] * len(requests)
+        by_model: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            by_model.setdefault(r["model"], []).append(i)
+        jobs: list[tuple[int, ScoreJob]] = []
+        for model_id, idx in by_model.items():
+            model = await self._model(model_id)
+            for i in idx:
+                if isinstance(model, dict):
+                    out[i] = model
+                    continue
+                r = requests[i]
+                tpl = TemplateIn.model_construct(**r["template"])  # validated by the ingress already
+                jobs.append((i, ScoreJob(model.box, tpl.template(),
+                                         [ExampleIn.model_construct(**e).example(tpl, j)
+                                          for j, e in enumerate(r["examples"])],
+                                         bool(r.get("generate")), bool(r.get("perplexity")))))
+        self.counts["calls"] += 1
+        self.counts["requests"] += len(requests)
+        observe.serve_request("Scorer", len(requests))
+        # bundles of at most max_batch_size requests (a live reconfigure may have lowered it below the ingress's)
+        size = self._batched._get_max_batch_size()
+        bundles = [jobs[k:k + size] for k in range(0, len(jobs), size)]
+        scored = await asyncio.gather(*(self._batched([j for _, j in b]) for b in bundles))
+        for bundle, results in zip(bundles, scored, strict=True):
+            for (i, job), res in zip(bundle, results, strict=True):
+                out[i] = (_failure(res.status, res.message, res.type) if isinstance(res, Failure) else
+                          {"status": 200, "results": [{**r, "id": e.uid} for r, e in zip(res, job.examples,
+                                                                                          strict=True)]})
+        return out  # type: ignore[return-value]
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _batched(self, jobs: list[ScoreJob]) -> list[list[dict[str, Any]] | Failure]:
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=lambda bundles: sum(map(len, bundles)))
+    async def _batched(self, bundles: list[list[ScoreJob]]) -> list[list[list[dict[str, Any]] | Failure]]:
+        """Bundles of requests (one per caller) scored together; the batch size counts requests."""
+        jobs = [j for b in bundles for j in b]
         self.counts["batches"] += 1
         self.counts["batched_requests"] += len(jobs)
         self.counts["max_batch"] = max(self.counts["max_batch"], len(jobs))
         observe.serve_batch("Scorer", len(jobs))
-        return await asyncio.to_thread(score_jobs, jobs)
+        flat = await asyncio.to_thread(score_jobs, jobs)
+        out, k = [], 0
+        for b in bundles:
+            out.append(flat[k:k + len(b)])
+            k += len(b)
+        return out
 
     # -- completions ------------------------------------------------------------------------------
     async def complete(self, request: dict[str, Any]) -> dict[str, Any]:

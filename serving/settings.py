@@ -30,7 +30,8 @@ class ServeSettings(BaseModel):
     max_new_tokens: int = Field(default=64, ge=0, description="largest max_tokens of /v1/completions")
     max_batch_size: int = Field(default=32, gt=0, description="requests per dynamic batch (@serve.batch); "
                                                               "1 = unbatched")
-    batch_wait_timeout_s: float = Field(default=0.005, ge=0, description="longest wait for a batch to fill")
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0, description="longest wait for a batch to fill, at the "
+                                                                      "ingress and again at the scorer")
     max_models_per_replica: int = Field(default=4, gt=0, description="models kept per scoring replica (LRU)")
     num_replicas: int = Field(default=1, gt=0, description="scoring replicas")
     scorer_cpus: float = Field(default=1.0, ge=0, description="CPUs reserved per scoring replica")

@@ -275,6 +275,8 @@ def test_concurrent_requests_are_batched_into_fewer_forward_passes(service: Serv
     batches = after["batches"] - before["batches"]
     assert after["batched_requests"] - before["batched_requests"] == n
     assert 1 <= forwards == batches < n  # one forward pass per batch, fewer than the requests
+    assert after["requests"] - before["requests"] == n
+    assert 1 <= after["calls"] - before["calls"] < n  # the ingress sent them in fewer Ray calls than requests
     assert after["max_batch"] > 1
 
 
