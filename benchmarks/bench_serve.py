@@ -244,7 +244,10 @@ def main() -> int:
     import torch
 
     results: dict[tuple[str, int], dict[str, float]] = {}
-    argv = [a for a in sys.argv[1:]]
+    n_for = {c: max(c, args.requests // 4 if c == 1 else args.requests) for c in args.concurrency}
+    # the scorer alone before and after the Serve runs (a shared machine's speed drifts): the mean is the baseline
+    before = {c: direct(args.model, c, n_for[c], args.examples, args.threads) for c in args.concurrency}
+    argv = list(sys.argv[1:])
     for mode in args.ingress:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             subprocess.run([sys.executable, __file__, *argv, "--child", mode, "--out", f.name], check=True)
@@ -252,8 +255,9 @@ def main() -> int:
                 arm, c = key.split("/")
                 results[(f"{mode} {arm}", int(c))] = r
     for c in args.concurrency:
-        results[("direct", c)] = direct(args.model, c, max(c, args.requests // 4 if c == 1 else args.requests),
-                                        args.examples, args.threads)
+        after = direct(args.model, c, n_for[c], args.examples, args.threads)
+        results[("direct", c)] = {k: (before[c][k] + after[k]) / 2 for k in after}
+        results[("direct", c)]["drift"] = after["rps"] / before[c]["rps"]
     tpr = tokens_per_request(args.model, args.examples)
     gpu = torch.cuda.is_available()
     arms = [f"{m} {a}" for m in args.ingress for a in ("batched", "unbatched")] + ["direct"]
@@ -280,7 +284,9 @@ def main() -> int:
             print(f"{arm:18s} {c:3d} " + " ".join(f"{v:8.2f}" for v in vals) + f" {sum(vals):8.2f}")
     c = max(args.concurrency)
     d1, dc = results[("direct", min(args.concurrency))], results[("direct", c)]
-    print(f"\nthe model's own batching gain (direct c={c} / direct c={min(args.concurrency)}): "
+    print("\ndirect = the mean of the scorer alone before and after the Serve runs; after / before throughput: "
+          + ", ".join(f"c={c} {results[('direct', c)]['drift']:.2f}" for c in args.concurrency))
+    print(f"the model's own batching gain (direct c={c} / direct c={min(args.concurrency)}): "
           f"{dc['rps'] / d1['rps']:.2f}x, the ceiling of batched / unbatched")
     print("ratios (same run):")
     for mode in args.ingress:

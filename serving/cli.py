@@ -116,27 +116,26 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                "PYTHONPATH": os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH", "")] if p)}
         ray.init(address=address, runtime_env=None if address else {"env_vars": env})
     name, prefix = app.get("name", "transferlab"), app.get("route_prefix", "/")
-    if not args.direct_ingress:
-        serve.start(http_options={"host": host, "port": int(port)})
-        print(f"transferlab: serving on http://{host}:{port} (store {settings['db']}); docs at /docs; Ctrl-C stops")
-        serve.run(build_app(settings), name=name, route_prefix=prefix, blocking=True)
-        return 0
-    serve.start(http_options={"host": host, "port": _free_port(host)})  # Ray's head-node proxy, out of the way
-    serve.run(build_app(settings), name=name, route_prefix=prefix)
-    got = _answering_port(host, range(int(port), int(port) + 10))
-    if got is None:
-        print(f"transferlab: the ingress replica does not answer on ports {port}-{int(port) + 9}", flush=True)
-        return 1
-    print(f"transferlab: serving on http://{host}:{got} (direct ingress, store {settings['db']}); docs at /docs; "
-          "Ctrl-C stops", flush=True)
+    # direct ingress: Ray still starts a proxy on the head node; it gets a free port, the replica gets `port`
+    serve.start(http_options={"host": host, "port": _free_port(host) if args.direct_ingress else int(port)})
+    serve.run(build_app(settings), name=name, route_prefix=prefix)  # returns once the application is ready
+    if args.direct_ingress:
+        got = _answering_port(host, range(int(port), int(port) + 10))
+        if got is None:
+            print(f"transferlab: the ingress replica does not answer on ports {port}-{int(port) + 9}", flush=True)
+            return 1
+        port = got
+    print(f"transferlab: serving on http://{host}:{port} ({'direct ingress, ' if args.direct_ingress else ''}"
+          f"store {settings['db']}); docs at /docs; Ctrl-C stops", flush=True)
     import time
 
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        serve.shutdown()
-        ray.shutdown()
+        if not address:  # the local Ray started here goes; an application on a cluster stays deployed
+            serve.shutdown()
+            ray.shutdown()
     return 0
 
 
