@@ -378,6 +378,12 @@ def _cmd_groups(args: argparse.Namespace) -> int:
     from analysis.db import open_store
     from analysis.pvi_grouping import plan_groups, pvi_figures, write_groups_config
 
+    if args.figures:
+        try:
+            Path(args.figures).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise AnalysisError(f"--figures {args.figures}: cannot create the folder ({e.strerror})") from None
+
     with open_store(args.db) as con:
         plan = plan_groups(con, args.setup, args.threshold, args.rule, args.welch, args.seed, args.tasks, args.prefer)
         figures = pvi_figures(con, args.setup, args.figures, args.threshold, args.welch, args.seed) \

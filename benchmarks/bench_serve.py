@@ -1,7 +1,7 @@
 """Serving throughput and latency: batched vs unbatched Serve, and Serve's overhead over the scorer itself.
 
     .venv/bin/python benchmarks/bench_serve.py [--model builtin:minilm] [--examples 1] [--requests 256]
-        [--concurrency 1 8 32] [--batch-size 32] [--wait 0.005] [--threads 1] [--ingress proxy direct]
+        [--concurrency 1 8 32] [--batch-size 32] [--wait 0.02] [--threads 1] [--ingress proxy direct]
 
 For each ingress mode a fresh local Ray + Serve is started (in a child process: the mode is an environment
 variable of the Ray processes): `proxy` is Serve's default path (HTTP proxy actor -> ingress replica),
@@ -226,7 +226,9 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=256, help="requests per concurrency level (c=1: a quarter)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--batch-size", type=int, default=32, help="max_batch_size of the batched arm")
-    ap.add_argument("--wait", type=float, default=0.005, help="batch_wait_timeout_s of the batched arm")
+    ap.add_argument("--wait", type=float, default=0.02,
+                    help="batch_wait_timeout_s of the batched arm (the application's default is 5 ms; 20 ms fills "
+                         "batches of 32 at concurrency 32 here)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (scorer replica and direct)")
     ap.add_argument("--ingress", nargs="+", choices=["proxy", "direct"], default=["proxy", "direct"],
                     help="ingress modes to measure, each on a fresh Ray (default: both)")

@@ -381,3 +381,7 @@ def test_groups_writes_the_pvi_figures_where_asked(tmp_path):
     names = sorted(p.name for p in out.iterdir())
     assert names == ["pvi_distributions_full_minilm.png", "pvi_pvalues_full_minilm.png"]
     assert all(f"wrote {out / n}" in res.stdout for n in names)
+    (tmp_path / "file").write_text("x")  # a folder that cannot be made: the error names the option
+    res = subprocess.run(cmd[:-1] + [str(tmp_path / "file" / "figs")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2 and f"--figures {tmp_path / 'file' / 'figs'}: cannot create" in res.stderr, res.stderr

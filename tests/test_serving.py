@@ -280,6 +280,36 @@ def test_concurrent_requests_are_batched_into_fewer_forward_passes(service: Serv
     assert after["max_batch"] > 1
 
 
+def test_a_bad_request_batched_with_good_ones_fails_alone(service: Service) -> None:
+    """Concurrent requests for two models, one of them unfit for its model, travel in the same ingress
+    batch: the unfit one gets its 422, every other one its own answer."""
+    run = f"run:{service.runs['snli']['key']}"
+    fit, unfit = {"input": "{input}", "answer_choices": ["C", "N"]}, {"input": "{input}", "answer_choices": ["a", "b", "c"]}
+    bodies = [{"model": run, "template": fit, "examples": [{"input": REVIEWS[0]}]},
+              {"model": "builtin:minilm", "template": SENTIMENT, "examples": [{"input": REVIEWS[1]}]},
+              {"model": run, "template": unfit, "examples": [{"input": REVIEWS[2]}]},
+              {"model": "builtin:minilm", "template": SENTIMENT, "examples": [{"input": REVIEWS[2]}]}]
+    alone = [_score(service, b["model"], b["examples"], b["template"])[0] for b in bodies if b["template"] is not unfit]
+    before = service.stats()
+    barrier, out = threading.Barrier(len(bodies)), [None] * len(bodies)
+
+    def one(i: int) -> None:
+        barrier.wait()
+        out[i] = service.post("/v1/score", bodies[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert out[2].status_code == 422 and "classifies into 2 labels" in out[2].json()["error"]["message"]  # type: ignore[union-attr]
+    good = [r for i, r in enumerate(out) if i != 2]
+    assert [r.status_code for r in good] == [200, 200, 200], [r.text for r in good]  # type: ignore[union-attr]
+    for r, want in zip(good, alone, strict=True):
+        assert r.json()["results"][0]["logprobs"] == pytest.approx(want["logprobs"], abs=1e-5)  # type: ignore[union-attr]
+    assert service.stats()["calls"] - before["calls"] < len(bodies)  # they did share Ray calls
+
+
 def test_two_stored_checkpoints_from_one_replica_reproduce_their_training_predictions(
         service: Service, registry: Any) -> None:
     replicas = set()
