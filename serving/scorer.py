@@ -3,11 +3,11 @@
 `@serve.multiplexed` keeps up to `max_models_per_replica` loaded black boxes (any `open_black_box`
 reference: builtin:minilm, run:<key> checkpoints and their adapters, LM folders) and routes requests for
 a model to a replica that has it. Requests arrive in bundles: the ingress batches concurrent requests
-(waiting up to `batch_wait_timeout_s`) and sends each batch as one `score_many` call. `@serve.batch` here
-merges bundles (up to `max_batch_size` requests, waiting up to the same `batch_wait_timeout_s` for more,
-which fills batches from several ingress batches under load) and scores each group that shares a model with one forward
-pass (`serving.batching.score_jobs`), in a worker thread so the event loop keeps receiving. Forward passes are counted by a hook on
-each model (`stats`), which is how the tests see batching.
+(waiting up to `batch_wait_timeout_s`) and sends each batch as one `score_many` call. `@serve.batch`
+here merges bundles (up to `max_batch_size` requests, waiting up to the same `batch_wait_timeout_s` for
+more, which fills batches from several ingress batches under load) and scores each group that shares a
+model with one forward pass (`serving.batching.score_jobs`), in a worker thread so the event loop keeps
+receiving. Forward passes are counted by a hook on each model (`stats`), which is how the tests see batching.
 
 Outcomes are plain dicts `{"status": 200, ...}` or `{"status": 4xx/5xx, "message": ...}`, so a bad
 request or a model that fails to load never raises through the handle (no 500, the replica stays
