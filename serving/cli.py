@@ -153,7 +153,7 @@ def add_subcommand(sub: Any, default_db: Callable[[], str]) -> None:
     p.add_argument("--max-batch-size", type=int, default=None, help="requests per dynamic batch (1 = unbatched)")
     p.add_argument("--direct-ingress", action="store_true",
                    help="no HTTP proxy: the ingress replica listens on --port itself (Ray's experimental direct "
-                        "ingress; about 2x the throughput of a small model on a CPU, see bench-serve); "
+                        "ingress; 1.6-1.7x the throughput of a small model on a 2-core CPU, see bench-serve); "
                         "local Ray only")
     p.add_argument("--check", action="store_true", help="validate and print the resolved settings, start nothing")
     p.set_defaults(func=_cmd_serve)
