@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,12 +39,6 @@ TEXTS = ["a fine, moving film with a cast that clearly enjoyed every scene",
          "dull, far too long, and the jokes never land",
          "I would watch it again tomorrow, and take my parents along",
          "the plot makes no sense but the music is wonderful"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _body(model: str, i: int, n_examples: int) -> dict[str, Any]:
@@ -175,13 +168,13 @@ def measure_serve(args: argparse.Namespace, mode: str) -> dict[str, dict[str, fl
     from ray import serve
 
     from serving.app import build_app
-    from serving.cli import _answering_port, direct_ingress_env
+    from serving.cli import answering_port, direct_ingress_env, free_port
 
-    port = _free_port()
+    port = free_port("127.0.0.1")
     env = {"PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
            **dict(kv.split("=", 1) for kv in args.ray_env)}
     if mode == "direct":
-        direct_port = _free_port()
+        direct_port = free_port("127.0.0.1")
         env.update(direct_ingress_env(direct_port))
     os.environ.update(env)  # inherited by the Ray this starts
     gpu = torch.cuda.is_available()
@@ -198,7 +191,7 @@ def measure_serve(args: argparse.Namespace, mode: str) -> dict[str, dict[str, fl
         for arm, size in (("batched", args.batch_size), ("unbatched", 1)):
             serve.run(build_app({**settings, "max_batch_size": size}), name="bench", route_prefix="/")
             if mode == "direct":
-                got = _answering_port("127.0.0.1", range(direct_port, direct_port + 10))
+                got = answering_port("127.0.0.1", range(direct_port, direct_port + 10))
                 assert got is not None, "the direct-ingress replica does not answer"
                 url = f"http://127.0.0.1:{got}"
             stats = requests.get(url + "/v1/stats", timeout=60).json()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,15 @@ def adhoc_task(template: PromptTemplate, examples: Sequence[Example], name: str 
                     metric="accuracy" if choice else "exact_match",
                     choices=list(template.answer_choices) if template.answer_choices else None,
                     local=LocalSource(path="-"))
+
+
+def split_as(flat: Sequence[Any], groups: Sequence[Sized]) -> list[list[Any]]:
+    """`flat` cut into consecutive pieces as long as each of `groups` (answers of a joint call, per caller)."""
+    out, i = [], 0
+    for g in groups:
+        out.append(list(flat[i:i + len(g)]))
+        i += len(g)
+    return out
 
 
 def render(template: PromptTemplate, examples: Sequence[Example]) -> list[Example]:
@@ -70,11 +79,7 @@ class BlackBox(ABC):
         task = adhoc_task(requests[0][0], flat)
         with self._lock:
             records = self._score(flat, task, generate, perplexity, batch_size or max(1, len(flat)))
-        out, i = [], 0
-        for r in rendered:
-            out.append(records[i:i + len(r)])
-            i += len(r)
-        return out
+        return split_as(records, rendered)
 
     @abstractmethod
     def _score(self, examples: list[Example], task: TaskSpec, generate: bool, perplexity: bool,

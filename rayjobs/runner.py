@@ -161,7 +161,7 @@ class RunCallback:
     """Hooks into `run_trials`, called in the driver process (progress lines, ingest, metrics)."""
 
     def on_trial_start(self, record: TrialRecord) -> None:
-        pass
+        """The trial was handed to a worker."""
 
     def on_trial_end(self, record: TrialRecord) -> None:
         """The trial is done: stored ok, or failed for good."""
@@ -170,7 +170,7 @@ class RunCallback:
         """The attempt failed and the trial goes back in the queue (`run.max_failures`)."""
 
     def on_run_end(self, result: StageResult) -> None:
-        pass
+        """Every trial is done, failed or blocked."""
 
 
 def _fmt_s(s: float) -> str:
@@ -366,7 +366,7 @@ class _Scheduler:
     def update_caps(self) -> None:
         """On a remote cluster nodes come and go: re-read what fits every `CAPS_EVERY_S` seconds."""
         if _remote_cluster(self.run) and time.monotonic() - self.caps_at > CAPS_EVERY_S:
-            left = [t for t in self.waiting] + [t for t, _ in self.ready] + [f.trial for f in self.inflight.values()]
+            left = [*self.waiting, *(t for t, _ in self.ready), *(f.trial for f in self.inflight.values())]
             self.caps, self.caps_at = shape_caps(left, self.run), time.monotonic()
 
     def release(self) -> None:

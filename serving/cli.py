@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ def direct_ingress_env(port: int) -> dict[str, str]:
             "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 10), "RAY_SERVE_PORT_QUARANTINE_S": "0"}
 
 
-def _free_port(host: str, port: int = 0) -> int:
+def free_port(host: str, port: int = 0) -> int:
     """`port` if it can be bound (else OSError); with 0, any free port."""
     import socket
 
@@ -62,9 +63,8 @@ def _free_port(host: str, port: int = 0) -> int:
         return int(s.getsockname()[1])
 
 
-def _answering_port(host: str, ports: range, timeout_s: float = 120.0) -> int | None:
+def answering_port(host: str, ports: range, timeout_s: float = 120.0) -> int | None:
     """The first of `ports` whose /healthz answers (where the direct-ingress replica listens)."""
-    import time
     import urllib.request
 
     deadline = time.time() + timeout_s
@@ -106,7 +106,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise ConfigError("--direct-ingress starts its own local Ray; on a running cluster start Ray with "
                               "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 instead (see the README)")
         try:
-            _free_port(host, int(port))
+            free_port(host, int(port))
         except OSError as e:
             raise ConfigError(f"--direct-ingress: port {port} on {host} is not free ({e.strerror})") from None
         os.environ.update(direct_ingress_env(int(port)))  # inherited by the Ray processes started below
@@ -117,18 +117,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         ray.init(address=address, runtime_env=None if address else {"env_vars": env})
     name, prefix = app.get("name", "transferlab"), app.get("route_prefix", "/")
     # direct ingress: Ray still starts a proxy on the head node; it gets a free port, the replica gets `port`
-    serve.start(http_options={"host": host, "port": _free_port(host) if args.direct_ingress else int(port)})
+    serve.start(http_options={"host": host, "port": free_port(host) if args.direct_ingress else int(port)})
     serve.run(build_app(settings), name=name, route_prefix=prefix)  # returns once the application is ready
     if args.direct_ingress:
-        got = _answering_port(host, range(int(port), int(port) + 10))
+        got = answering_port(host, range(int(port), int(port) + 10))
         if got is None:
             print(f"transferlab: the ingress replica does not answer on ports {port}-{int(port) + 9}", flush=True)
             return 1
         port = got
     print(f"transferlab: serving on http://{host}:{port} ({'direct ingress, ' if args.direct_ingress else ''}"
           f"store {settings['db']}); docs at /docs; Ctrl-C stops", flush=True)
-    import time
-
     try:
         while True:
             time.sleep(3600)

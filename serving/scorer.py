@@ -26,7 +26,7 @@ from typing import Any
 from ray import serve
 
 from rayjobs import observe
-from rayjobs.blackbox import BlackBox, UnknownModelError, open_black_box
+from rayjobs.blackbox import BlackBox, UnknownModelError, open_black_box, split_as
 from rayjobs.models.loading import ModelError
 from serving.batching import Failure, ScoreJob, score_jobs
 from serving.settings import ServeSettings
@@ -186,12 +186,7 @@ class Scorer:
         self.counts["batched_requests"] += len(jobs)
         self.counts["max_batch"] = max(self.counts["max_batch"], len(jobs))
         observe.serve_batch("Scorer", len(jobs))
-        flat = await asyncio.to_thread(score_jobs, jobs)
-        out, k = [], 0
-        for b in bundles:
-            out.append(flat[k:k + len(b)])
-            k += len(b)
-        return out
+        return split_as(await asyncio.to_thread(score_jobs, jobs), bundles)
 
     # -- completions ------------------------------------------------------------------------------
     async def complete(self, request: dict[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,16 +20,11 @@ import requests
 import torch
 import yaml
 
+from serving.cli import free_port
 from tests.conftest import REPO, cli
 
 TEMPLATE = {"input": "Review: {input} Sentiment?", "answer_choices": ["negative", "positive"]}
 TEXTS = ["a joyful, generous film", "tedious and far too long", "the cast is wonderful", "I want my money back"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _listener(port: int) -> psutil.Process | None:
@@ -59,7 +53,7 @@ def test_direct_ingress_serves_from_the_replica_batches_and_stops(tmp_path: Path
     config = yaml.safe_load((REPO / "serving" / "config.yaml").read_text())
     config["applications"][0]["args"]["batch_wait_timeout_s"] = 0.2  # concurrent requests meet in one batch
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
-    port = _free_port()
+    port = free_port("127.0.0.1")
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="tl-di-", dir="/tmp"), "TOKENIZERS_PARALLELISM": "false"}
     for k in ("TRANSFERLAB_API_TOKEN", "TRANSFERLAB_DB", "RAY_ADDRESS"):
         env.pop(k, None)
