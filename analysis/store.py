@@ -250,8 +250,9 @@ class ResultStore:
         p = self.root / name
         return json.loads(p.read_text()) if p.is_file() else None
 
-    def finished_keys(self) -> set[str]:
-        """Run keys with a successful result file (the source of truth for resuming)."""
+    def finished_keys(self, statuses: tuple[str, ...] = ("ok", "stopped")) -> set[str]:
+        """Run keys with a decided result file (the source of truth for resuming): finished, or stopped
+        early by the scheduler; `statuses` narrows it."""
         self.sync_down(predictions=False)
         if not self.runs_dir.exists():
             return set()
@@ -261,7 +262,8 @@ class ResultStore:
         con = duckdb.connect()
         try:
             rows = con.execute(
-                "SELECT run_key FROM read_parquet($files) WHERE status = 'ok'", {"files": files}
+                "SELECT run_key FROM read_parquet($files) WHERE list_contains($st, status)",
+                {"files": files, "st": list(statuses)}
             ).fetchall()
         finally:
             con.close()

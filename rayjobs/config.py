@@ -194,13 +194,51 @@ class SizeSpec(_Strict):
     split_seed: int = 0
 
 
+class AshaSpec(_Strict):
+    """Tune's ASHA scheduler over the periodic validation results (`train.eval_every`)."""
+
+    metric: str = "validation_score"
+    mode: Literal["max", "min"] = "max"
+    time_attr: str = Field(default="step", description="what grace_period and max_t count: optimiser steps")
+    grace_period: int = Field(default=1, gt=0)
+    reduction_factor: float = Field(default=4, gt=1)
+    max_t: int = Field(default=10**9, gt=0)
+
+
+class MedianStoppingSpec(_Strict):
+    """Tune's median stopping rule over the periodic validation results."""
+
+    metric: str = "validation_score"
+    mode: Literal["max", "min"] = "max"
+    time_attr: str = "step"
+    grace_period: float = Field(default=0, ge=0)
+    min_samples_required: int = Field(default=3, gt=0)
+
+
+class SchedulerSpec(_Strict):
+    """Early stopping: one of `asha` or `median`. A stopped trial is stored with status 'stopped'."""
+
+    asha: AshaSpec | None = None
+    median: MedianStoppingSpec | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> SchedulerSpec:
+        if (self.asha is None) == (self.median is None):
+            raise ValueError("give exactly one of `asha` or `median`")
+        return self
+
+
 class RunSpec(_Strict):
-    """How the job runs; none of this changes a result."""
+    """How the job runs (on Ray Tune); none of this changes a result."""
 
     ray_address: str | None = Field(default=None, description="None: $RAY_ADDRESS or an embedded local Ray")
     max_concurrent_trials: int | None = Field(default=None, gt=0)
-    max_failures: int = Field(default=0, ge=0, description="retries of a crashed trial")
+    max_failures: int = Field(default=0, ge=0, description="retries of a failed trial (Tune's FailureConfig)")
     verbose: int = Field(default=1, ge=0, le=3)
+    scheduler: SchedulerSpec | None = Field(default=None, description="early stopping (Tune trial scheduler)")
+    callbacks: list[Literal["csv", "json", "tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=lambda: ["json", "csv"],
+        description="Tune logger callbacks; mlflow logs to a local file store, wandb offline, by default")
 
 
 TASKWEB_SEEDS = [10, 15, 20, 25, 30, 35, 40, 42]

@@ -41,8 +41,9 @@ def run_job(job: Job, cfg: JobConfig, results_dir: str, db: str | None = None) -
     for step in plan.before_run:
         step(store)
     store.ingest()
-    done = store.finished_keys()
-    todo = [t for t in plan.trials if t.run_key not in done]
+    done = store.finished_keys()  # finished or stopped early: decided
+    stopped = store.finished_keys(statuses=("stopped",))
+    todo = [t for t in plan.trials if t.run_key not in done and not any(d in stopped for d in t.depends_on)]
     check_models(todo)
     what = plan.summary or f"{len(plan.trials)} runs"
     print(f"transferlab: {job.kind} {cfg.name!r}: {what}, {len(plan.trials) - len(todo)} already stored, "

@@ -17,7 +17,7 @@ import gc
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from rayjobs.plan import TrialSpec
@@ -68,9 +68,16 @@ def worker_shape(trial: TrialSpec) -> Shape:
 
 
 class TrialWorker:
-    """One warm process (a Ray actor): imports once, then runs trials one after another."""
+    """One warm process (a Ray actor): imports once, then runs trials one after another.
+
+    `run` is a streaming generator: it yields each periodic validation result while the trial trains
+    (`{"type": "progress", ...}`) and the outcome last (`{"type": "done", ...}`), so a Tune trial can
+    report them as they come. The trial runs in a thread of this actor so that `stop()` (another call,
+    the actor takes a few at once) can reach it: the trial stops at its next validation."""
 
     def __init__(self, coordinator: bool = False) -> None:
+        import threading
+
         from rayjobs import train_loop
 
         if not coordinator:  # pay the model-side imports now, while the driver is still dispatching
@@ -79,12 +86,47 @@ class TrialWorker:
             from rayjobs.models import encoder, text_to_text  # noqa: F401
         self.defaults = train_loop.capture_process_state()
         self.trials = 0
+        self.stop_event = threading.Event()
+        self.idle_lock = threading.Lock()
         gc.freeze()  # the imported modules: the collection after each trial need not scan them again
 
     def ready(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "host": socket.gethostname()}
 
-    def run(self, trial: dict[str, Any]) -> dict[str, Any]:
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def wait_idle(self) -> bool:
+        """Returns once no trial runs here (a stopped trial may still be writing its row)."""
+        with self.idle_lock:
+            return True
+
+    def run(self, trial: dict[str, Any]) -> Any:
+        import queue
+        import threading
+
+        from rayjobs.trial import TrialStopped
+
+        events: queue.Queue = queue.Queue()
+        with self.idle_lock:
+            self.stop_event.clear()
+
+            def report(metrics: dict[str, Any]) -> None:
+                events.put({"type": "progress", **metrics})
+                if self.stop_event.is_set():
+                    raise TrialStopped(metrics)
+
+            worker = threading.Thread(target=lambda: events.put({"type": "done", **self._run(trial, report)}),
+                                      daemon=True)
+            worker.start()
+            while True:
+                event = events.get()
+                yield event
+                if event["type"] == "done":
+                    break
+            worker.join()
+
+    def _run(self, trial: dict[str, Any], report: Any) -> dict[str, Any]:
         """Run one trial to its stored result; returns an outcome (never raises for a failing trial)."""
         from rayjobs import train_loop
         from rayjobs.trial import execute
@@ -94,11 +136,12 @@ class TrialWorker:
         out: dict[str, Any] = {"pid": os.getpid(), "host": socket.gethostname(), "warm": self.trials > 0,
                                "started": time.time()}
         try:
-            row = execute(spec)
-            out.update(status="ok", score=row.get("score"), train_time_s=row.get("train_time_s"),
-                       wall_time_s=row.get("wall_time_s"))
+            row = execute(spec, report=report)
+            out.update(status=row.get("status", "ok"), score=row.get("score"), train_time_s=row.get("train_time_s"),
+                       wall_time_s=row.get("wall_time_s"), steps=(row.get("hparams") or {}).get("steps")
+                       if isinstance(row.get("hparams"), dict) else None)
             del row
-        except Exception as e:  # noqa: BLE001 - execute stored the failed row; the driver decides on retries
+        except Exception as e:  # noqa: BLE001 - execute stored the failed row; Tune decides on retries
             out.update(status="failed", error=f"{type(e).__name__}: {e}"[:2000])
         finally:
             self.trials += 1
@@ -107,127 +150,3 @@ class TrialWorker:
                 gc.freeze()
         out["finished"] = time.time()
         return out
-
-
-@dataclass
-class Worker:
-    """The driver's handle on one worker."""
-
-    handle: Any
-    shape: Shape
-    ready_ref: Any = None  # set until the actor is up
-    requested: float = field(default_factory=time.monotonic)
-    name: str = ""  # pid@host once up
-    busy: bool = False
-    trials: int = 0  # trials handed to it so far
-
-
-class WorkerPool:
-    """Warm workers by shape, owned by one driver. Pass one pool to several `runner.run_trials` calls to
-    keep its workers warm between them (benchmarks); `close()` ends them."""
-
-    def __init__(self) -> None:
-        self.workers: list[Worker] = []
-        self.start_s: list[float] = []  # seconds from request to ready, per worker started (cold starts)
-
-    def idle(self, shape: Shape) -> Worker | None:
-        return next((w for w in self.workers if w.shape == shape and w.ready_ref is None and not w.busy), None)
-
-    def count(self, shape: Shape) -> int:
-        return sum(w.shape == shape for w in self.workers)
-
-    def start(self, shape: Shape) -> Worker:
-        import ray
-
-        handle = ray.remote(TrialWorker).options(**shape.options()).remote(shape.coordinator)
-        worker = Worker(handle, shape, ready_ref=handle.ready.remote())
-        self.workers.append(worker)
-        return worker
-
-    def starting(self) -> dict[Any, Worker]:
-        return {w.ready_ref: w for w in self.workers if w.ready_ref is not None}
-
-    def mark_ready(self, worker: Worker) -> None:
-        """The worker's ready() returned (or raised: then it is dropped and the error re-raised)."""
-        import ray
-
-        try:
-            info = ray.get(worker.ready_ref)
-        except Exception:
-            self.discard(worker)
-            raise
-        worker.ready_ref = None
-        worker.name = f"{info['pid']}@{info['host']}"
-        self.start_s.append(time.monotonic() - worker.requested)
-
-    def submit(self, worker: Worker, trial: TrialSpec) -> Any:
-        worker.busy = True
-        worker.trials += 1
-        return worker.handle.run.remote(trial.model_dump(mode="json"))
-
-    def release(self, worker: Worker) -> None:
-        worker.busy = False
-
-    def discard(self, worker: Worker) -> None:
-        """Forget a worker and end its process (a dead worker is only forgotten)."""
-        import ray
-
-        if worker in self.workers:
-            self.workers.remove(worker)
-        try:
-            ray.kill(worker.handle)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
-
-    def make_room(self, ready_shapes: set[Shape], distributed_active: bool) -> None:
-        """End idle workers that hold resources other work needs: every idle non-coordinator while a
-        distributed trial is ready or running (its Ray Train workers ask the cluster for CPUs this pool
-        cannot see), and idle workers of shapes with no trial ready when a ready trial's worker waits
-        for resources (mixed shapes in one job)."""
-        idle = [w for w in self.workers if not w.busy and w.ready_ref is None]
-        if not idle:
-            return
-        if distributed_active:
-            for w in idle:
-                if not w.shape.coordinator:
-                    self.discard(w)
-            idle = [w for w in idle if w.shape.coordinator]
-        others = [w for w in idle if w.shape not in ready_shapes]
-        if others and self._starved(ready_shapes):
-            for w in others:
-                self.discard(w)
-
-    def prune_dead(self, timeout: float = 2.0) -> None:
-        """Forget idle workers whose process is gone (after one died: a lost node takes all of its
-        workers); one that does not answer within `timeout` is only busy and kept."""
-        import ray
-
-        idle = {w.handle.ready.remote(): w for w in self.workers if not w.busy and w.ready_ref is None}
-        if not idle:
-            return
-        answered, _ = ray.wait(list(idle), num_returns=len(idle), timeout=timeout)
-        for ref in answered:
-            try:
-                ray.get(ref)
-            except Exception:  # noqa: BLE001 - its process died
-                self.discard(idle[ref])
-
-    def end_idle(self, keep: set[Shape]) -> None:
-        """End idle and starting workers of shapes outside `keep` (no trial left for them)."""
-        for w in list(self.workers):
-            if not w.busy and w.shape not in keep:
-                self.discard(w)
-
-    def _starved(self, ready_shapes: set[Shape]) -> bool:
-        """A worker for a ready trial is starting but the cluster has no room for it."""
-        import ray
-
-        waiting = {w.shape for w in self.workers if w.ready_ref is not None} & ready_shapes
-        if not waiting:
-            return False
-        free = ray.available_resources()
-        return any(s.fits(free) == 0 for s in waiting)
-
-    def close(self) -> None:
-        for w in list(self.workers):
-            self.discard(w)

@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rayjobs import observe
+from rayjobs import observe, tuning
 from rayjobs.config import RunSpec
 from rayjobs.plan import TrialSpec
-from rayjobs.pool import Shape, Worker, WorkerPool, is_distributed, worker_shape
+from rayjobs.pool import Shape, is_distributed, worker_shape
+from rayjobs.tuning import WorkerPool
 
 #: keep per-trial model-loading chatter (progress bars, reports, deprecation notices) out of job logs
 QUIET = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
@@ -152,9 +153,12 @@ class StageResult:
     total: int
     ok: int = 0
     failed: list[str] = field(default_factory=list)
-    blocked: list[str] = field(default_factory=list)  # waiting for a failed run
+    blocked: list[str] = field(default_factory=list)  # waiting for a failed (or stopped) run
+    stopped: list[str] = field(default_factory=list)  # stopped early by Tune's scheduler (decided runs)
     seconds: float = 0.0
     records: list[TrialRecord] = field(default_factory=list)
+    experiment_path: str = ""  # Tune's experiment folder
+    workers: dict[str, Any] = field(default_factory=dict)  # warm workers started, their start seconds
 
 
 class RunCallback:
@@ -243,19 +247,27 @@ class PeriodicIngest(RunCallback):
 # -- the scheduler ---------------------------------------------------------------------------------------
 def run_trials(name: str, todo: list[TrialSpec], run: RunSpec, store: Any, *, pool: WorkerPool | None = None,
                callbacks: Sequence[RunCallback] = ()) -> StageResult:
-    """Run `todo`, each trial as soon as every key in its `depends_on` is stored; ingest at the end.
+    """Run `todo` with one Tuner, each trial as soon as every key in its `depends_on` is stored; ingest
+    at the end. Tune's experiment folder is `<results>/tune/<name>-<time>` (in the bucket for a remote
+    results location).
 
     Returns the run's counts and per-trial records; trials waiting on a failed run are reported as
     blocked and left for a re-run. `pool` keeps workers warm across calls (its owner closes it);
     without one, the workers end with the run.
     """
+    storage = f"{store.remote.rstrip('/')}/tune" if getattr(store, "remote", None) else str(
+        Path(store.root).resolve() / "tune")
     result = schedule(name, todo, run, store.finished_keys(), pool=pool,
-                      callbacks=[PeriodicIngest(store), *callbacks])
+                      callbacks=[PeriodicIngest(store), *callbacks], storage=storage)
     store.ingest()
     observe.rows_ingested(store.last_ingested)
     if result.blocked:
-        print(f"transferlab: {len(result.blocked)} runs wait for failed runs they depend on; re-run to retry",
-              flush=True)
+        print(f"transferlab: {len(result.blocked)} runs wait for failed or stopped runs they depend on; "
+              "re-run to retry the failed ones", flush=True)
+    if result.experiment_path:
+        print(f"transferlab: Tune experiment {result.experiment_path}: open it with "
+              f"ray.tune.ExperimentAnalysis({result.experiment_path!r}); resume an interrupted one with "
+              f"python -m rayjobs.tuning restore {result.experiment_path}", flush=True)
     return result
 
 
@@ -267,12 +279,13 @@ def run_stage(name: str, trials: list[TrialSpec], run: RunSpec, *, pool: WorkerP
 
 
 def schedule(name: str, trials: list[TrialSpec], run: RunSpec, done: set[str], *,
-             pool: WorkerPool | None = None, callbacks: Sequence[RunCallback] = ()) -> StageResult:
-    """The scheduling loop: release, dispatch to warm workers, wait for one event, repeat.
+             pool: WorkerPool | None = None, callbacks: Sequence[RunCallback] = (),
+             storage: str | None = None) -> StageResult:
+    """One `Tuner.fit()` over `trials`: each a Tune trial, released by the dependency searcher.
 
     `done` holds the run keys stored before the run; a dependency that is neither there nor among
-    `trials` never will be, so its dependents are blocked.
-    """
+    `trials` never will be, so its dependents are blocked. `storage` is where Tune's experiment folder
+    goes (default: a temporary folder)."""
     result = StageResult(name, len(trials))
     if not trials:
         return result
@@ -280,187 +293,140 @@ def schedule(name: str, trials: list[TrialSpec], run: RunSpec, done: set[str], *
     check_fits_local_cluster(trials, run)
     own_pool = pool is None
     pool = pool or WorkerPool()
+    caps = shape_caps(trials, run)
+    experiment = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    pool.ensure(caps, name=tuning.broker_name(experiment))
     hooks = [ProgressLines(result, run.verbose), TrialMetrics(), *callbacks]
-    state = _Scheduler(trials, run, set(done), pool, result, hooks, own_pool)
+    t0 = time.time()
+    searcher = tuning.make_searcher(trials, set(done), pool.name, own_pool)
+    adapter = _TuneHooks(result, hooks, searcher, {t.run_key: t for t in trials}, t0)
     try:
-        state.loop()
+        grid = _fit(experiment, run, searcher, adapter, caps, storage, len(trials))
+        result.experiment_path = grid.experiment_path
+        result.workers = pool.figures()
     finally:
         if own_pool:
             pool.close()
-    result.seconds = time.monotonic() - state.t0
+    result.blocked = list(searcher.blocked)
+    result.seconds = time.time() - t0
     for h in hooks:
         h.on_run_end(result)
     return result
 
 
-CAPS_EVERY_S = 10.0
-#: failed worker starts in a row (with none of the shape alive) after which a run gives up
-MAX_START_FAILURES = 3
+def _fit(experiment: str, run: RunSpec, searcher: Any, adapter: Any, caps: dict[Shape, int],
+         storage: str | None, n: int) -> Any:
+    """Build and run the Tuner (Tune's own output off: the driver prints one line per trial)."""
+    import tempfile
+
+    from ray import tune
+
+    slots = max(1, min(n, sum(caps.values())))
+    tuning.tune_environment(slots)
+    storage = storage or tempfile.mkdtemp(prefix="transferlab-tune-")
+    tuner = tune.Tuner(
+        tuning.tune_trainable(),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, scheduler=tuning.make_scheduler(run), num_samples=-1,
+            max_concurrent_trials=slots, reuse_actors=True,
+            trial_name_creator=lambda t: f"{t.config['label']}",
+            trial_dirname_creator=lambda t: f"{t.config['run_key']}"),
+        run_config=tune.RunConfig(
+            name=experiment, storage_path=storage, verbose=0,
+            callbacks=[adapter, *tuning.make_callbacks(run, Path(storage))],
+            failure_config=tune.FailureConfig(max_failures=run.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+    )
+    return tuner.fit()
 
 
-@dataclass
-class _Flight:
-    trial: TrialSpec
-    worker: Worker
-    record: TrialRecord
+class _TuneHooks:
+    """Tune's trial events as `TrialRecord`s for the `RunCallback`s (a Tune `Callback`)."""
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        from ray import tune
 
-class _Scheduler:
-    def __init__(self, trials: list[TrialSpec], run: RunSpec, done: set[str], pool: WorkerPool,
-                 result: StageResult, hooks: list[RunCallback], own_pool: bool):
-        self.run, self.done, self.pool, self.result, self.hooks = run, done, pool, result, hooks
-        self.keys = {t.run_key for t in trials}
-        self.waiting = list(trials)
-        self.ready: list[tuple[TrialSpec, float]] = []  # (trial, released at)
-        self.inflight: dict[Any, _Flight] = {}
-        self.failed: set[str] = set()  # given up on, or blocked
-        self.attempts: Counter[str] = Counter()
-        self.start_failures: Counter[Shape] = Counter()
-        self.caps = shape_caps(trials, run)
-        self.caps_at = self.t0 = time.monotonic()
-        self.own_pool = own_pool
+        class Hooks(tune.Callback):
+            def __init__(self, result: StageResult, hooks: list[RunCallback], searcher: Any,
+                         specs: dict[str, TrialSpec], t0: float):
+                self.result, self.hooks, self.searcher, self.specs, self.t0 = result, hooks, searcher, specs, t0
+                self.attempts: Counter[str] = Counter()
+                self.records: dict[str, TrialRecord] = {}
 
-    def now(self) -> float:
-        return time.monotonic() - self.t0
+            def now(self) -> float:  # wall clock: the trial's hand-over time comes from another process
+                return time.time() - self.t0
 
-    def loop(self) -> None:
-        import ray
+            def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                key = trial.config["run_key"]
+                spec = self.specs[key]
+                self.attempts[key] += 1
+                released = self.searcher.released_at.get(key, self.t0) - self.t0
+                rec = TrialRecord(key, spec.label, spec.experiment, spec.kind, self.attempts[key], released,
+                                  self.now())
+                self.records[trial.trial_id] = rec
+                self.result.records.append(rec)
+                for h in self.hooks:
+                    h.on_trial_start(rec)
 
-        while self.waiting or self.ready or self.inflight:
-            self.release()
-            self.update_caps()
-            self.dispatch()
-            shapes = {worker_shape(t) for t, _ in self.ready}
-            distributed = any(s.coordinator for s in shapes) or any(
-                f.worker.shape.coordinator for f in self.inflight.values())
-            self.pool.make_room(shapes, distributed)
-            if self.own_pool:  # workers no remaining trial can use hold resources (and cluster nodes)
-                self.pool.end_idle(keep={worker_shape(t) for t in self.waiting} | shapes)
-            starting = self.pool.starting()
-            refs = list(self.inflight) + list(starting)
-            if not refs:
-                if self.ready:  # pragma: no cover - every ready shape has a cap >= 1
-                    raise RuntimeError(f"no worker can start for {[t.label for t, _ in self.ready]}")
-                for t in self.waiting:  # a dependency cycle: nothing can ever release these
-                    self.result.blocked.append(t.run_key)
-                break
-            finished, _ = ray.wait(refs, num_returns=1, timeout=5.0)
-            for ref in finished:
-                if ref in starting:
-                    self.worker_started(starting[ref])
+            def _finish(self, trial: Any, status: str) -> TrialRecord:
+                rec = self.records[trial.trial_id]
+                rec.finished_s, rec.status = self.now(), status
+                last = trial.last_result or {}
+                if last.get("final"):
+                    rec.worker, rec.warm = last.get("worker", ""), bool(last.get("warm"))
+                    rec.busy_s = float(last.get("busy_s") or 0.0)
+                    rec.started_s = max(rec.started_s, last["handed_at"] - self.t0)  # handed to its worker
+                return rec
+
+            def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                last = trial.last_result or {}
+                ok = last.get("final") and last.get("status") == "ok"
+                rec = self._finish(trial, "ok" if ok else "stopped")
+                if ok:
+                    self.result.ok += 1
                 else:
-                    self.complete(ref)
+                    self.result.stopped.append(rec.run_key)
+                for h in self.hooks:
+                    h.on_trial_end(rec)
 
-    def worker_started(self, worker: Worker) -> None:
-        """A worker came up, or failed to (its node was lost, or it cannot start at all). A few failed
-        starts in a row with none of its shape alive mean the latter: the run stops with the error."""
-        try:
-            self.pool.mark_ready(worker)
-            self.start_failures[worker.shape] = 0
-        except Exception as e:  # noqa: BLE001 - mark_ready dropped it; the next dispatch starts another
-            self.start_failures[worker.shape] += 1
-            alive = any(w.shape == worker.shape and w.ready_ref is None for w in self.pool.workers)
-            if self.start_failures[worker.shape] >= MAX_START_FAILURES and not alive:
-                raise RuntimeError(f"trial workers ({worker.shape}) fail to start: {e}") from e
+            def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                rec = self._finish(trial, "failed")
+                rec.error = _stored_error(self.specs[rec.run_key])
+                for h in self.hooks:
+                    h.on_trial_retry(rec)
 
-    def update_caps(self) -> None:
-        """On a remote cluster nodes come and go: re-read what fits every `CAPS_EVERY_S` seconds."""
-        if _remote_cluster(self.run) and time.monotonic() - self.caps_at > CAPS_EVERY_S:
-            left = [*self.waiting, *(t for t, _ in self.ready), *(f.trial for f in self.inflight.values())]
-            self.caps, self.caps_at = shape_caps(left, self.run), time.monotonic()
+            def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                rec = self._finish(trial, "failed")
+                rec.error = _stored_error(self.specs[rec.run_key])
+                self.result.failed.append(rec.run_key)
+                for h in self.hooks:
+                    h.on_trial_end(rec)
 
-    def release(self) -> None:
-        """Move trials whose dependencies are stored to `ready`; block those depending on a failed run."""
-        still = []
-        for t in self.waiting:
-            deps = t.depends_on
-            if all(d in self.done for d in deps):
-                self.ready.append((t, self.now()))
-            elif any(d in self.failed or (d not in self.done and d not in self.keys) for d in deps):
-                self.result.blocked.append(t.run_key)
-                self.failed.add(t.run_key)  # its own dependents are blocked too
-            else:
-                still.append(t)
-        self.waiting = still
-
-    def dispatch(self) -> None:
-        """Hand ready trials (in plan order) to idle workers of their shape; start workers up to the caps."""
-        for t, released in list(self.ready):
-            if self.run.max_concurrent_trials and len(self.inflight) >= self.run.max_concurrent_trials:
-                return
-            shape = worker_shape(t)
-            worker = self.pool.idle(shape)
-            if worker is None:
-                if self.pool.count(shape) < self.caps.get(shape, 1):
-                    self.pool.start(shape)  # picked up once it is ready
-                continue
-            self.ready.remove((t, released))
-            self.attempts[t.run_key] += 1
-            record = TrialRecord(t.run_key, t.label, t.experiment, t.kind, self.attempts[t.run_key], released,
-                                 self.now(), worker=worker.name, warm=worker.trials > 0)
-            self.inflight[self.pool.submit(worker, t)] = _Flight(t, worker, record)
-            self.result.records.append(record)
-            for h in self.hooks:
-                h.on_trial_start(record)
-
-    def complete(self, ref: Any) -> None:
-        import ray
-
-        flight = self.inflight.pop(ref)
-        t, rec = flight.trial, flight.record
-        try:
-            out = ray.get(ref)
-            self.pool.release(flight.worker)
-        except Exception as e:  # noqa: BLE001 - the worker died (killed, out of memory, node lost) or broke
-            self.pool.discard(flight.worker)
-            self.pool.prune_dead()  # a lost node takes its idle workers too: do not hand them trials
-            out = _lost_worker_outcome(t, e, self.now() - rec.started_s)
-        rec.finished_s = self.now()
-        rec.status, rec.error = out["status"], out.get("error")
-        rec.warm = bool(out.get("warm", rec.warm))
-        rec.busy_s = float(out.get("finished", 0.0) - out.get("started", 0.0)) if "started" in out else 0.0
-        if rec.status == "ok":
-            self.done.add(t.run_key)
-            self.result.ok += 1
-        elif self.attempts[t.run_key] <= self.run.max_failures:
-            self.ready.insert(0, (t, self.now()))
-            for h in self.hooks:
-                h.on_trial_retry(rec)
-            return
-        else:
-            self.failed.add(t.run_key)
-            self.result.failed.append(t.run_key)
-        for h in self.hooks:
-            h.on_trial_end(rec)
+        return Hooks(*args, **kwargs)
 
 
-def _lost_worker_outcome(trial: TrialSpec, err: BaseException, wall: float) -> dict[str, Any]:
-    """The worker died during the trial: nothing in it could store the failure, so the driver does
-    (unless the run was stored ok just before the process ended)."""
-    from ray.exceptions import RayActorError
-
+def _stored_error(spec: TrialSpec) -> str:
+    """The failed row's error; a Tune trial process that died with its trial (a lost node) wrote none,
+    so the driver stores it."""
     from analysis.store import ResultStore
-    from rayjobs.trial import failed_row
 
-    store = ResultStore(trial.results_dir)
-    stored = store.read_result(trial.run_key)
-    if stored is not None and stored["status"] == "ok":
-        return {"status": "ok"}
-    if isinstance(err, RayActorError):
-        lost: Exception = observe.TrialLost("trial process died without writing a result (killed, out of memory "
-                                            f"or node lost): {type(err).__name__}: {err}"[:2000])
-    else:
-        lost = RuntimeError(f"trial worker failed: {type(err).__name__}: {err}"[:2000])
-    store.write_result(failed_row(trial, lost, wall))
-    return {"status": "failed", "error": str(lost)}
+    row = ResultStore(spec.results_dir).read_result(spec.run_key)
+    if row is None or row["status"] not in ("failed",):
+        if row is not None and row["status"] in ("ok", "stopped"):
+            return ""
+        out = tuning.lost_worker_outcome(spec, observe.TrialLost("the Tune trial process died"), 0.0)
+        return out.get("error", "")
+    return row.get("error") or ""
 
 
 def finish(store: Any, trials: list[TrialSpec], view: str) -> int:
     """A job's last lines: where the results are, how to query them, and exit 1 if runs are missing."""
     print(f"transferlab: results database {store.db_path}")
     print(f"transferlab: query it with: transferlab sql \"SELECT * FROM {view}\" --db {store.db_path}")
-    stored = store.finished_keys()
-    missing = [t for t in trials if t.run_key not in stored]
+    stored = store.finished_keys()  # ok or stopped: decided runs
+    stopped = store.finished_keys(statuses=("stopped",))
+    # a run that depends on a stopped one is decided too: it will not run
+    missing = [t for t in trials if t.run_key not in stored and not any(d in stopped for d in t.depends_on)]
     if missing:
         print(f"transferlab: {len(missing)} runs did not finish (see runs.status/error); re-run to retry them",
               file=sys.stderr)

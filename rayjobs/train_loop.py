@@ -41,6 +41,9 @@ class TrainContext:
     world_size: int = 1
     device: str = "cpu"
     progress: Any = None  # callable(dict) for per-epoch reports (Tune/Train), optional
+    #: callable(dict) after each periodic validation (`train.eval_every`): Tune's intermediate results;
+    #: it raises `rayjobs.trial.TrialStopped` when the scheduler stopped the trial
+    report: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -333,6 +336,9 @@ def fit(tm: TaskModel, examples: list[Example], trial: TrialSpec, ctx: TrainCont
                 step += 1
                 if validate is not None and hp.eval_every and step % hp.eval_every == 0:
                     validate(step, backend)
+                    if ctx.report and ctx.rank == 0:
+                        ctx.report({"step": step, "epoch": epoch, "validation_score": validate.curve[-1][1],
+                                    "validation_curve": list(validate.curve)})
                 if step >= total_steps:
                     break
         epoch += 1

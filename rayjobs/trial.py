@@ -21,6 +21,15 @@ from rayjobs.plan import TrialSpec
 MAX_LOSS_POINTS = 2000
 
 
+class TrialStopped(Exception):
+    """Raised inside a trial (from `TrainContext.report`) when its scheduler stopped it early: the trial
+    stores a `stopped` run, a decided run that is neither ok nor failed, with its last validation metrics."""
+
+    def __init__(self, last: dict[str, Any]):
+        super().__init__(f"stopped by the scheduler at step {last.get('step')}")
+        self.last = last
+
+
 def inject_fault(spec: TrialSpec, rank: int | None = None) -> None:
     """Failure injection for tests: TRANSFERLAB_FAULT="<action>[@rank<N>]:<label substring>[;<rule>...]".
 
@@ -66,7 +75,7 @@ def executor(name: str) -> Any:
     return getattr(importlib.import_module(module), fn)
 
 
-def execute(spec: TrialSpec, progress: Any = None) -> dict[str, Any]:
+def execute(spec: TrialSpec, progress: Any = None, report: Any = None) -> dict[str, Any]:
     """Run one trial to a stored result row (in a warm worker, or directly in benchmarks).
 
     With a remote results location (`results_uri`) the trial works in this node's mirror of it: it pulls
@@ -81,7 +90,7 @@ def execute(spec: TrialSpec, progress: Any = None) -> dict[str, Any]:
         for key in [*spec.depends_on, *([spec.params["probe_key"]] if spec.params.get("probe_key") else [])]:
             store.pull_run(key)
     done = store.read_result(spec.run_key)
-    if done is not None and done["status"] == "ok":
+    if done is not None and done["status"] in DECIDED:
         return done
     t0 = time.time()
     observe.trial_started(spec)
@@ -94,7 +103,12 @@ def execute(spec: TrialSpec, progress: Any = None) -> dict[str, Any]:
         else:
             from rayjobs.train_loop import TrainContext
 
-            row = executor(spec.executor)(spec, TrainContext(progress=progress))
+            row = executor(spec.executor)(spec, TrainContext(progress=progress, report=report))
+    except TrialStopped as stop:
+        row = stopped_row(spec, stop.last, time.time() - t0)
+        store.write_result(row)
+        store.push_run(spec.run_key)
+        return row
     except Exception as e:
         observe.trial_failed(spec)
         store.write_result(failed_row(spec, e, time.time() - t0))
@@ -112,6 +126,27 @@ def execute(spec: TrialSpec, progress: Any = None) -> dict[str, Any]:
     store.push_run(spec.run_key)
     observe.trial_finished(spec, row)
     return row
+
+
+#: statuses of a run that a re-run does not repeat: it finished, or its scheduler stopped it early
+DECIDED = ("ok", "stopped")
+
+
+def _row_identity(spec: TrialSpec) -> dict[str, Any]:
+    return {
+        "run_key": spec.run_key, "experiment": spec.experiment, "kind": spec.kind, "setup": spec.setup.key,
+        "model": spec.setup.model.name, "adaptation": spec.setup.adaptation.method, "source": spec.source,
+        "target": spec.target, "sources": spec.sources, "seed": spec.seed, "source_run_key": spec.source_run_key,
+        "baseline_run_key": spec.baseline_run_key}
+
+
+def stopped_row(spec: TrialSpec, last: dict[str, Any], wall: float) -> dict[str, Any]:
+    """A run its scheduler stopped early (ASHA, median stopping): no evaluation, no checkpoint; its last
+    validation result and the step it reached are kept."""
+    return {**_row_identity(spec), "status": "stopped", "wall_time_s": wall, "score": None,
+            "hparams": {**spec.hparams.model_dump(), "steps": last.get("step")},
+            "metrics": {"stopped_at_step": last.get("step"), "last_validation_score": last.get("validation_score"),
+                        "validation_curve": last.get("validation_curve", []), **observe.placement()}}
 
 
 def failed_row(spec: TrialSpec, err: BaseException, wall: float) -> dict[str, Any]:
