@@ -1,11 +1,13 @@
-"""What the staged plan saves, what Ray costs per trial, and what releasing transfers early saves.
+"""What the staged plan saves, what Ray Tune costs per trial, and what releasing transfers early saves.
 
     .venv/bin/python benchmarks/bench_pairwise.py [--config configs/quickstart.yaml]
         [--source-train 96] [--target-train 32] [--eval 32] [--epochs 1] [--slow-factor 8]
 
 A 3-source x 3-target x 1-seed grid, two 1-CPU trials at a time. All arms run in this one process, on
-one local Ray started once, with one pool of warm workers (`rayjobs.pool.WorkerPool`) warmed up by two
-untimed trials, each arm in its own temporary results folder so nothing is reused:
+one local Ray started once, with one pool of warm workers (`rayjobs.tuning.WorkerPool`) warmed up by two
+untimed trials, each arm in its own temporary results folder so nothing is reused. Every arm runs
+through Ray Tune (one Tuner per `run_trials` call, the dependency searcher, thin Tune trials on the
+warm workers), as `transferlab run` does:
 
 1. staged (transferlab): one source model per source, one baseline per target, every transfer
    starts from its source's checkpoint -- 3 + 3 + 6 = 12 trainings; naive: every (source, target)
@@ -25,6 +27,9 @@ untimed trials, each arm in its own temporary results folder so nothing is reuse
    dependency waves (every source and baseline, then every transfer: the old runner's barrier) and once
    with each transfer released as soon as its own source is stored. Worker-idle seconds = slots x wall
    - the trials' compute.
+4. processes per run: a fresh run of the staged grid with its own workers, as `transferlab run` makes
+   it: warm workers started and distinct Tune trial processes (Tune reuses its trial actors; at a
+   dependency frontier it may end one, and its replacement costs a Ray/Tune process, not torch).
 
 The model and tasks come from the config (MiniLM on the quickstart tasks by default), the sizes from
 the flags. Timings are wall-clock; on a shared machine they are noisy, so compare the ratios of one
@@ -48,9 +53,9 @@ sys.path.insert(0, str(REPO))
 from analysis.store import ResultStore  # noqa: E402
 from rayjobs.config import ExperimentConfig, RunSpec, load_config  # noqa: E402
 from rayjobs.plan import TrialSpec, expand_pairwise, run_key  # noqa: E402
-from rayjobs.pool import WorkerPool  # noqa: E402
 from rayjobs.runner import QUIET, StageResult, init_ray, run_trials  # noqa: E402
 from rayjobs.tasks import TaskRegistry  # noqa: E402
+from rayjobs.tuning import WorkerPool  # noqa: E402
 
 SLOTS = 2  # trials at a time
 
@@ -116,7 +121,7 @@ def waves(trials: list[TrialSpec]) -> list[list[TrialSpec]]:
     return out
 
 
-def run_all(name: str, trials: list[TrialSpec], run: RunSpec, results: Path, pool: WorkerPool,
+def run_all(name: str, trials: list[TrialSpec], run: RunSpec, results: Path, pool: WorkerPool | None,
             barrier: bool = False) -> list[StageResult]:
     """The trials through the runner on the warm pool: in one run (early release) or one run per wave."""
     store = ResultStore(results)
@@ -222,9 +227,12 @@ def main(argv: list[str] | None = None) -> int:
             t_waves, r_waves = timed(lambda: run_all("waves", slow, parallel, root / "waves", pool, barrier=True))
             slow = slow_source_trials(cfg, root / "early", args.slow_factor)
             t_early, r_early = timed(lambda: run_all("early", slow, parallel, root / "early", pool))
-            cold_starts = list(pool.start_s)
+            cold_starts = list(pool.figures()["start_s"])
         finally:
             pool.close()
+        # a run as `transferlab run` makes it: its own warm workers, one Tuner
+        t_fresh, r_fresh = timed(lambda: run_all("fresh", staged_trials(cfg, root / "fresh"), parallel,
+                                                 root / "fresh", None))
 
     c_staged, c_naive = compute_s(r_staged), compute_s(r_naive)
     rows = [
@@ -252,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"worker-idle time, slow-source grid ({args.slow_factor:g}x first source): waves {idle_waves:.1f} s, "
           f"early release {idle_early:.1f} s: {idle_waves - idle_early:.1f} s saved "
           f"(wall {t_waves:.1f} -> {t_early:.1f} s)")
+    fresh = r_fresh[0]
+    tune_procs = len({r.tune_pid for r in fresh.records if r.tune_pid})
+    print(f"processes per run (fresh run of the staged grid, {len(fresh.records)} trials, {SLOTS} slots): "
+          f"{fresh.workers.get('started', 0)} warm workers started, {tune_procs} Tune trial processes "
+          f"(wall {t_fresh:.1f} s, cold starts included)")
     print(f"this process and the workers ran at niceness {os.nice(0)}")
     print(f"not in the arms: local Ray start-up {ray_start:.1f} s, warm-up ({len(warm)} trials) {t_warm:.1f} s "
           f"including {len(cold_starts)} cold worker starts of {sum(cold_starts) / max(1, len(cold_starts)):.1f} s "

@@ -76,6 +76,20 @@ def scaling_for(spec: TrialSpec) -> tuple[dict[str, float], bool]:
     return per_worker, res.gpu > 0
 
 
+def _tune_forwarding() -> list[Any]:
+    """Inside a Tune trial (how transferlab runs it), Ray Train's reports go on to Tune as the trial's
+    intermediate results: Ray's `TuneReportCallback`, the documented way to run Train inside Tune."""
+    try:
+        from ray.tune.integration.ray_train import TuneReportCallback
+        from ray.tune.trainable.trainable_fn_utils import _in_tune_session
+
+        if _in_tune_session():
+            return [TuneReportCallback()]
+    except Exception:  # noqa: BLE001 - not in a Tune trial (a benchmark calling this directly)
+        pass
+    return []
+
+
 def train_distributed(spec: TrialSpec) -> dict[str, Any]:
     """Run one trial on `resources.workers` Ray Train workers; returns rank 0's result row."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -94,7 +108,7 @@ def train_distributed(spec: TrialSpec) -> dict[str, Any]:
                                      resources_per_worker=per_worker),
         run_config=RunConfig(name=f"{spec.run_key}-{time.strftime('%Y%m%d-%H%M%S')}",
                              storage_path=str(ResultStore(spec.results_dir).root / "train"),
-                             failure_config=FailureConfig(max_failures=0)),
+                             failure_config=FailureConfig(max_failures=0), callbacks=_tune_forwarding()),
     )
     result = trainer.fit()
     if result.error is not None:  # pragma: no cover - fit() raises on failure in Train V2

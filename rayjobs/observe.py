@@ -30,7 +30,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 #: trial states the driver reports in `transferlab_trials{state=...}`
-STATES = ("running", "done", "failed")
+STATES = ("running", "done", "failed", "stopped")
 #: bucket bounds of the trial-duration histogram (seconds) and of the Serve batch-size histogram
 SECONDS_BUCKETS = [1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]

@@ -1,22 +1,23 @@
-"""Run a job's trials on Ray: each trial starts on a warm worker as soon as the runs it depends on are stored.
+"""Run a job's trials with Ray Tune: each trial starts on a warm worker as soon as the runs it depends on are stored.
 
 Shared by every job kind: a job expands its config into `TrialSpec`s, the driver drops the run keys
 already stored and hands the rest here. Resuming is by run key (results folder), not by scheduler
-state, so a killed driver, a lost node or an edited config all resume the same way.
+state, so a killed driver, a lost node or an edited config all resume the same way (`Tuner.restore`
+of the Tune experiment works too, see `rayjobs.tuning`).
 
-Scheduling is one pass over the whole plan, not stages: a trial is released the moment every key in
-its `depends_on` is stored (a transfer starts as soon as its own source checkpoint is written, while
-other sources still train), and runs on a warm `pool.TrialWorker` of its resource shape, so it pays
-neither a process start nor the torch/transformers imports. This replaced one Ray Tune run per
-dependency wave with a fresh actor per trial: the plan is fixed (no search), resume is by run key, and
-Tune's per-run start-up, per-trial actor and the wave barrier cost seconds per trial at the sizes of
-the quickstart (benchmarks/bench_pairwise.py). Failure semantics: a trial that raises is stored as a
-failed run (by the trial; by the driver when its worker process died) and retried up to
-`run.max_failures` times; trials depending on a failed run are reported as blocked and left for a
-re-run; the other trials go on.
+One `Tuner.fit()` per call: every trial is a Tune trial, released by the dependency-aware searcher the
+moment every key in its `depends_on` is stored (no barrier between stages), and run on a warm
+`pool.TrialWorker` of its resource shape held by the run's broker, so it pays neither a process start
+nor the torch/transformers imports (`rayjobs.tuning`; the overhead is measured by
+benchmarks/bench_pairwise.py). Failure semantics: a trial that raises is stored as a failed run (by the
+trial; by its Tune trial when its worker process died; by the driver when the Tune trial process itself
+died) and retried up to `run.max_failures` times (Tune's `FailureConfig`); trials depending on a failed
+run are reported as blocked and left for a re-run; the other trials go on. A trial Tune's scheduler
+stops early (`run.scheduler`) is stored as `stopped`: decided, not retried, not a failure.
 
-Hooks: `RunCallback` (trial start / retry / end, run end) is called in the driver; the progress lines,
-the periodic ingest and the Ray metrics (`TrialMetrics`, see `rayjobs.observe`) are callbacks.
+Hooks: `RunCallback` (trial start / retry / end, run end) is called in the driver from Tune's callback
+events; the progress lines, the periodic ingest and the Ray metrics (`TrialMetrics`, see
+`rayjobs.observe`) are callbacks.
 """
 
 from __future__ import annotations
@@ -145,6 +146,7 @@ class TrialRecord:
     warm: bool = False  # the worker had run a trial before
     busy_s: float = 0.0  # the worker's time on it (trial.execute), by the worker's clock
     error: str | None = None
+    tune_pid: int = 0  # the Tune trial process that forwarded it
 
 
 @dataclass
@@ -196,10 +198,10 @@ class ProgressLines(RunCallback):
 
     def on_trial_end(self, record: TrialRecord) -> None:
         r = self.result
-        n = r.ok + len(r.failed)
+        n = r.ok + len(r.failed) + len(r.stopped)
         rate = (time.monotonic() - self.t0) / max(1, n)
         left = r.total - n - len(r.blocked)
-        status = {"ok": "ok", "failed": "FAILED"}.get(record.status, record.status)
+        status = {"ok": "ok", "failed": "FAILED", "stopped": "stopped early"}.get(record.status, record.status)
         print(f"[{r.name}] {n}/{r.total} done, {len(r.failed)} failed, ETA {_fmt_s(rate * left)} | "
               f"{status}: {record.label}", flush=True)
 
@@ -208,7 +210,8 @@ class ProgressLines(RunCallback):
               flush=True)
 
     def on_run_end(self, result: StageResult) -> None:
-        print(f"[{result.name}] finished: {result.ok}/{result.total} ok, {len(result.failed)} failed, "
+        stopped = f"{len(result.stopped)} stopped early, " if result.stopped else ""
+        print(f"[{result.name}] finished: {result.ok}/{result.total} ok, {len(result.failed)} failed, {stopped}"
               f"{len(result.blocked)} blocked, {_fmt_s(result.seconds)}", flush=True)
 
 
@@ -220,7 +223,8 @@ class TrialMetrics(RunCallback):
         observe.trial_state(record.experiment, record.kind, None, "running")
 
     def on_trial_end(self, record: TrialRecord) -> None:
-        observe.trial_state(record.experiment, record.kind, "running", "done" if record.status == "ok" else "failed")
+        to = {"ok": "done", "stopped": "stopped"}.get(record.status, "failed")
+        observe.trial_state(record.experiment, record.kind, "running", to)
 
     def on_trial_retry(self, record: TrialRecord) -> None:
         observe.trial_state(record.experiment, record.kind, "running", None)  # running again on its next start
@@ -301,7 +305,7 @@ def schedule(name: str, trials: list[TrialSpec], run: RunSpec, done: set[str], *
     searcher = tuning.make_searcher(trials, set(done), pool.name, own_pool)
     adapter = _TuneHooks(result, hooks, searcher, {t.run_key: t for t in trials}, t0)
     try:
-        grid = _fit(experiment, run, searcher, adapter, caps, storage, len(trials))
+        grid = _fit(name, experiment, run, searcher, adapter, caps, storage, len(trials))
         result.experiment_path = grid.experiment_path
         result.workers = pool.figures()
     finally:
@@ -314,7 +318,7 @@ def schedule(name: str, trials: list[TrialSpec], run: RunSpec, done: set[str], *
     return result
 
 
-def _fit(experiment: str, run: RunSpec, searcher: Any, adapter: Any, caps: dict[Shape, int],
+def _fit(name: str, experiment: str, run: RunSpec, searcher: Any, adapter: Any, caps: dict[Shape, int],
          storage: str | None, n: int) -> Any:
     """Build and run the Tuner (Tune's own output off: the driver prints one line per trial)."""
     import tempfile
@@ -324,6 +328,9 @@ def _fit(experiment: str, run: RunSpec, searcher: Any, adapter: Any, caps: dict[
     slots = max(1, min(n, sum(caps.values())))
     tuning.tune_environment(slots)
     storage = storage or tempfile.mkdtemp(prefix="transferlab-tune-")
+    # the trackers' local files (MLflow file store, W&B offline runs): next to the experiment, or in a
+    # temporary folder when the experiment is in a bucket
+    tracking = Path(tempfile.mkdtemp(prefix="transferlab-tracking-") if "://" in storage else storage)
     tuner = tune.Tuner(
         tuning.tune_trainable(),
         tune_config=tune.TuneConfig(
@@ -333,7 +340,7 @@ def _fit(experiment: str, run: RunSpec, searcher: Any, adapter: Any, caps: dict[
             trial_dirname_creator=lambda t: f"{t.config['run_key']}"),
         run_config=tune.RunConfig(
             name=experiment, storage_path=storage, verbose=0,
-            callbacks=[adapter, *tuning.make_callbacks(run, Path(storage))],
+            callbacks=[adapter, *tuning.make_callbacks(run, tracking, name)],
             failure_config=tune.FailureConfig(max_failures=run.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
     )
@@ -370,11 +377,14 @@ class _TuneHooks:
 
             def _finish(self, trial: Any, status: str) -> TrialRecord:
                 rec = self.records[trial.trial_id]
-                rec.finished_s, rec.status = self.now(), status
+                done_at = self.searcher.completed_at.get(rec.run_key)  # before it released any dependent
+                rec.finished_s = done_at - self.t0 if done_at and status != "failed" else self.now()
+                rec.status = status
                 last = trial.last_result or {}
                 if last.get("final"):
                     rec.worker, rec.warm = last.get("worker", ""), bool(last.get("warm"))
                     rec.busy_s = float(last.get("busy_s") or 0.0)
+                    rec.tune_pid = int(last.get("trainable_pid") or 0)
                     rec.started_s = max(rec.started_s, last["handed_at"] - self.t0)  # handed to its worker
                 return rec
 

@@ -395,7 +395,8 @@ def make_searcher(trials: list[TrialSpec], done: set[str], broker_name: str, own
             self.waiting = deque(self.order)
             self.ready: deque[str] = deque()
             self.live: dict[str, str] = {}  # Tune trial id -> run key
-            self.released_at: dict[str, float] = {}
+            self.released_at: dict[str, float] = {}  # wall clock: dependencies stored
+            self.completed_at: dict[str, float] = {}  # wall clock: Tune reported the trial done
             self.shapes: Counter = Counter()
 
         # Tune's API
@@ -419,6 +420,7 @@ def make_searcher(trials: list[TrialSpec], done: set[str], broker_name: str, own
             key = self.live.pop(trial_id, None)
             if key is None:
                 return
+            self.completed_at[key] = time.time()
             if error:
                 self.failed.add(key)
             elif result and result.get("final") and result.get("status") == "ok":
@@ -485,8 +487,10 @@ def make_scheduler(run: RunSpec) -> Any:
                               min_samples_required=m.min_samples_required)
 
 
-def make_callbacks(run: RunSpec, tracking_dir: Path) -> list[Any]:
-    """`run.callbacks` as Tune logger callbacks; MLflow to a local file store and W&B offline by default."""
+def make_callbacks(run: RunSpec, tracking_dir: Path, name: str) -> list[Any]:
+    """`run.callbacks` as Tune logger callbacks; MLflow to a local file store (`tracking_dir/mlruns`) and W&B
+    offline (`tracking_dir/wandb`) unless MLFLOW_TRACKING_URI / WANDB_MODE say otherwise; both name
+    their experiment / project after the job."""
     out: list[Any] = []
     for name in run.callbacks:
         if name == "csv":
@@ -505,13 +509,13 @@ def make_callbacks(run: RunSpec, tracking_dir: Path) -> list[Any]:
             from ray.air.integrations.mlflow import MLflowLoggerCallback
 
             uri = os.environ.get("MLFLOW_TRACKING_URI") or (tracking_dir / "mlruns").resolve().as_uri()
-            out.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=tracking_dir.name))
+            out.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=name))
         elif name == "wandb":
             from ray.air.integrations.wandb import WandbLoggerCallback
 
             os.environ.setdefault("WANDB_MODE", "offline")
             os.environ.setdefault("WANDB_DIR", str(tracking_dir))
-            out.append(WandbLoggerCallback(project=tracking_dir.name))
+            out.append(WandbLoggerCallback(project=name))
     return out
 
 
