@@ -259,16 +259,22 @@ def run_trials(name: str, todo: list[TrialSpec], run: RunSpec, store: Any, *, po
     blocked and left for a re-run. `pool` keeps workers warm across calls (its owner closes it);
     without one, the workers end with the run.
     """
-    storage = f"{store.remote.rstrip('/')}/tune" if getattr(store, "remote", None) else str(
-        Path(store.root).resolve() / "tune")
-    result = schedule(name, todo, run, store.finished_keys(), pool=pool,
-                      callbacks=[PeriodicIngest(store), *callbacks], storage=storage)
+    remote = getattr(store, "remote", None)
+    storage = f"{remote.base}/tune" if remote else str(Path(store.root).resolve() / "tune")
+    result = schedule(name, todo, run, store.finished_keys(), pool=pool, callbacks=[PeriodicIngest(store), *callbacks],
+                      storage=storage, storage_fs=remote.fs if remote else None)
     store.ingest()
     observe.rows_ingested(store.last_ingested)
     if result.blocked:
         print(f"transferlab: {len(result.blocked)} runs wait for failed or stopped runs they depend on; "
               "re-run to retry the failed ones", flush=True)
-    if result.experiment_path:
+    if result.experiment_path and remote:  # connection options stay out of logs (they may hold secrets)
+        from analysis.remote import display
+
+        where = f"{display(remote.uri).rstrip('/')}/tune/{Path(result.experiment_path).name}"
+        print(f"transferlab: Tune experiment {where} (with the bucket's connection options): open it with "
+              "ray.tune.ExperimentAnalysis(URI)", flush=True)
+    elif result.experiment_path:
         print(f"transferlab: Tune experiment {result.experiment_path}: open it with "
               f"ray.tune.ExperimentAnalysis({result.experiment_path!r}); resume an interrupted one with "
               f"python -m rayjobs.tuning restore {result.experiment_path}", flush=True)
@@ -284,12 +290,12 @@ def run_stage(name: str, trials: list[TrialSpec], run: RunSpec, *, pool: WorkerP
 
 def schedule(name: str, trials: list[TrialSpec], run: RunSpec, done: set[str], *,
              pool: WorkerPool | None = None, callbacks: Sequence[RunCallback] = (),
-             storage: str | None = None) -> StageResult:
+             storage: str | None = None, storage_fs: Any = None) -> StageResult:
     """One `Tuner.fit()` over `trials`: each a Tune trial, released by the dependency searcher.
 
     `done` holds the run keys stored before the run; a dependency that is neither there nor among
     `trials` never will be, so its dependents are blocked. `storage` is where Tune's experiment folder
-    goes (default: a temporary folder)."""
+    goes (default: a temporary folder), on `storage_fs` (a pyarrow filesystem: a bucket) if given."""
     result = StageResult(name, len(trials))
     if not trials:
         return result
@@ -305,7 +311,7 @@ def schedule(name: str, trials: list[TrialSpec], run: RunSpec, done: set[str], *
     searcher = tuning.make_searcher(trials, set(done), pool.name, own_pool)
     adapter = _TuneHooks(result, hooks, searcher, {t.run_key: t for t in trials}, t0)
     try:
-        grid = _fit(name, experiment, run, searcher, adapter, caps, storage, len(trials))
+        grid = _fit(name, experiment, run, searcher, adapter, caps, storage, storage_fs, len(trials))
         result.experiment_path = grid.experiment_path
         result.workers = pool.figures()
     finally:
@@ -319,7 +325,7 @@ def schedule(name: str, trials: list[TrialSpec], run: RunSpec, done: set[str], *
 
 
 def _fit(name: str, experiment: str, run: RunSpec, searcher: Any, adapter: Any, caps: dict[Shape, int],
-         storage: str | None, n: int) -> Any:
+         storage: str | None, storage_fs: Any, n: int) -> Any:
     """Build and run the Tuner (Tune's own output off: the driver prints one line per trial)."""
     import tempfile
 
@@ -330,7 +336,7 @@ def _fit(name: str, experiment: str, run: RunSpec, searcher: Any, adapter: Any, 
     storage = storage or tempfile.mkdtemp(prefix="transferlab-tune-")
     # the trackers' local files (MLflow file store, W&B offline runs): next to the experiment, or in a
     # temporary folder when the experiment is in a bucket
-    tracking = Path(tempfile.mkdtemp(prefix="transferlab-tracking-") if "://" in storage else storage)
+    tracking = Path(tempfile.mkdtemp(prefix="transferlab-tracking-") if storage_fs is not None else storage)
     tuner = tune.Tuner(
         tuning.tune_trainable(),
         tune_config=tune.TuneConfig(
@@ -339,7 +345,7 @@ def _fit(name: str, experiment: str, run: RunSpec, searcher: Any, adapter: Any, 
             trial_name_creator=lambda t: f"{t.config['label']}",
             trial_dirname_creator=lambda t: f"{t.config['run_key']}"),
         run_config=tune.RunConfig(
-            name=experiment, storage_path=storage, verbose=0,
+            name=experiment, storage_path=storage, storage_filesystem=storage_fs, verbose=0,
             callbacks=[adapter, *tuning.make_callbacks(run, tracking, name)],
             failure_config=tune.FailureConfig(max_failures=run.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
