@@ -509,6 +509,9 @@ def make_callbacks(run: RunSpec, tracking_dir: Path, name: str) -> list[Any]:
             from ray.air.integrations.mlflow import MLflowLoggerCallback
 
             uri = os.environ.get("MLFLOW_TRACKING_URI") or (tracking_dir / "mlruns").resolve().as_uri()
+            # MLflow 3 refuses its file store unless asked: a laptop has no tracking server (`mlflow-skinny`
+            # brings no SQL backend), so the local default opts in
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             out.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=name))
         elif name == "wandb":
             from ray.air.integrations.wandb import WandbLoggerCallback
