@@ -551,8 +551,9 @@ def register(sub: argparse._SubParsersAction, default_db: Callable[[], str]) -> 
             "and prints the groups. " + _DB_NOTE)
     p.add_argument("--setup", required=True, help="model family unit of the PVI runs, e.g. full:minilm (required)")
     p.add_argument("--threshold", type=float, default=0.01, help="similar when p > this (default: %(default)s)")
-    p.add_argument("--rule", choices=["greedy", "cliques"], default="greedy",
-                   help="greedy: disjoint groups; cliques: all maximal, overlapping (default: %(default)s)")
+    p.add_argument("--rule", choices=["greedy", "cliques", "paper"], default="greedy",
+                   help="greedy: disjoint groups; cliques: all maximal, overlapping; paper: Li et al.'s (triples by "
+                        "ANOVA alone, per task its pair of larger |t|, overlapping) (default: %(default)s)")
     p.add_argument("--prefer", choices=["p", "size"], default="p",
                    help="greedy order: by p, or larger groups first (default: %(default)s)")
     p.add_argument("--welch", action="store_true", help="Welch's t-test for pairs (default: Student's)")
