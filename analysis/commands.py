@@ -564,3 +564,7 @@ def register(sub: argparse._SubParsersAction, default_db: Callable[[], str]) -> 
     p.add_argument("--figures", help="write the PVI distributions per task and the heatmap of pairwise p-values "
                                      "(PNG) into this folder (default: none)")
     json_flag(p)
+
+    from analysis.prompt_commands import register as register_prompt_selection
+
+    register_prompt_selection(add, json_flag, _names)
