@@ -567,4 +567,4 @@ def register(sub: argparse._SubParsersAction, default_db: Callable[[], str]) -> 
 
     from analysis.prompt_commands import register as register_prompt_selection
 
-    register_prompt_selection(add, json_flag, _names)
+    register_prompt_selection(add, json_flag, _names, _dump)

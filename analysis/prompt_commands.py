@@ -10,6 +10,7 @@ then averaged over the tasks as the paper does. Reads only.
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -50,14 +51,18 @@ def _ordered(methods: dict[str, Any]) -> list[str]:
     return sorted(methods, key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
 
 
-def _cmd(args: argparse.Namespace) -> int:
-    from analysis.commands import _dump, _pct, _table
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
+def _cmd(args: argparse.Namespace, dump: Callable[[Any], None]) -> int:
     from analysis.db import read_store
+    from analysis.textout import print_table as _table
 
     with read_store(args.db) as con:
         out = compare_prompts(con, args.model, args.tasks, args.space, args.seed)
     if args.json:
-        _dump(out)
+        dump(out)
         return 0
     for res in out["tasks"]:
         print(f"task {res['task']}: {len(res['prompts'])} prompts on {res['n_examples']} examples; "
@@ -76,9 +81,10 @@ def _cmd(args: argparse.Namespace) -> int:
 
 
 def register(add: Callable[..., argparse.ArgumentParser], json_flag: Callable[[argparse.ArgumentParser], None],
-             names: Callable[[str], list[str]]) -> None:
+             names: Callable[[str], list[str]], dump: Callable[[Any], None]) -> None:
+    """Add `select-prompts` with the analysis commands' own helpers (`add`, `--json`, list parsing, JSON)."""
     p = add("select-prompts", "zero-shot prompt selection: MI, LocalE, GlobalE, ZPS, SPELL, Self-Select, FUTE, random",
-            _cmd, "FUTE's Table 3 on this store: per task one model's prompts ranked by each method and scored "
+            functools.partial(_cmd, dump=dump), "FUTE's Table 3 on this store: per task one model's prompts ranked by each method and scored "
                   "against their measured accuracy, then the means over tasks. A method the stored rows do not "
                   "allow (SPELL without perplexities, Self-Select without meta-prompt rows, FUTE without --space) "
                   "is listed with why. Reads the store without changing it.")
