@@ -586,10 +586,16 @@ def evaluate_prompt_selection(con: duckdb.DuckDBPyConnection, task: str, keys: S
         raise AnalysisError(f"unknown prompt-selection method(s) {', '.join(unknown)}; "
                             f"known: {', '.join(BASELINES)}")
     table = prompt_table(con, keys, model=model, task=task, split=split)
-    meta = self_select_probs(con, table.task, table.names, split=split,
-                             model=model if model is not None else _model_of(con, table.keys))
+    meta_model, meta, meta_error = model if model is not None else _model_of(con, table.keys), None, None
+    if meta_model is not None:
+        try:
+            meta = self_select_probs(con, table.task, table.names, split=split, model=meta_model)
+        except AnalysisError as e:  # rows that do not fit: Self-Select is not applicable, and says why
+            meta_error = str(e)
     table = replace(table, outputs=replace(table.outputs, meta=meta))
-    missing = applicable(table.outputs)
+    missing = {**applicable(table.outputs), **({"self_select": meta_error} if meta_error else {})}
+    if meta_error and "self_select" in (methods or []):
+        raise AnalysisError(meta_error)
     names = [m for m in BASELINES if m not in missing] if methods is None else list(methods)
     unlabelled = [n for n, k in zip(table.names, table.n_labelled, strict=True) if k == 0]
     if unlabelled:

@@ -95,8 +95,12 @@ def test_self_select_scores_are_the_mean_probability_of_each_prompt(tmp_path: Pa
 
 def test_self_select_rows_over_other_prompts_are_refused(tmp_path: Path) -> None:
     store, keys = _with_meta(tmp_path, [("ex0", ["good", "bad"], [0.6, 0.4])])
-    with store.connect() as con, pytest.raises(AnalysisError, match="Self-Select was asked about prompts"):
-        ps.evaluate_prompt_selection(con, "sst2", list(keys.values()))
+    with store.connect() as con:
+        with pytest.raises(AnalysisError, match="Self-Select was asked about prompts"):
+            ps.evaluate_prompt_selection(con, "sst2", list(keys.values()), methods=["self_select"])
+        res = ps.evaluate_prompt_selection(con, "sst2", list(keys.values()))  # the others still run
+    assert "self_select" not in res["methods"] and "asked about prompts" in res["not_applicable"]["self_select"]
+    assert res["methods"]["mi"]["selected"] == "good"
 
 
 def test_select_prompts_cli_compares_every_method(tmp_path: Path) -> None:
