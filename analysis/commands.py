@@ -202,12 +202,21 @@ def _cmd_compute(args: argparse.Namespace) -> int:
         from analysis.prompt_similarity import semb_scores, store_semb
         from analysis.roe import load_examples
 
-        examples = args.examples or str(_data_root() / "taskweb" / "prompted_examples_32.jsonl")
-        texts = load_examples(examples, args.max_per_task, text=lambda r: str(r["input"]))
-        if args.tasks:
-            texts = {t: v for t, v in texts.items() if t in args.tasks}
-        table, params = semb_scores(texts, targets=args.targets, model=args.model, batch_size=args.batch_size,
+        if args.protocol == "lin":  # Lin et al.: every input of the dataset, Sentence-BERT
+            from analysis.prompt_similarity import SEMB_LIN_MODEL, dataset_texts
+
+            examples = args.dataset_dir or str(_data_root() / "tasks" / "natinstruct")
+            texts = dataset_texts(examples, args.tasks, args.max_per_task)
+            model = args.model or SEMB_LIN_MODEL
+        else:
+            examples = args.examples or str(_data_root() / "taskweb" / "prompted_examples_32.jsonl")
+            texts = load_examples(examples, args.max_per_task, text=lambda r: str(r["input"]))
+            if args.tasks:
+                texts = {t: v for t, v in texts.items() if t in args.tasks}
+            model = args.model
+        table, params = semb_scores(texts, targets=args.targets, model=model, batch_size=args.batch_size,
                                     device=args.device)
+        params["protocol"] = args.protocol
         with open_store(args.db, create=True) as con:
             name = store_semb(con, table, {**params, "examples": examples}, args.name or "semb")
         print(f"stored {table.num_rows} scores as selector '{name}'")
@@ -478,6 +487,11 @@ def register(sub: argparse._SubParsersAction, default_db: Callable[[], str]) -> 
     p.add_argument("--f-direct-norm", choices=["none", "zscore", "minmax"],
                    help="taskshop: normalise the direct F (default: TaskWeb's for F: minmax for llm, else none)")
     p.add_argument("--seed", type=int, default=0, help="random: seed (default: %(default)s)")
+    p.add_argument("--protocol", choices=["fewshot", "lin"], default="fewshot",
+                   help="semb: fewshot = the few-shot examples with MiniLM; lin = Lin et al.'s SEMB, the mean over "
+                        "every input of each task's dataset with Sentence-BERT (default: %(default)s)")
+    p.add_argument("--dataset-dir", help="semb --protocol lin: folder of <task>.jsonl datasets with an input field "
+                                         "(default: ../shared/data/tasks/natinstruct)")
 
     p = add("compare-selectors", "how close selector A comes to selector B", _cmd_compare,
             "Pearson and Spearman over the pairs both score, mean/max absolute difference, per-target rank "
@@ -551,8 +565,9 @@ def register(sub: argparse._SubParsersAction, default_db: Callable[[], str]) -> 
             "and prints the groups. " + _DB_NOTE)
     p.add_argument("--setup", required=True, help="model family unit of the PVI runs, e.g. full:minilm (required)")
     p.add_argument("--threshold", type=float, default=0.01, help="similar when p > this (default: %(default)s)")
-    p.add_argument("--rule", choices=["greedy", "cliques"], default="greedy",
-                   help="greedy: disjoint groups; cliques: all maximal, overlapping (default: %(default)s)")
+    p.add_argument("--rule", choices=["greedy", "cliques", "paper"], default="greedy",
+                   help="greedy: disjoint groups; cliques: all maximal, overlapping; paper: Li et al.'s (triples by "
+                        "ANOVA alone, per task its pair of larger |t|, overlapping) (default: %(default)s)")
     p.add_argument("--prefer", choices=["p", "size"], default="p",
                    help="greedy order: by p, or larger groups first (default: %(default)s)")
     p.add_argument("--welch", action="store_true", help="Welch's t-test for pairs (default: Student's)")
@@ -563,3 +578,7 @@ def register(sub: argparse._SubParsersAction, default_db: Callable[[], str]) -> 
     p.add_argument("--figures", help="write the PVI distributions per task and the heatmap of pairwise p-values "
                                      "(PNG) into this folder (default: none)")
     json_flag(p)
+
+    from analysis.prompt_commands import register as register_prompt_selection
+
+    register_prompt_selection(add, json_flag, _names, _dump)

@@ -32,7 +32,7 @@ import numpy as np
 
 from analysis import selectors as sel
 from analysis.errors import AnalysisError
-from analysis.prompt_selection import BASELINES, evaluate_prompt_selection, prompt_table
+from analysis.prompt_selection import evaluate_prompt_selection
 from analysis.prompt_selection import summarise as summarise_prompts
 from analysis.ranking import evaluate_selection
 from analysis.task_embeddings import embedding_rows, rank_prompts, resolve_space, store_fute
@@ -175,12 +175,8 @@ def prompt_selection(con: duckdb.DuckDBPyConnection, space: str, model: str, tas
     ranked = rank_prompts(con, space, task, model, data)
     fute = {x["prompt"]: x["cosine"] for x in ranked["ranking"]}
     keys = eval_score_keys(con, model, task, sorted(fute))
-    table = prompt_table(con, keys, task=task, split="eval")
-    methods = [m for m in BASELINES if m != "spell" or np.all(np.isfinite(table.ppl))]
-    res = evaluate_prompt_selection(con, task, keys=keys, methods=methods, seed=seed,
+    res = evaluate_prompt_selection(con, task, keys=keys, seed=seed, split="eval",  # every applicable baseline
                                     external_scores={"fute": fute}, external_uses_labels=True)
-    res["not_applicable"] = {} if "spell" in methods else {
-        "spell": "no prompt perplexity stored (the black box is not a language model)"}
     n = len(res["prompts"])
     res["bad_positions"] = {m: sorted(v["ranking"].index(p) + 1 for p in res["prompts"] if p.startswith("bad"))
                             for m, v in res["methods"].items()}

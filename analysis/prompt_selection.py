@@ -28,8 +28,12 @@ Baselines (DESIGN.md "Per-example outputs"; cited originals checked where FUTE o
     per-prompt constant per input).
   - `spell` (Gonen et al., 2023): lower perplexity of the rendered prompt is better; score = -ppl.
   - `random`: a seeded random permutation (a floor for the others).
-Self-Select (Ramji and Kyimpopkin, 2023) asks the LLM through a meta-prompt which instruction to use;
-it needs a generation call, not stored outputs, and is not implemented here.
+  - `self_select` (Ramji and Kyimpopkin, 2023; FUTE: "a meta-prompt that queries LLM for selecting the
+    most effective prompt"): the model's own choice among the prompts. Its meta-prompt rows are scored
+    through the black box like any choice task (rayjobs/self_select.py: per input the candidates listed
+    by name in a rotating order, the names as answer choices) and stored in `predictions` under a run of
+    kind 'self_select'; a prompt's score is the mean over inputs of the probability the model gives its
+    name (`self_select`). Without such rows the baseline is not applicable.
 
 All of these declare `uses_labels=False`. FUTE's ranking (cos(MTE, DTE)) uses labelled target data for
 its DTE; it is passed to `evaluate_prompt_selection` as `external_scores` and reported next to them
@@ -49,7 +53,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import duckdb
@@ -218,6 +222,49 @@ def random_scores(n_prompts: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(n_prompts).astype(np.float64)
 
 
+def self_select(meta_probs: np.ndarray) -> np.ndarray:
+    """Self-Select score per prompt: mean over the meta-prompts of the probability the model picks it
+    ([n_meta, n_prompts], columns in the prompts' order)."""
+    return _check_probs(meta_probs, "Self-Select meta-prompt probabilities").mean(axis=0)
+
+
+SELF_SELECT = "self-select"  # template name of the meta-prompt rows (rayjobs.self_select.SELF_SELECT)
+
+
+def self_select_probs(con: duckdb.DuckDBPyConnection, task: str, names: Sequence[str], *, model: str | None = None,
+                      keys: Sequence[str] | None = None, split: str | None = None) -> np.ndarray | None:
+    """The stored meta-prompt choice distributions of `task`, columns aligned to `names` by each row's
+    `choices` (the order the prompts were listed in); None when no Self-Select rows are stored. Rows come
+    from runs of kind 'self_select' of `model` (or the given run `keys`)."""
+    where = ["r.kind = 'self_select'", "r.status = 'ok'", "p.task = $task", f"p.template = '{SELF_SELECT}'"]
+    params: dict[str, Any] = {"task": task}
+    if model is not None:
+        where.append("r.model = $model")
+        params["model"] = model
+    if keys is not None:
+        where.append("r.run_key IN (SELECT unnest($keys))")
+        params["keys"] = list(keys)
+    if split is not None:
+        where.append("p.split = $split")
+        params["split"] = split
+    rows = con.execute(f"SELECT p.key, p.choices, p.probs FROM predictions p JOIN runs r ON r.run_key = p.key "
+                       f"WHERE {' AND '.join(where)} ORDER BY p.key, p.example_id", params).fetchall()
+    if not rows:
+        return None
+    if len({k for k, _, _ in rows}) > 1:
+        raise AnalysisError(f"Self-Select rows of task {task!r} come from several runs "
+                            f"({', '.join(sorted({k for k, _, _ in rows}))}): name the model or the key")
+    col = {n: i for i, n in enumerate(names)}
+    out = np.zeros((len(rows), len(names)))
+    for i, (_, choices, probs) in enumerate(rows):
+        if sorted(choices) != sorted(names):
+            raise AnalysisError(f"Self-Select was asked about prompts {sorted(choices)}, the comparison has "
+                                f"{sorted(names)} (score the meta-prompt over the same prompts)")
+        for c, v in zip(choices, probs, strict=True):
+            out[i, col[c]] = v
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # The registry: a baseline is a function over the unlabelled outputs, and a name
 # --------------------------------------------------------------------------------------------
@@ -231,6 +278,7 @@ class PromptOutputs:
     names: list[str]
     probs: np.ndarray  # [n_prompts, n_examples, n_choices]
     ppl: np.ndarray  # [n_prompts]
+    meta: np.ndarray | None = None  # [n_meta, n_prompts] Self-Select's meta-prompt choices (None: not stored)
 
 
 @dataclass(frozen=True)
@@ -284,6 +332,14 @@ def _spell(o: PromptOutputs, seed: int) -> np.ndarray:
     if missing:
         raise AnalysisError(f"spell needs prompt_ppl; none stored for prompt(s) {', '.join(missing)}")
     return spell(o.ppl)
+
+
+@register_baseline("self_select", "the model's choice among the prompts through a meta-prompt")
+def _self_select(o: PromptOutputs, seed: int) -> np.ndarray:
+    if o.meta is None:
+        raise AnalysisError("self_select needs the meta-prompt's choice distributions: score them with "
+                            "`self_select: true` in the score config (or mte.self_select in the embed config)")
+    return self_select(o.meta)
 
 
 @register_baseline("random", "nothing (seeded permutation)")
@@ -415,7 +471,7 @@ def prompt_table(con: duckdb.DuckDBPyConnection, keys: Sequence[str] | None = No
         where.append("p.key IN (SELECT unnest($keys))")
         params["keys"] = list(keys)
     if model is not None:
-        join = "JOIN runs r ON r.run_key = p.key AND r.status = 'ok' AND r.model = $model"
+        join = "JOIN runs r ON r.run_key = p.key AND r.status = 'ok' AND r.model = $model AND r.kind <> 'self_select'"
         params["model"] = model
     if task is not None:
         where.append("p.task = $task")
@@ -518,25 +574,37 @@ def evaluate_prompt_selection(con: duckdb.DuckDBPyConnection, task: str, keys: S
     """Rank the prompts of `task` with each method and score the rankings against the true accuracy.
 
     Prompts are chosen by `keys` or `model` (see `prompt_table`). `methods` are names of
-    `BASELINES` (default: all). `external_scores` adds rankings computed elsewhere, e.g.
+    `BASELINES` (default: every one the stored outputs allow; the others are listed with why under
+    "not_applicable"). Self-Select's meta-prompt rows are those of the prompts' model (`self_select_probs`). `external_scores` adds rankings computed elsewhere, e.g.
     {"fute_taskemb": {template: cos(MTE, DTE)}}; they are marked `uses_labels=external_uses_labels`
     (True: FUTE's DTE is learnt on labelled target data). Returns {"task", "prompts",
     "true_scores", "best", "n_examples", "methods": {name: {"ranking", "scores", "selected",
     "performance", "rate", "ndcg", "rank_of_best", "uses_labels", "data"}}}.
     """
-    names = list(BASELINES) if methods is None else list(methods)
-    unknown = [m for m in names if m not in BASELINES]
+    unknown = [m for m in methods or [] if m not in BASELINES]
     if unknown:
         raise AnalysisError(f"unknown prompt-selection method(s) {', '.join(unknown)}; "
                             f"known: {', '.join(BASELINES)}")
     table = prompt_table(con, keys, model=model, task=task, split=split)
+    meta_model, meta, meta_error = model if model is not None else _model_of(con, table.keys), None, None
+    if meta_model is not None:
+        try:
+            meta = self_select_probs(con, table.task, table.names, split=split, model=meta_model)
+        except AnalysisError as e:  # rows that do not fit: Self-Select is not applicable, and says why
+            meta_error = str(e)
+    table = replace(table, outputs=replace(table.outputs, meta=meta))
+    missing = {**applicable(table.outputs), **({"self_select": meta_error} if meta_error else {})}
+    if meta_error and "self_select" in (methods or []):
+        raise AnalysisError(meta_error)
+    names = [m for m in BASELINES if m not in missing] if methods is None else list(methods)
     unlabelled = [n for n, k in zip(table.names, table.n_labelled, strict=True) if k == 0]
     if unlabelled:
         raise AnalysisError(f"no labelled examples (correct is NULL) for prompt(s) {', '.join(unlabelled)} "
                             f"of task {task!r}: nothing to evaluate against")
     out: dict[str, Any] = {
         "task": table.task, "prompts": table.names, "true_scores": dict(zip(table.names, table.accuracy.tolist(), strict=True)),
-        "best": table.names[int(np.argmax(table.accuracy))], "n_examples": len(table.example_ids), "methods": {}}
+        "best": table.names[int(np.argmax(table.accuracy))], "n_examples": len(table.example_ids), "methods": {},
+        "not_applicable": missing if methods is None else {}}
     for m in names:
         b = BASELINES[m]
         scores = np.asarray(b.score(table.outputs, seed), dtype=np.float64)
@@ -551,6 +619,24 @@ def evaluate_prompt_selection(con: duckdb.DuckDBPyConnection, task: str, keys: S
         scores = np.array([by_prompt[n] for n in table.names], dtype=np.float64)
         out["methods"][m] = {**evaluate_scores(table.names, scores, table.accuracy, gain),
                              "uses_labels": external_uses_labels, "data": "external scores"}
+    return out
+
+
+def _model_of(con: duckdb.DuckDBPyConnection, keys: Sequence[str]) -> str | None:
+    """The one model of the prompts' runs (None when the keys name none or several)."""
+    models = [r[0] for r in con.execute("SELECT DISTINCT model FROM runs WHERE run_key IN (SELECT unnest(?))",
+                                        [list(keys)]).fetchall()]
+    return models[0] if len(models) == 1 else None
+
+
+def applicable(outputs: PromptOutputs) -> dict[str, str]:
+    """Baselines that cannot run on these outputs, with why (SPELL without perplexities, Self-Select
+    without meta-prompt rows)."""
+    out = {}
+    if not np.all(np.isfinite(outputs.ppl)):
+        out["spell"] = "no prompt perplexity stored (the black box is not a language model, or perplexity: false)"
+    if outputs.meta is None:
+        out["self_select"] = "no Self-Select meta-prompt rows stored (self_select: true in the score config)"
     return out
 
 

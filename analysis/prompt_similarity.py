@@ -12,8 +12,11 @@ source prompt S and a target prompt T, sim(source -> target) is:
                token looks up its most similar source token
   max-reverse  MAX the other way: (1/N_S) sum_i max_j cos(S_i, T_j)
   semb         SEMB (Poth et al., as Lin et al.): cos of the dataset means of the sentence
-               embeddings of the two tasks' inputs (MiniLM from `builtin:minilm` by default; Lin et
-               al. used Sentence-BERT / Sentence-RoBERTa)
+               embeddings of the two tasks' inputs. Default (`protocol='fewshot'`): the 32 prompted
+               examples per task with MiniLM (`builtin:minilm`), offline and fast. `protocol='lin'`:
+               Lin et al.'s definition, every input of each task's dataset (`dataset_texts`, one JSONL
+               per task) through Sentence-BERT (`SEMB_LIN_MODEL`, SEMB-B; Sentence-RoBERTa,
+               `SEMB_R_MODEL`, for SEMB-R).
 
 Which prompts: a source's prompt is the checkpoint of its `runs` row of kind 'source' in the setup
 (adaptation prompt_tuning), a target's the checkpoint of its target-only baseline (kind 'target');
@@ -213,6 +216,46 @@ def compute_prompt_similarity(con: duckdb.DuckDBPyConnection, method: str, setup
 
 
 # -- SEMB -----------------------------------------------------------------------------------------------------
+# Lin et al. Sec. 5: "we adopt Sentence-BERT and Sentence-RoBERTa (Reimers and Gurevych, 2019) as encoders for
+# SEMB-B and SEMB-R"; these are those encoders' sentence-transformers ids (a hub or a local copy is needed)
+SEMB_LIN_MODEL = "sentence-transformers/bert-base-nli-mean-tokens"
+SEMB_R_MODEL = "sentence-transformers/roberta-base-nli-mean-tokens"
+SEMB_PROTOCOLS = ("fewshot", "lin")
+
+
+def dataset_texts(folder: str | Path, tasks: list[str] | None = None, max_per_task: int | None = None,
+                  field: str = "input") -> dict[str, list[str]]:
+    """Every input text of each task's dataset: `<folder>/<task>.jsonl`, one record per line with an
+    `input` (or `text`) field (the layout of ../shared/data/tasks/natinstruct and .../choices). Lin et al.
+    average over the whole dataset; `max_per_task` keeps the first N lines (a named cut, not theirs)."""
+    import json
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise AnalysisError(f"SEMB dataset folder {root} does not exist")
+    files = {f.stem: f for f in sorted(root.glob("*.jsonl"))}
+    missing = sorted(set(tasks or []) - set(files))
+    if missing:
+        raise AnalysisError(f"no dataset file for task(s) {', '.join(missing)} in {root} "
+                            f"(have: {', '.join(files) or 'none'})")
+    out: dict[str, list[str]] = {}
+    for task in tasks or list(files):
+        texts = []
+        with files[task].open(encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    texts.append(str(rec[field] if field in rec else rec["text"]))
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise AnalysisError(f"{files[task]}:{i}: no '{field}' or 'text' field ({e})") from None
+                if max_per_task is not None and len(texts) >= max_per_task:
+                    break
+        out[task] = texts
+    return out
+
+
 def semb_from_embeddings(source_emb: Any, target_emb: Any) -> float:
     """SEMB from per-example embeddings [n_examples, dim] of each task: cosine of their means."""
     s, t = _matrix(source_emb, "source embeddings"), _matrix(target_emb, "target embeddings")
@@ -250,7 +293,7 @@ def semb_scores(texts: dict[str, list[str]], sources: list[str] | None = None, t
     pairs = [(s, t) for t in targets for s in sources if s != t]
     table = pa.table({"source": [s for s, _ in pairs], "target": [t for _, t in pairs],
                       "score": [_cos(means[s], means[t], f"the mean embedding of {s} or {t}") for s, t in pairs]})
-    params = {"model": model or "all-MiniLM-L6-v2 (builtin:minilm)", "pooling": "mean over examples",
+    params = {"model": model or "all-MiniLM-L6-v2 (builtin:minilm)", "pooling": "mean over the texts",
               "n_texts": {t: len(texts[t]) for t in tasks}}
     return table, params
 

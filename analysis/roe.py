@@ -75,7 +75,11 @@ def embed(texts: list[str], model: str | None = None, max_seq_length: int = DEFA
     """L2-normalised sentence embeddings, one row per text."""
     from sentence_transformers import SentenceTransformer
 
-    st = SentenceTransformer(model or default_model(), device=device)
+    try:
+        st = SentenceTransformer(model or default_model(), device=device)
+    except OSError as e:  # a hub id with no hub (and no cached copy), or a folder that is not a model
+        raise AnalysisError(f"cannot load the sentence encoder {model!r}: {str(e).splitlines()[0]} "
+                            "(pass --model with a local copy)") from None
     st.max_seq_length = max_seq_length
     return st.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
                      show_progress_bar=False)

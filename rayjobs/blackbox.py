@@ -134,12 +134,26 @@ class EndpointBox(BlackBox):
     """An OpenAI-compatible `/v1/completions` endpoint scored through prompt log-probabilities.
 
     A choice's log-likelihood is the sum of `token_logprobs` of the tokens the server echoes after the
-    prompt (`echo: true, logprobs: 0, max_tokens: 0`, temperature 0): raw scores, no sampling settings.
+    prompt, temperature 0: raw scores, no sampling settings. What is sent is what vLLM and `ray.serve.llm`
+    (vLLM underneath) accept:
+      - `max_tokens: 1`, never 0: vLLM's SamplingParams rejects `max_tokens < 1` ("max_tokens must be at
+        least 1", vllm-project/vllm#9336, still open), so prompt log-probabilities come from `echo: true`
+        + `logprobs` + `max_tokens: 1`, the combination vLLM's maintainers point to (vllm#6508);
+      - `logprobs: 1`, not 0 (the form vllm#6508 confirms; 0 is falsy in some servers' echo checks);
+      - the echoed answer then ends with the one generated token, at `text_offset == len(prompt)` (vLLM
+        0.16's wire format, shown in ggml-org/llama.cpp#15189): only tokens that start inside the sent
+        text count, so the generated token never enters a score or a perplexity.
+    Connections are reused (one `requests.Session` per box). A 503 (vLLM's overload answer, vllm#22805;
+    Ray Serve's backpressure default, `BackpressureConfig`) or a 429 is retried at most `max_retries`
+    times, waiting the server's `Retry-After` seconds (capped at `max_wait`) or, without one, 0.5 s
+    doubling.
     """
 
     kind = "endpoint"
+    RETRY_STATUS = (429, 503)
 
-    def __init__(self, ref: str, timeout: float = 60.0, api_key: str | None = None):
+    def __init__(self, ref: str, timeout: float = 60.0, api_key: str | None = None, max_retries: int = 5,
+                 max_wait: float = 30.0):
         super().__init__()
         self.ref = ref
         base, _, model = ref.partition("#")
@@ -147,29 +161,87 @@ class EndpointBox(BlackBox):
         self.model = model or None
         self.timeout = timeout
         self.api_key = api_key
+        self.max_retries = max_retries
+        self.max_wait = max_wait
+        self._session: Any = None
 
-    def _post(self, prompts: list[str], max_tokens: int = 0) -> list[dict[str, Any]]:
+    def __getstate__(self) -> dict[str, Any]:  # a session and a lock do not travel to another process
+        state = dict(self.__dict__)
+        state["_session"], state["_lock"] = None, None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    @property
+    def session(self) -> Any:
         import requests
 
-        body: dict[str, Any] = {"prompt": prompts, "max_tokens": max_tokens, "echo": max_tokens == 0,
-                                "logprobs": 0, "temperature": 0.0}
+        if self._session is None:
+            self._session = requests.Session()
+            if self.api_key:
+                self._session.headers["Authorization"] = f"Bearer {self.api_key}"
+        return self._session
+
+    def _wait(self, response: Any, attempt: int) -> float:
+        """Seconds to wait before retry `attempt` (0-based): Retry-After (seconds or an HTTP date), capped."""
+        import email.utils
+        import time
+
+        header = response.headers.get("Retry-After")
+        wait = 0.5 * 2 ** attempt
+        if header:
+            try:
+                wait = float(header)
+            except ValueError:
+                try:
+                    wait = email.utils.parsedate_to_datetime(header).timestamp() - time.time()
+                except (TypeError, ValueError):
+                    pass  # an unreadable header: the backoff
+        return min(max(wait, 0.0), self.max_wait)
+
+    def _post(self, prompts: list[str], max_tokens: int = 1, echo: bool = True) -> list[dict[str, Any]]:
+        import time
+
+        import requests
+
+        body: dict[str, Any] = {"prompt": prompts, "max_tokens": max(1, max_tokens), "echo": echo,
+                                "temperature": 0.0}
+        if echo:
+            body["logprobs"] = 1
         if self.model:
             body["model"] = self.model
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        try:
-            r = requests.post(f"{self.base}/completions", json=body, timeout=self.timeout, headers=headers)
-        except requests.RequestException as e:
-            raise ModelError(f"endpoint {self.base} unreachable: {e}") from None
+        for attempt in range(self.max_retries + 1):
+            try:
+                r = self.session.post(f"{self.base}/completions", json=body, timeout=self.timeout)
+            except requests.RequestException as e:
+                raise ModelError(f"endpoint {self.base} unreachable: {e}") from None
+            if r.status_code not in self.RETRY_STATUS or attempt == self.max_retries:
+                break
+            time.sleep(self._wait(r, attempt))
+        if r.status_code in self.RETRY_STATUS:
+            raise ModelError(f"endpoint {self.base} still answered {r.status_code} after {self.max_retries} "
+                             f"retries: {r.text[:300]}")
         if r.status_code != 200:
             raise ModelError(f"endpoint {self.base} answered {r.status_code}: {r.text[:300]}")
-        return sorted(r.json()["choices"], key=lambda c: c.get("index", 0))
+        choices = sorted(r.json()["choices"], key=lambda c: c.get("index", 0))
+        if len(choices) != len(prompts):
+            raise ModelError(f"endpoint {self.base} answered {len(choices)} choices for {len(prompts)} prompts")
+        return choices
+
+    @staticmethod
+    def _prompt_part(choice: dict[str, Any], text: str, start: int = 0) -> list[float]:
+        """Log-probabilities of the echoed tokens that start in text[start:] (the generated token, at
+        offset len(text), is dropped; so is the first token's None)."""
+        lp = choice.get("logprobs") or {}
+        offsets, values = lp.get("text_offset") or [], lp.get("token_logprobs") or []
+        return [float(v) for o, v in zip(offsets, values, strict=False) if start <= o < len(text) and v is not None]
 
     def _continuation_logprobs(self, prompts: list[str], full: list[str]) -> list[tuple[float, float]]:
         out = []
         for p, text, ch in zip(prompts, full, self._post(full), strict=True):
-            lp = ch.get("logprobs") or {}
-            offsets, values = lp.get("text_offset") or [], lp.get("token_logprobs") or []
-            picked = [v for o, v in zip(offsets, values, strict=False) if len(p) <= o < len(text) and v is not None]
+            picked = self._prompt_part(ch, text, len(p))
             if not picked:
                 raise ModelError(f"endpoint {self.base} returned no prompt log-probabilities (needs echo + logprobs)")
             out.append((float(sum(picked)), float(sum(picked) / len(picked))))
@@ -195,11 +267,11 @@ class EndpointBox(BlackBox):
                 records[k] = choice_record(e.choices, torch.tensor([s for s, _ in part], dtype=torch.float64),
                                            torch.tensor([m for _, m in part], dtype=torch.float64))
         if generate or task.answer_type != "choice":
-            for k, ch in enumerate(self._post([e.text for e in examples], max_tokens=32)):
+            for k, ch in enumerate(self._post([e.text for e in examples], max_tokens=32, echo=False)):
                 records[k]["pred_text"] = str(ch.get("text", "")).split("\n")[0].strip()
         if perplexity:
-            for k, ch in enumerate(self._post([e.text for e in examples])):
-                vals = [v for v in (ch.get("logprobs") or {}).get("token_logprobs") or [] if v is not None]
+            for k, (e, ch) in enumerate(zip(examples, self._post([e.text for e in examples]), strict=True)):
+                vals = self._prompt_part(ch, e.text)
                 records[k]["prompt_ppl"] = math.exp(-sum(vals) / len(vals)) if vals else None
         return records
 

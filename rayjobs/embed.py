@@ -78,6 +78,8 @@ class MTESpec(_Strict):
     score_eval: bool = Field(default=True, description="also score every prompt on its task's eval split")
     n_eval: int | None = Field(default=200, gt=0, description="eval examples per task for score_eval")
     perplexity: bool = Field(default=False, description="store prompt perplexity with score_eval (SPELL)")
+    self_select: bool = Field(default=False, description="with score_eval, also ask each model which prompt to use "
+                                                         "(Self-Select's meta-prompt)")
     results_store: str | None = Field(default=None, description="results folder of run:<key> black boxes "
                                                                 "(default this job's)")
 
@@ -300,7 +302,8 @@ def expand_embed(cfg: EmbedConfig, store: ResultStore) -> tuple[list[TrialSpec],
             scfg = ScoreConfig.model_validate({
                 "name": cfg.name, "models": [m.model_dump() for m in cfg.mte.models], "tasks": [ps.task],
                 "templates": [t.model_dump() for t in templates], "split": "eval", "n": cfg.mte.n_eval,
-                "perplexity": cfg.mte.perplexity, "seeds": [0], "data_root": cfg.data_root,
+                "perplexity": cfg.mte.perplexity, "self_select": cfg.mte.self_select, "seeds": [0],
+                "data_root": cfg.data_root,
                 "task_files": list(cfg.task_files), "sizes": sz.model_dump(), "resources": cfg.resources.model_dump(),
                 "results_store": cfg.mte.results_store})
             for t in expand_score(scfg, registry, results):

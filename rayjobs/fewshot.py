@@ -173,8 +173,30 @@ def score_fewshot(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     row.update(adaptation="none", trainable_params=0)  # used as it is
     row["metrics"] = {k: v for k, v in row["metrics"].items() if k != "final_train_loss"}
     row["metrics"]["demos"] = [d.uid for d in demos]
+    row["metrics"].update(accuracy_and_macro_f1(rows, len(data.spec.choices or [])))
     row["hparams"] = {**row["hparams"], "shots": shots, "separator": separator}
     return row
+
+
+def accuracy_and_macro_f1(rows: list[dict[str, Any]], n_classes: int) -> dict[str, float]:
+    """Paper 003 reports both for every task (Tables 7-8): accuracy and macro-F1 (`rayjobs.metrics.f1`) over
+    the labelled held-out rows, per template and then averaged over the templates."""
+    import numpy as np
+
+    from rayjobs import metrics
+
+    by_tpl: dict[str, list[tuple[int, int]]] = {}
+    for r in rows:
+        if r.get("gold") is not None and r.get("prediction") is not None:
+            by_tpl.setdefault(r["template"], []).append((int(r["prediction"]), int(r["gold"])))
+    if not by_tpl or n_classes < 2:
+        return {}
+    acc, mf1 = [], []
+    for pairs in by_tpl.values():
+        p, g = np.array([x for x, _ in pairs]), np.array([y for _, y in pairs])
+        acc.append(float(np.mean(p == g)))
+        mf1.append(metrics.f1(p, g, n_classes, "macro"))
+    return {"accuracy": float(np.mean(acc)), "macro_f1": float(np.mean(mf1))}
 
 
 # -- job -------------------------------------------------------------------------------------------------
@@ -191,12 +213,18 @@ class FewshotJob(Job):
 
     def report(self, cfg: FewshotConfig, store: ResultStore) -> list[str]:
         with store.connect(read_only=True) as con:
-            rows = con.execute("SELECT setup, target, count(*), avg(score) FROM runs WHERE kind = 'fewshot' AND "
+            rows = con.execute("SELECT setup, target, count(*), avg(score), avg((metrics->>'$.accuracy')::DOUBLE), "
+                               "avg((metrics->>'$.macro_f1')::DOUBLE) FROM runs WHERE kind = 'fewshot' AND "
                                "status = 'ok' AND experiment = ? GROUP BY ALL ORDER BY ALL", [cfg.name]).fetchall()
         if not rows:
             return []
-        return ["Few-shot scores (task metric, mean over seeds):",
-                *(f"{setup:24s} {task:12s} seeds={n} {score:.3f}" for setup, task, n, score in rows)]
+
+        def fmt(v: float | None) -> str:
+            return "-" if v is None else f"{v:.3f}"
+
+        return ["Few-shot scores (mean over seeds): task metric, accuracy, macro-F1 (paper 003 reports both):",
+                *(f"{setup:24s} {task:12s} seeds={n} {fmt(score)} acc={fmt(acc)} macro_f1={fmt(f1)}"
+                  for setup, task, n, score, acc, f1 in rows)]
 
 
 JOB = FewshotJob()

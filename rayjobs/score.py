@@ -47,6 +47,8 @@ class ScoreConfig(JobConfig):
     n: int | None = Field(default=200, gt=0, description="examples per task (None: the whole split)")
     generate: bool = Field(default=False, description="also store greedy generations (pred_text)")
     perplexity: bool = Field(default=False, description="also store each rendered prompt's perplexity (SPELL)")
+    self_select: bool = Field(default=False, description="also ask each model through a meta-prompt which of the "
+                                                         "templates to use (Self-Select, rayjobs/self_select.py)")
     results_store: str | None = Field(default=None, description="results folder holding run:<key> checkpoints "
                                                                 "(default: this job's results folder)")
     resources: ResourceSpec = ResourceSpec()
@@ -96,7 +98,28 @@ def expand_score(cfg: ScoreConfig, registry: TaskRegistry, results_dir: str) -> 
                         n_train=cfg.n if cfg.split != "eval" else 0, n_eval=cfg.n if cfg.split == "eval" else None,
                         eval_fraction=sz.eval_fraction, split_seed=sz.split_seed, data_root=cfg.data_root,
                         task_files=list(cfg.task_files), results_dir=str(store), params=params))
+            if cfg.self_select:
+                trials += _self_select_trials(cfg, m, setup, task, origin, _templates(cfg, spec), str(store))
     return trials
+
+
+def _self_select_trials(cfg: ScoreConfig, m: BlackBoxSpec, setup: SetupSpec, task: str, origin: Any,
+                        templates: list[PromptTemplate], store: str) -> list[TrialSpec]:
+    """One Self-Select trial per seed: the model picks among all the task's templates (rayjobs.self_select)."""
+    sz = cfg.sizes
+    params = {"ref": m.ref, "temperature": m.temperature, "max_length": m.max_length,
+              "templates": [t.model_dump() for t in templates], "split": cfg.split, "n": cfg.n}
+    out = []
+    for seed in cfg.seeds:
+        key = run_key({"kind": "self_select", "params": params, "task": [task, origin], "seed": seed,
+                       "split": [sz.eval_fraction, sz.split_seed]})
+        out.append(TrialSpec(
+            run_key=key, experiment=cfg.name, kind="self_select", executor="self_select", setup=setup,
+            hparams=setup.train, train_task=task, eval_task=task, target=task, seed=seed,
+            n_train=cfg.n if cfg.split != "eval" else 0, n_eval=cfg.n if cfg.split == "eval" else None,
+            eval_fraction=sz.eval_fraction, split_seed=sz.split_seed, data_root=cfg.data_root,
+            task_files=list(cfg.task_files), results_dir=store, params=params))
+    return out
 
 
 def score_trial(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:

@@ -63,7 +63,8 @@ def inject_fault(spec: TrialSpec, rank: int | None = None) -> None:
 #: executor name -> "module:function(trial, ctx) -> result row"; a job kind that does not train adds one
 EXECUTORS = {"train": "rayjobs.train_loop:train_and_evaluate", "score": "rayjobs.score:score_trial",
              "mtl": "rayjobs.mtl:train_and_evaluate_mtl", "fewshot": "rayjobs.fewshot:score_fewshot",
-             "probe": "rayjobs.embed:probe_trial", "embed": "rayjobs.embed:embed_trial"}
+             "probe": "rayjobs.embed:probe_trial", "embed": "rayjobs.embed:embed_trial",
+             "self_select": "rayjobs.self_select:self_select_trial"}
 
 
 def executor(name: str) -> Any:

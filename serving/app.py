@@ -198,8 +198,9 @@ class Ingress:
 
     @api.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS, dependencies=AUTH)
     async def completions(self, body: CompletionRequest) -> CompletionResponse:
-        """OpenAI legacy completions, the subset scoring needs: `echo` + `logprobs` + `max_tokens: 0` returns
-        the prompt tokens' log-probabilities (raw logits, first token None); `max_tokens` > 0 decodes greedily."""
+        """OpenAI legacy completions, the subset scoring needs, validated as vLLM validates it: `echo` +
+        `logprobs` returns the prompt tokens' log-probabilities (raw logits, first token None) followed by the
+        greedily decoded tokens (`max_tokens` >= 1; 0 is refused, as vLLM refuses it)."""
         model = body.model or self.settings.completion_model
         if not model:
             raise ApiError(422, "body.model: required (no completion_model is configured)")

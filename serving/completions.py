@@ -2,8 +2,10 @@
 
 Why here and not in the model: this is only the wire format of the endpoint that `EndpointBox` (and any
 OpenAI client) scores through. The numbers come from raw logits (log-softmax, no processors), one padded
-forward pass over all prompts for `echo` + `max_tokens: 0`, so a choice's log-likelihood read from the
-echoed tokens equals `TaskModel.score` on the same model. Prompts are tokenised without special tokens
+forward pass over all prompts for `echo`, so a choice's log-likelihood read from the echoed tokens equals
+`TaskModel.score` on the same model. The route takes `max_tokens` >= 1, as vLLM does: with `echo` the
+echoed prompt tokens come first, then the generated ones (offsets from len(prompt) on), which a scoring
+client drops. `complete` itself still takes 0 (prompt only) for callers inside the process. Prompts are tokenised without special tokens
 (as `CausalModel` scores them); `text_offset` holds each token's start character in the prompt (the
 tokenizer's offsets), so a client can pick the continuation tokens of `prompt + " " + choice`.
 """

@@ -183,7 +183,9 @@ class CompletionRequest(BaseModel):
 
     model: str | None = None
     prompt: str | list[str]
-    max_tokens: int = Field(default=16, ge=0)
+    # at least 1, as vLLM (SamplingParams: "max_tokens must be at least 1"): prompt log-probabilities come
+    # from echo + logprobs + max_tokens 1, the generated token last (see serving.completions)
+    max_tokens: int = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
     temperature: float | None = Field(default=None, description="0 or unset: greedy (the only decoding)")

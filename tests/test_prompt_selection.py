@@ -150,7 +150,8 @@ def test_random_is_seeded_and_a_permutation():
 
 
 def test_every_registered_baseline_is_unlabelled():
-    assert set(ps.BASELINES) == {"mi", "local_e", "global_e", "zps_log", "zps_prob", "zps_vote", "spell", "random"}
+    assert set(ps.BASELINES) == {"mi", "local_e", "global_e", "zps_log", "zps_prob", "zps_vote", "spell",
+                                 "self_select", "random"}
     assert all(b.uses_labels is False for b in ps.BASELINES.values())
 
 
@@ -274,7 +275,8 @@ def test_evaluate_prompt_selection_on_a_store(tmp_path):
     assert m["global_e"]["scores"] == pytest.approx({"bad": LN2, "flat": 0.0, "good": LN2})
     assert m["global_e"]["selected"] == "bad" and m["global_e"]["rank_of_best"] == 2
     assert m["fute"]["uses_labels"] is True and m["fute"]["rate"] == 1.0
-    assert all(m[b]["uses_labels"] is False for b in ps.BASELINES)
+    assert all(m[b]["uses_labels"] is False for b in ps.BASELINES if b != "self_select")
+    assert "self_select" not in m and "meta-prompt" in res["not_applicable"]["self_select"]  # no rows stored
     summary = ps.summarise([res, res])
     assert summary["mi"]["rho"] == 1.0 and summary["spell"]["rho"] == 2.0
 
@@ -302,6 +304,8 @@ def test_bad_requests_are_clear_errors(tmp_path):
     store, keys = _store(tmp_path, prompts, extra=extra)
     with store.connect() as con:
         with pytest.raises(AnalysisError, match="unknown prompt-selection method"):
+            ps.evaluate_prompt_selection(con, "sst2", [keys["good"]], methods=["nosuch"])
+        with pytest.raises(AnalysisError, match="self_select needs the meta-prompt"):
             ps.evaluate_prompt_selection(con, "sst2", [keys["good"]], methods=["self_select"])
         with pytest.raises(AnalysisError, match="number of choices"):
             ps.prompt_table(con, keys=list(keys.values()))

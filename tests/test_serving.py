@@ -352,12 +352,13 @@ def test_openai_client_and_endpoint_black_box_against_the_app(service: Service) 
 
     client = openai.OpenAI(base_url=service.url + "/v1", api_key=TOKEN, max_retries=0)
     prompt = "Review: a fine film Sentiment? positive"
-    res = client.completions.create(model=service.lm, prompt=[prompt, "short"], max_tokens=0, echo=True, logprobs=0)
+    res = client.completions.create(model=service.lm, prompt=[prompt, "short"], max_tokens=1, echo=True, logprobs=0)
     tm = open_black_box(service.lm).tm
     lp = res.choices[0].logprobs
     ids = tm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    assert res.choices[0].text == prompt and lp.token_logprobs[0] is None
-    assert lp.token_logprobs[1:] == pytest.approx(_direct_logprobs(tm, ids), abs=1e-4)
+    assert res.choices[0].text.startswith(prompt) and lp.token_logprobs[0] is None
+    assert lp.token_logprobs[1:len(ids)] == pytest.approx(_direct_logprobs(tm, ids), abs=1e-4)
+    assert all(o >= len(prompt) for o in lp.text_offset[len(ids):])  # the generated token(s) after the prompt
     assert res.usage.prompt_tokens == len(ids) + len(tm.tokenizer("short", add_special_tokens=False)["input_ids"])
     gen = client.completions.create(model=service.lm, prompt=prompt, max_tokens=3)
     assert gen.choices[0].finish_reason in ("stop", "length") and isinstance(gen.choices[0].text, str)
@@ -379,7 +380,7 @@ def test_openai_client_and_endpoint_black_box_against_the_app(service: Service) 
             == open_black_box(service.lm).score(tpl, one, generate=True)[0]["pred_text"])
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=service.url + "/v1", api_key="wrong", max_retries=0).completions.create(
-            model=service.lm, prompt="x", max_tokens=0, echo=True, logprobs=0)
+            model=service.lm, prompt="x", max_tokens=1, echo=True, logprobs=0)
 
 
 def _ranking(path: Path, a: str, b: str, target: str, value: Any) -> list[str]:
@@ -482,9 +483,11 @@ BAD = [
     ("k too large", "/v1/rank/sources", {"target": "rte", "selector": "roe", "k": 500}, 422, "candidate sources"),
     ("k not positive", "/v1/rank/sources", {"target": "rte", "selector": "roe", "k": 0}, 422, "body.k"),
     ("sampling", "/v1/completions", {"model": "LM", "prompt": "x", "temperature": 0.7}, 422, "only greedy"),
+    ("max_tokens 0 (vLLM refuses it)", "/v1/completions", {"model": "LM", "prompt": "x", "max_tokens": 0}, 422,
+     "body.max_tokens"),
     ("too many new tokens", "/v1/completions", {"model": "LM", "prompt": "x", "max_tokens": 33}, 422, "at most 32"),
-    ("too many prompts", "/v1/completions", {"model": "LM", "prompt": ["x"] * 9, "max_tokens": 0}, 413, "at most 8"),
-    ("not a causal LM", "/v1/completions", {"model": "builtin:minilm", "prompt": "x", "max_tokens": 0}, 422,
+    ("too many prompts", "/v1/completions", {"model": "LM", "prompt": ["x"] * 9, "max_tokens": 1}, 413, "at most 8"),
+    ("not a causal LM", "/v1/completions", {"model": "builtin:minilm", "prompt": "x", "max_tokens": 1}, 422,
      "needs a causal LM"),
 ]
 
