@@ -563,3 +563,7 @@ def register(sub: argparse._SubParsersAction, default_db: Callable[[], str]) -> 
     p.add_argument("--figures", help="write the PVI distributions per task and the heatmap of pairwise p-values "
                                      "(PNG) into this folder (default: none)")
     json_flag(p)
+
+    from analysis.budget.cli import register as register_budget
+
+    register_budget(sub, default_db)  # budget-eval, predict-transfers (analysis.budget)

@@ -113,9 +113,11 @@ def _metric_candidates(con: duckdb.DuckDBPyConnection, setup: str) -> list[str]:
     return sorted(k[0] for k in keys if k[0].startswith("eval_"))
 
 
-def load_grid(con: duckdb.DuckDBPyConnection, setup: str) -> Grid:
+def load_grid(con: duckdb.DuckDBPyConnection, setup: str, priors: list[str] | None = None) -> Grid:
     """The setup's grid from a store: transfer runs at each target's canonical config, baselines
-    (stored, derived from the published PC, or estimated; see the module docstring), priors."""
+    (stored, derived from the published PC, or estimated; see the module docstring), and priors:
+    stored selectors by name (default: roe and llm where stored), or `oracle[<setup>]` for another
+    setup's transfer scores (a cheaper setup's grid)."""
     runs = con.execute("""
         SELECT r.source, r.target, r.seed, CASE WHEN r.status = 'ok' THEN r.score END AS score, r.metrics
         FROM runs r JOIN canonical_hparams h
@@ -183,8 +185,13 @@ def load_grid(con: duckdb.DuckDBPyConnection, setup: str) -> Grid:
         med = np.nanmedian(np.where(ran[:, j], x[:, j], np.nan), axis=0)
         grid.base[j] = np.where(np.isnan(grid.base[j]), med, grid.base[j])
 
-    for name in PRIORS:
-        rows = con.execute("SELECT source, target, score FROM selector_pair_scores WHERE selector = ?", [name]).fetchall()
+    for name in priors if priors is not None else PRIORS:
+        other = name[len("oracle["):-1] if name.startswith("oracle[") and name.endswith("]") else None
+        rows = (con.execute("SELECT source, target, score FROM analysis_transfers WHERE setup = ?", [other]).fetchall()
+                if other else
+                con.execute("SELECT source, target, score FROM selector_pair_scores WHERE selector = ?", [name]).fetchall())
+        if not rows and priors is not None:
+            raise AnalysisError(f"prior '{name}' has no stored scores (a stored selector, or oracle[SETUP])")
         if rows:
             a = np.full((S, T), np.nan)
             for s, t, v in rows:
