@@ -166,8 +166,8 @@ def register(sub: argparse._SubParsersAction, default_db: Callable[[], str]) -> 
     p.add_argument("--splits", type=_positive, default=30, help="random A/B seed splits (default: %(default)s)")
     p.add_argument("--seen", type=int, default=4, help="seeds in A (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the splits and policies (default: %(default)s)")
-    p.add_argument("--k", type=int, default=5, help="contenders per target; Regret@k (default: %(default)s)")
-    p.add_argument("--rank", type=int, default=1, help="predictor's low-rank residual (default: %(default)s)")
+    p.add_argument("--k", type=_positive, default=5, help="racing: contenders per target (default: %(default)s)")
+    p.add_argument("--rank", type=int, default=0, help="predictor's low-rank residual (default: %(default)s)")
     p.add_argument("--round-size", type=int, default=None, help="runs per planned round (default: the policy's)")
     p.add_argument("--priors", type=_names, default=None,
                    help="stored selectors (or oracle[SETUP]) the policies may use (default: roe,llm where stored)")
@@ -184,6 +184,6 @@ def register(sub: argparse._SubParsersAction, default_db: Callable[[], str]) -> 
     p.add_argument("--seeds", type=lambda s: [int(x) for x in _names(s)], default=None,
                    help="use only these seeds' runs, comma-separated (default: all)")
     p.add_argument("--priors", type=_names, default=None, help="prior features (default: roe,llm where stored)")
-    p.add_argument("--rank", type=int, default=1, help="low-rank residual (default: %(default)s)")
+    p.add_argument("--rank", type=int, default=0, help="low-rank residual (default: %(default)s)")
     p.add_argument("--db", default=default_db(), help="DuckDB results store (default: %(default)s)")
     p.set_defaults(func=cmd_predict)

@@ -6,7 +6,7 @@
       priors: [roe, llm]   # stored selectors the policy may use before training anything
       round_size: null     # runs per planned round (null: the policy's natural round)
       k: 5                 # contenders per target (racing) / picks kept in the top (active's P(top-k))
-      rank: 1              # low-rank residual of the predictor (0: additive + priors only)
+      rank: 0              # low-rank residual of the predictor (0: additive + priors only)
 
 Interface the job layer builds on (the lead wraps it into a dependency-aware Ray Tune Searcher):
   - `BudgetConfig.budget_runs(full_grid_runs)` -> the absolute budget, where `full_grid_runs` counts
@@ -41,7 +41,7 @@ class BudgetConfig(BaseModel):
     priors: list[str] = Field(default_factory=list, description="stored selector names usable before training")
     round_size: int | None = Field(default=None, ge=1)
     k: int = Field(default=5, ge=1)
-    rank: int = Field(default=1, ge=0)
+    rank: int = Field(default=0, ge=0)
 
     @field_validator("runs")
     @classmethod

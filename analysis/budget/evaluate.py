@@ -84,7 +84,7 @@ class Row:
 
 def evaluate(grid: Grid, policy: str, fractions: list[float], n_splits: int = 30, n_seen: int = 4,
              seed: int = 0, references: tuple[str, ...] = REFERENCES, prior: list[str] | None = None,
-             k: int = 5, keep_runs: bool = False, **params: Any) -> dict[str, Any]:
+             regret_k: int = 5, keep_runs: bool = False, **params: Any) -> dict[str, Any]:
     """The table rows (per method and fraction, means over splits) and, with keep_runs, every split's
     runs and ranking of `policy` (the `--json` record)."""
     if any(not 0 < f for f in fractions):
@@ -99,7 +99,7 @@ def evaluate(grid: Grid, policy: str, fractions: list[float], n_splits: int = 30
             spent: float, transfers: float) -> None:
         row = rows.setdefault((method, frac), Row(method, frac, [], [], [], []))
         row.ndcg.append(float(M.ndcg(pred, gold, grid.pairs).mean()))
-        row.regret.append(float(M.regret(pred, gold, perf, grid.pairs, k).mean()))
+        row.regret.append(float(M.regret(pred, gold, perf, grid.pairs, regret_k).mean()))
         row.spent.append(spent)
         row.transfers.append(transfers)
 
@@ -118,7 +118,7 @@ def evaluate(grid: Grid, policy: str, fractions: list[float], n_splits: int = 30
         for frac in fractions:
             budget = int(frac * full.total) if frac <= 1 else int(frac)
             for m in methods:
-                pol, rep = run_episode(grid, m, a, budget, prior=prior_names if m != "random" else None, k=k, **params)
+                pol, rep = run_episode(grid, m, a, budget, prior=prior_names if m != "random" else None, **params)
                 post = pol.posterior()
                 add(m, frac, post.mean, gold, perf, rep.cost.total / full.total, rep.cost.transfers / full.transfers)
                 if keep_runs and m == policy:

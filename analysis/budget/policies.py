@@ -51,7 +51,7 @@ class Policy:
 
     def __init__(self, sources: Sequence[str], targets: Sequence[str], pairs: Sequence[tuple[str, str]],
                  seeds: Sequence[int], budget: int, priors: dict[str, dict[tuple[str, str], float]] | None = None,
-                 round_size: int | None = None, seed: int = 0, k: int = 5, rank: int = 1,
+                 round_size: int | None = None, seed: int = 0, k: int = 5, rank: int = 0,
                  prior: Sequence[str] | None = None):
         if budget < 1:
             raise AnalysisError(f"budget must be at least 1 run, got {budget}")

@@ -91,20 +91,21 @@ class TransferPredictor:
         y = zbar.ravel()[o]
         spread = float(np.var(y)) if o.sum() > 1 else 1e-3
         tau2 = 0.5 * spread
-        for _ in range(3):  # tau^2 from the residuals, re-weighting (converges in a few steps)
-            v = tau2 + (np.broadcast_to(sigma2, (self.S, self.T)).ravel()[o] / n.ravel()[o])
-            Xo = X[o]
-            prior_prec = np.full(X.shape[1], self.ridge / max(spread, 1e-8))
-            prior_prec[0] = 1e-6
+        low = np.zeros((self.S, self.T))
+        Xo = X[o]
+        prior_prec = np.full(X.shape[1], self.ridge / max(spread, 1e-8))
+        prior_prec[0] = 1e-6
+        noise_o = np.broadcast_to(sigma2, (self.S, self.T)).ravel()[o] / n.ravel()[o]
+        for _ in range(8 if self.rank > 0 else 3):  # alternate: effects on y - L, L on y - effects, tau^2
+            v = tau2 + noise_o
             A = (Xo / v[:, None]).T @ Xo + np.diag(prior_prec)
             cov = np.linalg.inv(A)
-            beta = cov @ (Xo.T @ (y / v))
+            beta = cov @ (Xo.T @ ((y - low.ravel()[o]) / v))
             f = (X @ beta).reshape(self.S, self.T)
             resid = np.where(obs, zbar - f, 0.0)
-            low = self._low_rank(resid, obs)
+            low = self._low_rank(resid, obs, low)
             r = (resid - low)[obs]
-            noise = (np.broadcast_to(sigma2, (self.S, self.T)) / np.maximum(n, 1))[obs]
-            tau2 = max(float(np.mean(r ** 2 - noise)), 0.02 * spread, 1e-8)
+            tau2 = max(float(np.mean(r ** 2 - noise_o)), 0.02 * spread, 1e-8)
         f = f + low
         var_f = np.einsum("ij,jk,ik->i", X, cov, X).reshape(self.S, self.T)
         prior_var = var_f + tau2 * (1.0 + 0.5 * (self.rank > 0))
@@ -129,14 +130,16 @@ class TransferPredictor:
         w = 4.0  # the global pool counts as 4 degrees of freedom per target
         return (ss.sum(0) + w * glob) / (dof.sum(0) + w)
 
-    def _low_rank(self, resid: np.ndarray, obs: np.ndarray, iters: int = 30) -> np.ndarray:
+    def _low_rank(self, resid: np.ndarray, obs: np.ndarray, start: np.ndarray, iters: int = 20) -> np.ndarray:
+        """Rank-`rank` fill of the residuals (hard impute, warm-started; half the first dropped
+        singular value shrunk off so noise alone fits little)."""
         if self.rank <= 0 or obs.sum() < (self.S + self.T):
             return np.zeros_like(resid)
-        z = np.zeros_like(resid)
+        z = start
         for _ in range(iters):
             filled = np.where(obs, resid, z)
             u, s, vt = np.linalg.svd(filled, full_matrices=False)
-            lam = s[self.rank] if len(s) > self.rank else 0.0  # shrink by the first dropped singular value
+            lam = 0.5 * s[self.rank] if len(s) > self.rank else 0.0
             s = np.clip(s[: self.rank] - lam, 0, None)
             z = (u[:, : self.rank] * s) @ vt[: self.rank]
         return z

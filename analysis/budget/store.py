@@ -22,7 +22,7 @@ PREDICTED_SUFFIX = "@predicted"
 
 
 def predict_setup(con: duckdb.DuckDBPyConnection, setup: str, seeds: list[int] | None = None,
-                  priors: list[str] | None = None, rank: int = 1) -> pa.Table:
+                  priors: list[str] | None = None, rank: int = 0) -> pa.Table:
     """Fit the predictor on the setup's stored runs (only `seeds` if given) and return the rows."""
     if setup.endswith(PREDICTED_SUFFIX):
         raise AnalysisError(f"setup '{setup}' is already a predicted grid; name the setup of the runs")
