@@ -52,7 +52,7 @@ class Policy:
     def __init__(self, sources: Sequence[str], targets: Sequence[str], pairs: Sequence[tuple[str, str]],
                  seeds: Sequence[int], budget: int, priors: dict[str, dict[tuple[str, str], float]] | None = None,
                  round_size: int | None = None, seed: int = 0, k: int = 5, rank: int = 0,
-                 prior: Sequence[str] | None = None):
+                 prior: Sequence[str] | None = None, shrink: float = 0.0):
         if budget < 1:
             raise AnalysisError(f"budget must be at least 1 run, got {budget}")
         if not seeds:
@@ -72,7 +72,7 @@ class Policy:
         use = list(prior) if prior else list(self.prior_arrays)
         self.prior_score = (np.mean([_standardise(self.prior_arrays[n], self.valid) for n in use], 0)
                             if use else np.zeros(self.valid.shape))
-        self.predictor = TransferPredictor(self.valid, self.prior_arrays, rank=rank)
+        self.predictor = TransferPredictor(self.valid, self.prior_arrays, rank=rank, shrink=shrink)
         self._reset()
 
     def _array(self, scores: dict[tuple[str, str], float]) -> np.ndarray:
@@ -221,10 +221,15 @@ class Policy:
 class Racing(Policy):
     name = "racing"
 
+    def __init__(self, *a: Any, ucb: float = 0.0, **kw: Any):
+        super().__init__(*a, **kw)
+        self.ucb = ucb  # contenders by mean + ucb * sd (0: by the posterior mean)
+
     def _plan(self) -> list[Run]:
         if self.round == 0:
             return self._one_seed_everywhere()
-        mean = self.posterior().mean
+        post = self.posterior()
+        mean = post.mean + self.ucb * post.sd
         k = self.k
         n_max = int(self.valid.sum(0).max())
         while k <= n_max + self.k:
