@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU build of torch by default; GPU users install their own torch first (TORCH_SPEC= to skip).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo test bench bench-training bench-serve smoke-configs fute-cpu lint clean
+.PHONY: venv demo test bench bench-budget bench-training bench-serve smoke-configs fute-cpu lint clean
 
 # deepspeed (in `dev`) is an sdist: its isolated build env gets only setuptools (without torch its
 # setup.py skips op pre-compilation), so no CUDA torch is fetched and no --no-build-isolation is
@@ -32,6 +32,9 @@ bench: venv
 	$(BIN)/python benchmarks/bench_pairwise.py
 
 # Throughput and peak memory per model family x adaptation method (and ZeRO stages).
+bench-budget: venv
+	$(BIN)/python benchmarks/bench_budget.py
+
 bench-training: venv
 	$(BIN)/python benchmarks/bench_training.py
 

@@ -17,12 +17,14 @@ so that it never exceeds the budget.
 
 Policies:
   racing      1 seed (the first of `seeds`) on every pair, prior's top first; then rounds that give
-              each target's current top-k sources (posterior mean) their next seed; k widens by
-              `k` when the top k hold every seed.
+              each target's current top-k sources (posterior mean + ucb x sd, ucb default 0) their
+              next seed; k widens by `k` when the top k hold every seed.
   prior-topk  each target's top-k sources by the prior on every seed, then one model pick per target
               per round (the untrained source with the highest P(best)), every seed.
-  active      round 0 as racing; then runs chosen by value per cost: value = P(top-5)(1 - P(top-5))
-              x the share of the pair's variance one more seed removes (+ a small P(best) term).
+  active      round 0 as racing; then rounds of `round_size` (default 2 per target) runs chosen by
+              value per cost: value = (P(top-5)(1 - P(top-5)) + P(best)(1 - P(best)) / 2) x the
+              share of the pair's variance one more seed removes.
+The predictor (`rank`, `shrink`) is analysis.budget.predictor's; rankings are its posterior means.
   random      pairs in random order, every seed of each (the control: random pairs + completion).
 """
 
