@@ -291,6 +291,10 @@ class PriorTopK(Policy):
 class Active(Policy):
     name = "active"
 
+    def __init__(self, *a: Any, w_best: float = 0.5, **kw: Any):
+        super().__init__(*a, **kw)
+        self.w_best = w_best  # weight of P(best)'s uncertainty next to P(top-5)'s
+
     def _plan(self) -> list[Run]:
         if self.round == 0:
             return self._one_seed_everywhere()
@@ -299,7 +303,7 @@ class Active(Policy):
         p1 = post.p_best(seed=self.seed + self.round + 7919)
         var = post.sd ** 2
         sigma2 = self.predictor.sigma2[None, :]
-        value = (p_top * (1 - p_top) + 0.5 * p1 * (1 - p1) + 1e-3) * var / (var + sigma2)
+        value = (p_top * (1 - p_top) + self.w_best * p1 * (1 - p1) + 1e-3) * var / (var + sigma2)
         runs, vals = [], []
         for i, j in zip(*np.nonzero(self.valid), strict=True):
             left = self._seeds_of(i, j)
