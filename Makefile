@@ -31,10 +31,11 @@ bench: venv
 	$(BIN)/python benchmarks/bench_analysis.py
 	$(BIN)/python benchmarks/bench_pairwise.py
 
-# Throughput and peak memory per model family x adaptation method (and ZeRO stages).
+# Replay speed of the budgeted-grid evaluation (30 seed splits x every TaskWeb setup).
 bench-budget: venv
 	$(BIN)/python benchmarks/bench_budget.py
 
+# Throughput and peak memory per model family x adaptation method (and ZeRO stages).
 bench-training: venv
 	$(BIN)/python benchmarks/bench_training.py
 

@@ -54,6 +54,9 @@ def test_budget_eval_bad_requests_exit_2(capsys):
 
 def test_predicted_grid_is_a_setup_for_selectors(tmp_path, capsys):
     db = str(copy_db(pristine_taskweb_db(), tmp_path))
+    mean_sql = "SELECT sum(score), count(*) FROM analysis_transfers WHERE setup = 'mean'"
+    with duckdb.connect(db, read_only=True) as con:
+        mean_before = con.execute(mean_sql).fetchone()
     code, out, err = run(capsys, "predict-transfers", "--setup", "finetune:t5l", "--seeds", "10", "--db", db)
     assert code == 0, err
     assert "(441 observed, 0 predicted)" in out
@@ -63,6 +66,8 @@ def test_predicted_grid_is_a_setup_for_selectors(tmp_path, capsys):
     assert (n, obs, bad_sd) == (441, 441, 0)
     assert con.execute("SELECT max(seeds_run) FROM predicted_transfer_scores").fetchone()[0] == 1
     # the 'mean' pseudo-setup stays the mean of the real setups
+    total, count = con.execute(mean_sql).fetchone()
+    assert count == mean_before[1] and abs(total - mean_before[0]) < 1e-9  # (summation order aside)
     assert con.execute("SELECT count(DISTINCT setup) FROM setup_transfers WHERE setup LIKE '%@predicted'").fetchone()[0] == 1
     con.close()
     code, out, err = run(capsys, "evaluate-selection", "--selector", "taskshop-roe", "--setup",
@@ -72,3 +77,14 @@ def test_predicted_grid_is_a_setup_for_selectors(tmp_path, capsys):
     assert res["setup"] == "finetune:t5l@predicted" and 0.5 < res["ndcg"] < 1
     code, _, err = run(capsys, "predict-transfers", "--setup", "finetune:t5l", "--seeds", "99", "--db", db)
     assert code == 2 and "none of seeds [99]" in err
+
+
+def test_help_states_every_default():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_cli_help import test_every_argument_has_help_with_its_default as check
+
+    for name in ("budget-eval", "predict-transfers"):
+        check(name)

@@ -125,3 +125,12 @@ def test_ranking_and_errors():
         _policy("racing", prior=["semb"])
     with pytest.raises(AnalysisError, match="at least 1 run"):
         _policy("racing", budget=0)
+
+
+def test_screen_limits_round_zero_to_the_priors_top_share():
+    pol = _policy("active", screen=0.5)
+    assert pol.propose(100) == [("d", "x", 1), ("c", "y", 1), ("a", "x", 1), ("b", "y", 1)]
+    with pytest.raises(AnalysisError, match="screen"):
+        _policy("racing", screen=0.0)
+    with pytest.raises(ValidationError):
+        BudgetConfig(runs=0.2, screen=1.5)

@@ -82,7 +82,7 @@ def cmd_budget_eval(args: argparse.Namespace) -> int:
             grid = load_grid(con, setup, priors=args.priors)
             results.append(evaluate(grid, args.policy, args.fraction, n_splits=args.splits, n_seen=args.seen,
                                     seed=args.seed, prior=list(grid.priors), k=args.k, keep_runs=args.json,
-                                    rank=args.rank, round_size=args.round_size))
+                                    rank=args.rank, round_size=args.round_size, screen=args.screen))
             results[-1].update(exact_baselines=bool(grid.exact.all()), n_seeds=len(grid.seeds))
     if args.figure:
         draw(results, args.figure)
@@ -169,6 +169,9 @@ def register(sub: argparse._SubParsersAction, default_db: Callable[[], str]) -> 
     p.add_argument("--k", type=_positive, default=5, help="racing: contenders per target (default: %(default)s)")
     p.add_argument("--rank", type=int, default=0, help="predictor's low-rank residual (default: %(default)s)")
     p.add_argument("--round-size", type=int, default=None, help="runs per planned round (default: the policy's)")
+    p.add_argument("--screen", type=float, default=1.0,
+                   help="racing / active: round 0 trains each target's top share of sources by the prior "
+                        "(default: %(default)s, every pair)")
     p.add_argument("--priors", type=_names, default=None,
                    help="stored selectors (or oracle[SETUP]) the policies may use (default: roe,llm where stored)")
     p.add_argument("--release", default=None, help="TaskWeb release folder (default: ../shared/data/taskweb)")
@@ -179,7 +182,11 @@ def register(sub: argparse._SubParsersAction, default_db: Callable[[], str]) -> 
     p.set_defaults(func=cmd_budget_eval)
 
     p = sub.add_parser("predict-transfers", help="fit the transfer-matrix predictor on a setup's runs and store "
-                                                 "predicted_transfer_scores (setup '<setup>@predicted')")
+                                                 "predicted_transfer_scores (setup '<setup>@predicted')",
+                       description="Fits source + target effects and prior features (Gaussian posterior) on the "
+                                   "setup's per-seed transfer runs and writes a mean, sd and P(best) for every "
+                                   "pair, observed or not; `--setup <setup>@predicted` then gives TaskShop, "
+                                   "select and evaluate-selection the completed grid as T.")
     p.add_argument("--setup", required=True, help="ADAPTATION:MODEL with per-seed transfer runs (required)")
     p.add_argument("--seeds", type=lambda s: [int(x) for x in _names(s)], default=None,
                    help="use only these seeds' runs, comma-separated (default: all)")

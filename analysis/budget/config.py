@@ -7,6 +7,7 @@
       round_size: null     # runs per planned round (null: the policy's natural round)
       k: 5                 # contenders per target (racing) / picks kept in the top (active's P(top-k))
       rank: 0              # low-rank residual of the predictor (0: additive + priors only)
+      screen: 1.0          # racing / active: round 0 on each target's top share of sources by the priors
 
 Interface the job layer builds on (the lead wraps it into a dependency-aware Ray Tune Searcher):
   - `BudgetConfig.budget_runs(full_grid_runs)` -> the absolute budget, where `full_grid_runs` counts
@@ -42,6 +43,7 @@ class BudgetConfig(BaseModel):
     round_size: int | None = Field(default=None, ge=1)
     k: int = Field(default=5, ge=1)
     rank: int = Field(default=0, ge=0)
+    screen: float = Field(default=1.0, gt=0, le=1)
 
     @field_validator("runs")
     @classmethod
@@ -58,4 +60,5 @@ class BudgetConfig(BaseModel):
         return max(n, 1)
 
     def policy_kwargs(self) -> dict[str, Any]:
-        return {"round_size": self.round_size, "k": self.k, "rank": self.rank, "prior": list(self.priors) or None}
+        return {"round_size": self.round_size, "k": self.k, "rank": self.rank, "screen": self.screen,
+                "prior": list(self.priors) or None}

@@ -54,11 +54,14 @@ class Policy:
     def __init__(self, sources: Sequence[str], targets: Sequence[str], pairs: Sequence[tuple[str, str]],
                  seeds: Sequence[int], budget: int, priors: dict[str, dict[tuple[str, str], float]] | None = None,
                  round_size: int | None = None, seed: int = 0, k: int = 5, rank: int = 0,
-                 prior: Sequence[str] | None = None, shrink: float = 0.0):
+                 prior: Sequence[str] | None = None, shrink: float = 0.0, screen: float = 1.0):
         if budget < 1:
             raise AnalysisError(f"budget must be at least 1 run, got {budget}")
         if not seeds:
             raise AnalysisError("a policy needs at least one seed")
+        if not 0 < screen <= 1:
+            raise AnalysisError(f"screen must be in (0, 1], got {screen}")
+        self.screen = screen
         self.sources, self.targets, self.seeds = list(sources), list(targets), [int(s) for s in seeds]
         self.si = {s: i for i, s in enumerate(self.sources)}
         self.ti = {t: i for i, t in enumerate(self.targets)}
@@ -216,8 +219,17 @@ class Policy:
         raise NotImplementedError
 
     def _one_seed_everywhere(self) -> list[Run]:
+        """Round 0 of racing / active: the first seed on each target's top `screen` share of sources
+        by the prior (default every pair), every target's favourite first."""
         k0 = self.seeds[0]
-        return [(self.sources[i], self.targets[j], k0) for i, j in self._by_rank(self.prior_score)]
+        keep = np.ceil(self.screen * self.valid.sum(0)).astype(int)
+        rank: dict[int, int] = {}
+        out = []
+        for i, j in self._by_rank(self.prior_score):
+            rank[j] = rank.get(j, 0) + 1
+            if rank[j] <= keep[j]:
+                out.append((self.sources[i], self.targets[j], k0))
+        return out
 
 
 class Racing(Policy):
