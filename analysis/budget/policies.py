@@ -24,6 +24,8 @@ Policies:
   active      round 0 as racing; then rounds of `round_size` (default 2 per target) runs chosen by
               value per cost: value = (P(top-5)(1 - P(top-5)) + P(best)(1 - P(best)) / 2) x the
               share of the pair's variance one more seed removes.
+`screen` (racing, active) restricts round 0 to each target's top share of sources by the prior
+(default 1: every pair); worth it only with a strong prior such as a cheaper setup's grid.
 The predictor (`rank`, `shrink`) is analysis.budget.predictor's; rankings are its posterior means.
   random      pairs in random order, every seed of each (the control: random pairs + completion).
 """
