@@ -105,3 +105,36 @@ def test_replay_is_deterministic_and_refuses_unseen_seeds():
     assert rep.run("boolq", "rte", 10) == pytest.approx(g.z()[g.sources.index("boolq"), g.targets.index("rte"), 0])
     rep.run("cb", "rte", 10)
     assert (rep.cost.transfers, rep.cost.baselines, rep.cost.sources) == (2, 1, 2)
+
+
+def test_local_store_uses_its_baseline_runs_and_predicts_untrained_pairs():
+    import duckdb
+
+    from analysis.budget.replay import load_grid
+    from analysis.budget.store import predict_setup, write_predictions
+    from analysis.store import SCHEMA_SQL
+    from analysis.views import ANALYSIS_SQL
+
+    con = duckdb.connect()
+    con.execute(SCHEMA_SQL)
+    con.execute(ANALYSIS_SQL)
+    rows = [("target", None, "x", 1, 0.50), ("target", None, "x", 2, 0.60), ("target", None, "y", 1, 0.80),
+            ("target", None, "y", 2, 0.70), ("transfer", "y", "x", 1, 0.55), ("transfer", "y", "x", 2, 0.54),
+            ("transfer", "z", "x", 1, 0.40), ("transfer", "x", "y", 1, 0.88)]
+    for n, (kind, s, t, k, v) in enumerate(rows):
+        con.execute("INSERT INTO runs (run_key, kind, setup, source, target, seed, score, status, hparams) "
+                    "VALUES (?, ?, 'full:tiny', ?, ?, ?, ?, 'ok', '{}')", [f"k{n}", kind, s, t, k, v])
+    g = load_grid(con, "full:tiny", priors=[])
+    assert g.sources == ["x", "y", "z"] and g.targets == ["x", "y"] and g.seeds == [1, 2] and g.exact.all()
+    assert np.allclose(g.base, [[0.5, 0.6], [0.8, 0.7]])
+    z = g.z()
+    assert z[1, 0, 1] == pytest.approx(0.5 * (0.54 - 0.6) / 0.6 + 0.0 - 0.05)  # y -> x at seed 2: negative
+    assert z[0, 1, 0] == pytest.approx(0.5 * 0.1 + 0.1 - 0.05)  # x -> y at seed 1: +10%, positive
+    table = predict_setup(con, "full:tiny")
+    got = {(s, t): (o, n) for s, t, o, n in zip(*(table.column(c).to_pylist() for c in
+                                                  ("source", "target", "observed", "seeds_run")), strict=True)}
+    assert got == {("y", "x"): (True, 2), ("z", "x"): (True, 1), ("x", "y"): (True, 1), ("z", "y"): (False, 0)}
+    write_predictions(con, table)
+    assert con.execute("SELECT count(*) FROM analysis_transfers WHERE setup = 'full:tiny@predicted'").fetchone()[0] == 4
+    with pytest.raises(AnalysisError, match="no transfer runs for setup 'full:nope'"):
+        load_grid(con, "full:nope")
