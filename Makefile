@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 CONSTRAINTS ?= constraints.txt
 LOCK_EXCLUDE := ^(torch|torchvision|torchaudio|triton|nvidia-[a-z0-9-]+|pip|setuptools|wheel)==
 
-.PHONY: venv demo test bench bench-training bench-serve smoke-configs fute-cpu lint lock clean
+.PHONY: venv demo test bench bench-budget bench-training bench-serve smoke-configs fute-cpu lint lock clean
 
 # deepspeed (in `dev`) is an sdist: its isolated build env gets only setuptools (without torch its
 # setup.py skips op pre-compilation), so no CUDA torch is fetched and no --no-build-isolation is
@@ -35,6 +35,10 @@ test: venv
 bench: venv
 	$(BIN)/python benchmarks/bench_analysis.py
 	$(BIN)/python benchmarks/bench_pairwise.py
+
+# Replay speed of the budgeted-grid evaluation (30 seed splits x every TaskWeb setup).
+bench-budget: venv
+	$(BIN)/python benchmarks/bench_budget.py
 
 # Throughput and peak memory per model family x adaptation method (and ZeRO stages).
 bench-training: venv

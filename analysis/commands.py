@@ -582,3 +582,7 @@ def register(sub: argparse._SubParsersAction, default_db: Callable[[], str]) -> 
     from analysis.prompt_commands import register as register_prompt_selection
 
     register_prompt_selection(add, json_flag, _names, _dump)
+
+    from analysis.budget.cli import register as register_budget
+
+    register_budget(sub, default_db)  # budget-eval, predict-transfers (analysis.budget)

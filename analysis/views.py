@@ -10,7 +10,8 @@ Relations:
   task_sizes          training-set sizes (SIZE baseline), imported or taken from source runs
   source_pools        named candidate-source pools (`evaluate-selection --pool`), e.g. Lin et al.'s Table 3
   target_hparams      pinned hyper-parameter config per (setup, target) for target performance
-  setup_transfers     transfer scores of the real setups (not the published 'all:all' average)
+  setup_transfers     transfer scores of the real setups (not the published 'all:all' average), and
+                      '<setup>@predicted' from predicted_transfer_scores (analysis.budget.store)
   analysis_transfers  setup_transfers plus the pseudo-setup 'mean' (average over real setups)
   commutativity       per setup, every unordered pair with both directions and whether signs agree
   transitive_triples  per setup, every (A, B, C) with A->B, B->C and A->C known
@@ -64,15 +65,26 @@ FROM selector_scores s
 LEFT JOIN selector_scores r ON r.selector = s.selector AND r.source = s.target AND r.target = s.source
 WHERE s.source <> s.target;
 
+-- A fitted predictor's mean / sd per pair (analysis.budget.store); listed in setup_transfers as
+-- setup '<setup>@predicted' so selectors can use the completed grid as T.
+CREATE TABLE IF NOT EXISTS predicted_transfer_scores (
+    setup VARCHAR, source VARCHAR, target VARCHAR, observed BOOLEAN, seeds_run INTEGER,
+    mean DOUBLE, sd DOUBLE, p_best DOUBLE, provenance VARCHAR, PRIMARY KEY (setup, source, target));
+
 CREATE OR REPLACE VIEW setup_transfers AS
 SELECT setup, model, adaptation, source, target, pc, pm, score, n_seeds, provenance
 FROM transfer_scores
-WHERE source <> target AND NOT (model = 'all' AND adaptation = 'all');
+WHERE source <> target AND NOT (model = 'all' AND adaptation = 'all')
+UNION ALL
+SELECT setup || '@predicted', split_part(setup, ':', 2) || '@predicted', split_part(setup, ':', 1), source, target,
+       NULL, NULL, mean, seeds_run, provenance
+FROM predicted_transfer_scores WHERE source <> target;
 
 CREATE OR REPLACE VIEW analysis_transfers AS
 SELECT setup, source, target, score FROM setup_transfers
 UNION ALL
-SELECT 'mean' AS setup, source, target, avg(score) AS score FROM setup_transfers GROUP BY source, target;
+SELECT 'mean' AS setup, source, target, avg(score) AS score FROM setup_transfers
+WHERE NOT ends_with(setup, '@predicted') GROUP BY source, target;
 
 CREATE OR REPLACE VIEW commutativity AS
 SELECT a.setup, a.source AS task_a, a.target AS task_b, a.score AS score_ab, b.score AS score_ba,
