@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from analysis.budget.config import BudgetConfig
+
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -337,6 +339,8 @@ class ExperimentConfig(JobConfig):
     save_target_checkpoints: bool = Field(
         default=False, description="also keep the target-only baselines' trained parameters (the target's own "
         "soft prompt for prompt-similarity selectors); a baseline stored without one is not retrained")
+    budget: BudgetConfig | None = Field(
+        default=None, description="train only what a budget policy proposes (rayjobs.budget); default: the full grid")
 
     @field_validator("seeds")
     @classmethod

@@ -12,7 +12,10 @@ rest on Ray (each trial as soon as its dependencies are stored), ingest, print t
 from __future__ import annotations
 
 import argparse
+import contextlib
+import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from analysis.status import write_plan
@@ -32,8 +35,13 @@ def run_job(job: Job, cfg: JobConfig, results_dir: str, db: str | None = None) -
     remote = results_dir if is_uri(results_dir) else None
     local = Path("results") / cfg.name if remote else Path(results_dir)
     store = ResultStore(local, db_path=db, remote=remote)
-    store.ensure_writable()
-    plan = job.plan(cfg, store)
+    with created_only_if_planned(store):
+        store.ensure_writable()
+        plan = job.plan(cfg, store)
+        done = store.finished_keys()  # finished or stopped early: decided
+        stopped = store.finished_keys(statuses=("stopped",))
+        todo = [t for t in plan.trials if t.run_key not in done and not any(d in stopped for d in t.depends_on)]
+        check_models(todo)
     if remote:
         plan.trials = [t.model_copy(update={"results_uri": remote}) for t in plan.trials]
         print(f"transferlab: results at {display(remote)}; run rows, predictions and the database mirrored in "
@@ -41,19 +49,36 @@ def run_job(job: Job, cfg: JobConfig, results_dir: str, db: str | None = None) -
     for step in plan.before_run:
         step(store)
     store.ingest()
-    done = store.finished_keys()  # finished or stopped early: decided
-    stopped = store.finished_keys(statuses=("stopped",))
-    todo = [t for t in plan.trials if t.run_key not in done and not any(d in stopped for d in t.depends_on)]
-    check_models(todo)
     what = plan.summary or f"{len(plan.trials)} runs"
     print(f"transferlab: {job.kind} {cfg.name!r}: {what}, {len(plan.trials) - len(todo)} already stored, "
           f"{len(todo)} to run; results in {store.root}", flush=True)
     write_plan(store, cfg.name, job.kind, {t.run_key: t.kind for t in plan.trials})
     if todo:
-        run_trials(cfg.name, todo, cfg.run, store)
+        run_trials(cfg.name, todo, cfg.run, store, gate=plan.gate)
     for line in job.report(cfg, store):
         print(line)
-    return finish(store, plan.trials, plan.view)
+    return finish(store, plan.trials, plan.view, plan.gate)
+
+
+@contextlib.contextmanager
+def created_only_if_planned(store: ResultStore) -> Iterator[None]:
+    """A run whose config, tasks or models fail a check leaves no folder or database behind: what this
+    invocation created for the results (folders, the DuckDB file) is removed again when planning fails."""
+    root = store.root
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"results location {root} is a file, not a folder")
+    first_new, p = None, root  # the topmost folder this run will create
+    while not p.exists():
+        first_new, p = p, p.parent
+    db_new = not store.db_path.exists()
+    try:
+        yield
+    except BaseException:
+        if first_new is not None and first_new.exists():
+            shutil.rmtree(first_new, ignore_errors=True)
+        elif db_new and store.db_path.exists() and not any(store.runs_dir.glob("*.parquet")):
+            store.db_path.unlink(missing_ok=True)
+        raise
 
 
 def check_models(trials: list) -> None:

@@ -67,6 +67,7 @@ class Plan:
     summary: str = ""  # e.g. "12 runs" or "40 (choice, target) cells -> 12 distinct runs"
     view: str = "runs"  # the SQL view the closing lines point at
     before_run: list[Callable[[ResultStore], None]] = field(default_factory=list)  # e.g. record selections
+    gate: Any = None  # what the searcher may release (rayjobs.budget.BudgetGate); None: every trial
 
 
 class Job(ABC):

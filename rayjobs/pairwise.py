@@ -54,9 +54,15 @@ class PairwiseJob(Job):
     description = __doc__ or ""
 
     def plan(self, cfg: ExperimentConfig, store: ResultStore) -> Plan:
+        from rayjobs.budget import budget_gate
+
         registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
         check_setups(cfg, registry)
-        return Plan(expand_pairwise(cfg, registry, str(store.root)), view="transfer_scores")
+        trials = expand_pairwise(cfg, registry, str(store.root))
+        gate = budget_gate(cfg, trials, store)
+        summary = (f"{len(trials)} runs in the full grid, a budget of {cfg.budget.budget_runs(len(trials))} "
+                   f"({cfg.budget.policy})") if gate is not None else ""
+        return Plan(trials, summary=summary, view="transfer_scores", gate=gate)
 
     def report(self, cfg: ExperimentConfig, store: ResultStore) -> list[str]:
         return transfer_matrix_lines(store, cfg)

@@ -157,6 +157,7 @@ class StageResult:
     failed: list[str] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)  # waiting for a failed (or stopped) run
     stopped: list[str] = field(default_factory=list)  # stopped early by Tune's scheduler (decided runs)
+    skipped: list[str] = field(default_factory=list)  # never proposed by the run's budget policy
     seconds: float = 0.0
     records: list[TrialRecord] = field(default_factory=list)
     experiment_path: str = ""  # Tune's experiment folder
@@ -250,7 +251,7 @@ class PeriodicIngest(RunCallback):
 
 # -- the scheduler ---------------------------------------------------------------------------------------
 def run_trials(name: str, todo: list[TrialSpec], run: RunSpec, store: Any, *, pool: WorkerPool | None = None,
-               callbacks: Sequence[RunCallback] = ()) -> StageResult:
+               callbacks: Sequence[RunCallback] = (), gate: Any = None) -> StageResult:
     """Run `todo` with one Tuner, each trial as soon as every key in its `depends_on` is stored; ingest
     at the end. Tune's experiment folder is `<results>/tune/<name>-<time>` (in the bucket for a remote
     results location).
@@ -261,8 +262,9 @@ def run_trials(name: str, todo: list[TrialSpec], run: RunSpec, store: Any, *, po
     """
     remote = getattr(store, "remote", None)
     storage = f"{remote.base}/tune" if remote else str(Path(store.root).resolve() / "tune")
-    result = schedule(name, todo, run, store.finished_keys(), pool=pool, callbacks=[PeriodicIngest(store), *callbacks],
-                      storage=storage, storage_fs=remote.fs if remote else None)
+    result = schedule(name, todo, run, store.finished_keys(statuses=("ok",)), pool=pool,
+                      callbacks=[PeriodicIngest(store), *callbacks], storage=storage,
+                      storage_fs=remote.fs if remote else None, gate=gate)
     store.ingest()
     observe.rows_ingested(store.last_ingested)
     if result.blocked:
@@ -290,7 +292,7 @@ def run_stage(name: str, trials: list[TrialSpec], run: RunSpec, *, pool: WorkerP
 
 def schedule(name: str, trials: list[TrialSpec], run: RunSpec, done: set[str], *,
              pool: WorkerPool | None = None, callbacks: Sequence[RunCallback] = (),
-             storage: str | None = None, storage_fs: Any = None) -> StageResult:
+             storage: str | None = None, storage_fs: Any = None, gate: Any = None) -> StageResult:
     """One `Tuner.fit()` over `trials`: each a Tune trial, released by the dependency searcher.
 
     `done` holds the run keys stored before the run; a dependency that is neither there nor among
@@ -308,7 +310,7 @@ def schedule(name: str, trials: list[TrialSpec], run: RunSpec, done: set[str], *
     pool.ensure(caps, name=tuning.broker_name(experiment))
     hooks = [ProgressLines(result, run.verbose), TrialMetrics(), *callbacks]
     t0 = time.time()
-    searcher = tuning.make_searcher(trials, set(done), pool.name, own_pool)
+    searcher = tuning.make_searcher(trials, set(done), pool.name, own_pool, gate=gate)
     adapter = _TuneHooks(result, hooks, searcher, {t.run_key: t for t in trials}, t0)
     try:
         grid = _fit(name, experiment, run, searcher, adapter, caps, storage, storage_fs, len(trials))
@@ -318,6 +320,8 @@ def schedule(name: str, trials: list[TrialSpec], run: RunSpec, done: set[str], *
         if own_pool:
             pool.close()
     result.blocked = list(searcher.blocked)
+    if gate is not None:  # never proposed: left out by the budget, not missing
+        result.skipped = [t.run_key for t in trials if t.run_key not in gate.admitted]
     result.seconds = time.time() - t0
     for h in hooks:
         h.on_run_end(result)
@@ -435,14 +439,23 @@ def _stored_error(spec: TrialSpec) -> str:
     return row.get("error") or ""
 
 
-def finish(store: Any, trials: list[TrialSpec], view: str) -> int:
-    """A job's last lines: where the results are, how to query them, and exit 1 if runs are missing."""
+def finish(store: Any, trials: list[TrialSpec], view: str, gate: Any = None) -> int:
+    """A job's last lines: where the results are, how to query them, and exit 1 if runs are missing
+    (with a budget `gate`, runs its policy never proposed are not missing: they are counted apart)."""
     print(f"transferlab: results database {store.db_path}")
     print(f"transferlab: query it with: transferlab sql \"SELECT * FROM {view}\" --db {store.db_path}")
     stored = store.finished_keys()  # ok or stopped: decided runs
     stopped = store.finished_keys(statuses=("stopped",))
     # a run that depends on a stopped one is decided too: it will not run
     missing = [t for t in trials if t.run_key not in stored and not any(d in stopped for d in t.depends_on)]
+    if gate is not None:
+        skipped = [t for t in missing if t.run_key not in gate.admitted]
+        missing = [t for t in missing if t.run_key in gate.admitted]
+        spent = gate.spent()
+        print(f"transferlab: budget: {sum(spent.values())} of {len(trials)} runs of the full grid spent "
+              f"({spent['transfers']} transfers, {spent['baselines']} baselines, {spent['sources']} sources); "
+              f"{len(skipped)} runs left out by the budget; predict them with "
+              f"`transferlab predict-transfers --setup {trials[0].setup.key} --db {store.db_path}`")
     if missing:
         print(f"transferlab: {len(missing)} runs did not finish (see runs.status/error); re-run to retry them",
               file=sys.stderr)

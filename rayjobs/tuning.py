@@ -376,7 +376,8 @@ def _shape_dict(s: Shape) -> dict[str, Any]:
 
 
 # -- the searcher -----------------------------------------------------------------------------------------
-def make_searcher(trials: list[TrialSpec], done: set[str], broker_name: str, own_pool: bool) -> Any:
+def make_searcher(trials: list[TrialSpec], done: set[str], broker_name: str, own_pool: bool,
+                  gate: Any = None) -> Any:
     from ray.tune.search import Searcher
 
     class DependencySearcher(Searcher):
@@ -384,7 +385,8 @@ def make_searcher(trials: list[TrialSpec], done: set[str], broker_name: str, own
 
         One suggestion per call, never a batch (a batch would be a barrier); None while nothing is
         ready, FINISHED once nothing is left. State (stored, failed, handed out) is saved with the Tune
-        experiment, so `Tuner.restore` resumes it."""
+        experiment, so `Tuner.restore` resumes it. With a `gate` (a budget, `rayjobs.budget`) only the
+        trials it admits are released, and it ends the run when its policy is done."""
 
         def __init__(self) -> None:
             super().__init__()
@@ -402,6 +404,13 @@ def make_searcher(trials: list[TrialSpec], done: set[str], broker_name: str, own
         # Tune's API
         def suggest(self, trial_id: str) -> dict[str, Any] | None:
             self._release()
+            while gate is not None and not self.ready:
+                admitted = gate.admit()
+                if admitted is not True:
+                    if admitted == gate.FINISHED and not self.live and not self._admitted_waiting():
+                        return Searcher.FINISHED
+                    break
+                self._release()
             if self.ready:
                 key = self.ready.popleft()
                 self.live[trial_id] = key
@@ -410,6 +419,8 @@ def make_searcher(trials: list[TrialSpec], done: set[str], broker_name: str, own
                         "broker": broker_name}
             if not self.waiting and not self.live:
                 return Searcher.FINISHED
+            if gate is not None:  # the policy waits for results in flight
+                return None
             if not self.live and self.waiting:  # nothing in flight can release these: a cycle
                 self.blocked.extend(self.waiting)
                 self.waiting.clear()
@@ -421,6 +432,8 @@ def make_searcher(trials: list[TrialSpec], done: set[str], broker_name: str, own
             if key is None:
                 return
             self.completed_at[key] = time.time()
+            if gate is not None:
+                gate.complete(key, result, ok=not error and bool(result and result.get("status") == "ok"))
             if error:
                 self.failed.add(key)
             elif result and result.get("final") and result.get("status") == "ok":
@@ -452,11 +465,17 @@ def make_searcher(trials: list[TrialSpec], done: set[str], broker_name: str, own
             self.waiting = deque(k for k in self.order if k not in gone)
             self.ready.clear()
 
+        def _admitted_waiting(self) -> bool:
+            return any(k in gate.admitted for k in self.waiting)
+
         def _release(self) -> None:
             now = time.time()
             still: deque[str] = deque()
             for key in self.waiting:
-                deps = self.specs[key].depends_on
+                if gate is not None and key not in gate.admitted:
+                    still.append(key)
+                    continue
+                deps = [*self.specs[key].depends_on, *(gate.extra_deps(key) if gate is not None else [])]
                 if all(d in self.done for d in deps):
                     self.ready.append(key)
                     self.released_at[key] = now

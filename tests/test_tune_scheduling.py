@@ -232,3 +232,56 @@ def test_mlflow_and_wandb_callbacks_log_every_trial_offline(tmp_path: Path) -> N
         assert logged[key] == pytest.approx(score)
     offline = list((tune_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 3, list((tune_dir).iterdir())
+
+
+BUDGET_GRID = """
+name: budgeted
+data_root: {data}
+tasks: {{sources: [snli, mrpc, scitail], targets: null}}
+seeds: [7, 8]
+sizes: {{source_train: 16, target_train: 16, eval: 16}}
+setups:
+  - model: {{name: tiny, config: {{model_type: bert, hidden_size: 16, num_hidden_layers: 1,
+            num_attention_heads: 2, intermediate_size: 32}}, max_length: 48}}
+    train: {{epochs: 1, batch_size: 8}}
+budget: {{runs: 0.5, policy: racing, k: 1}}
+"""
+
+
+@needs_data
+@pytest.mark.integration
+def test_budgeted_grid_trains_what_its_policy_proposes_within_the_budget(tmp_path: Path) -> None:
+    """3 tasks x 2 seeds: 6 sources + 6 baselines + 12 transfers = 24 runs; a budget of half of them.
+    Racing gives every pair one seed first (6 transfers + their 3 sources and 3 baselines = 12 runs):
+    that is the budget, so the second seed is never trained."""
+    cfg = tmp_path / "b.yaml"
+    cfg.write_text(BUDGET_GRID.format(data=DATA))
+    results = tmp_path / "res"
+    r = cli("run", str(cfg), "--results", str(results), timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "a budget of 12 (racing)" in r.stdout
+    assert "budget: 12 of 24 runs of the full grid spent (6 transfers, 3 baselines, 3 sources); 12 runs left " \
+           "out by the budget" in r.stdout, r.stdout[-2000:]
+    con = duckdb.connect(str(results / "transferlab.duckdb"), read_only=True)
+    rows = con.execute("SELECT kind, seed, status FROM runs").fetchall()
+    con.close()
+    assert len(rows) == 12 and all(st == "ok" for *_, st in rows)
+    assert {seed for kind, seed, _ in rows} == {7}  # one seed on every pair first: the first seed
+    assert sorted(k for k, *_ in rows).count("transfer") == 6
+    again = cli("run", str(cfg), "--results", str(results), timeout=600)  # the stored runs are replayed
+    assert again.returncode == 0 and "12 already stored, 12 to run" in again.stdout, again.stdout[-2000:]
+    assert "budget: 12 of 24 runs" in again.stdout
+    con = duckdb.connect(str(results / "transferlab.duckdb"), read_only=True)
+    assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == 12  # nothing more was trained
+
+
+def test_a_config_that_fails_its_checks_leaves_nothing_behind(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(tiny_grid("bad", sources="[snli, no_such_task]"))
+    results = tmp_path / "deep" / "res"
+    r = cli("run", str(cfg), "--results", str(results))
+    assert r.returncode == 2 and "no_such_task" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "deep").exists()  # no runs/, checkpoints/ or DuckDB file, not even the parent
+    (tmp_path / "file").write_text("x")
+    r = cli("run", str(cfg), "--results", str(tmp_path / "file"))
+    assert r.returncode == 2 and "is a file, not a folder" in r.stderr

@@ -155,6 +155,22 @@ class Policy:
             self.pending.add((s, t, k))
         return out
 
+    def record(self, run: Run, score: float | None) -> None:
+        """A run stored before this policy was built (a re-run of the job): spent and observed, as if
+        this policy had proposed it."""
+        run = (run[0], run[1], int(run[2]))
+        if run in self.observations:
+            return
+        s, t, k = run
+        self.spent["transfers"] += 1
+        if (t, k) not in self.baselines_done:
+            self.baselines_done.add((t, k))
+            self.spent["baselines"] += 1
+        if (s, k) not in self.sources_done:
+            self.sources_done.add((s, k))
+            self.spent["sources"] += 1
+        self.observe(run, score)
+
     def observe(self, run: Run, score: float | None) -> None:
         run = (run[0], run[1], int(run[2]))
         self.pending.discard(run)
