@@ -535,9 +535,11 @@ def make_callbacks(run: RunSpec, tracking_dir: Path, name: str) -> list[Any]:
         elif name == "wandb":
             from ray.air.integrations.wandb import WandbLoggerCallback
 
-            os.environ.setdefault("WANDB_MODE", "offline")
-            os.environ.setdefault("WANDB_DIR", str(tracking_dir))
-            out.append(WandbLoggerCallback(project=name))
+            os.environ.setdefault("WANDB_MODE", "offline")  # read by the callback's key check, here
+            # Ray's per-trial W&B logging actors do not get this process's environment: mode and folder
+            # travel as wandb.init arguments
+            out.append(WandbLoggerCallback(project=name, mode=os.environ["WANDB_MODE"],
+                                           dir=os.environ.get("WANDB_DIR", str(tracking_dir))))
     return out
 
 
