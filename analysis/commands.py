@@ -347,9 +347,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
           f"{res['metric_family']} metrics")
     def rho(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}"
-    rows = [(c, v["n_targets"], _pct(v["ndcg"]), _pct(v[rk]), rho(v["rho"])) for c, v in res["by_category"].items()]
-    rows.append(("overall", len(res["by_target"]), _pct(res["ndcg"]), _pct(res[rk]), rho(res["rho"])))
-    _table(["category", "targets", "NDCG %", f"Regret@{args.k} %", "rho"], rows)
+    regret = get_family(args.metrics).regret  # vu defines none: no column of dashes
+
+    def cells(v: dict) -> tuple:
+        return (_pct(v["ndcg"]), *([_pct(v[rk])] if regret else []), rho(v["rho"]))
+    rows = [(c, v["n_targets"], *cells(v)) for c, v in res["by_category"].items()]
+    rows.append(("overall", len(res["by_target"]), *cells(res)))
+    _table(["category", "targets", "NDCG %", *([f"Regret@{args.k} %"] if regret else []), "rho"], rows)
     for note in res["notes"]:
         print(f"note: {note}")
     return 0

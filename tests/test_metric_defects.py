@@ -140,6 +140,14 @@ def test_fute_tables_report_vu_and_taskweb_beside_it(tmp_path):
     tw = (7 / L2 + 1 / L3 + 3 / L4) / (7 / L2 + 3 / L3 + 1 / L4)
     assert row["taskweb"]["k"] == 5 and row["taskweb"]["rho"] == 1.0 and row["taskweb"]["ndcg"] == pytest.approx(tw)
     assert "error" in rows[1]
+    # the report's table: FUTE's metrics first, TaskWeb's beside them; an error row keeps the width
+    from analysis.fute_report import _selection_rows
+
+    cols, cells = _selection_rows(rows, taskweb=True)
+    assert cols[2:7] == ["NDCG (vu)", "rho (vu)", "NDCG (taskweb)", "Regret@5 (taskweb)", "rho (taskweb)"]
+    assert cells[0][2:7] == [f"{100 * one['ndcg']:.2f}", "3.00", f"{100 * tw:.2f}", "0.00", "1.00"]
+    assert len(cells[1]) == len(cols) and cells[1][-1].startswith("n/a: ")
+    assert _selection_rows(rows)[0][2:4] == ["NDCG (vu)", "rho (vu)"]
 
 
 # -- 6. each family's k; lin is the paper's seed-averaged form ---------------------------------------------------
