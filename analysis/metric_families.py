@@ -243,7 +243,8 @@ def vu_metrics(con: duckdb.DuckDBPyConnection, preds: pa.Table, setup: str, targ
     of the candidate source model that yields the highest transfer gain; (2) the NDCG (Jarvelin and
     Kekalainen, 2002), which assesses the overall quality of the entire ranking." Vu et al.'s NDCG is
     DCG(R) = sum_{i=1..p} (2^rel_i - 1) / log2(i + 1) over the whole ranking, rel_i the target performance
-    of the source ranked i, divided by the DCG of the true ranking (Lin et al.'s Eq. 5 is the same formula):
+    of the source ranked i, divided by the DCG of the true ranking (Vu et al.'s text is not among
+    ../shared/papers; Lin et al.'s App. A.2 Eq. 5, which is, writes the same formula with the same symbols):
       - relevance: the seed-averaged target score of the transfer in percent (as `lin`; gain 0 below 0);
       - rho (`rank_of_best`): the 1-based predicted position of the source with the highest transfer gain,
         i.e. the highest mean target score (the target's baseline is common to all its sources); the mean
