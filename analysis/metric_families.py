@@ -132,7 +132,7 @@ def taskweb_metrics(con: duckdb.DuckDBPyConnection, preds: pa.Table, setup: str,
                    avg(perf) FILTER (WHERE prank < $k) AS pred_perf,
                    count(*) FILTER (WHERE (grank < $k OR prank < $k) AND perf IS NULL) AS perf_missing,
                    CASE WHEN perf_missing = 0 THEN (gold_perf - pred_perf) / gold_perf END AS regret,
-                   min(prank) FILTER (WHERE gold = best) + 1 AS rank_of_best,
+                   min(prank) FILTER (WHERE gold >= best - 1e-12) + 1 AS rank_of_best,  -- float-noise ties
                    list(source ORDER BY prank) FILTER (WHERE prank < $k) AS pred_top,
                    list(source ORDER BY grank) FILTER (WHERE grank < $k) AS gold_top
             FROM r GROUP BY variant, target ORDER BY variant, target""", {**params, "k": k}).fetchall()
@@ -148,13 +148,16 @@ def _absolute_metrics(con: duckdb.DuckDBPyConnection, preds: pa.Table, setup: st
     target on the seed-averaged scores, or with `per_seed` one per (target, seed), averaged over seeds."""
     _check_k(k)
     params = {"setup": setup, "targets": targets, "sources": sources}
-    runs = """SELECT r.target, r.source, r.seed, 100 * avg(r.score) AS rel
+    # rounded to 1e-9 points: a float sum's order (DuckDB aggregates in parallel) must not break exact ties
+    runs = """SELECT r.target, r.source, r.seed, round(100 * avg(r.score), 9) AS rel
               FROM transfer_runs r
               JOIN canonical_hparams h ON h.setup = r.setup AND h.target = r.target AND h.hparams = r.hparams
               WHERE r.setup = $setup AND list_contains($targets, r.target) AND r.source <> r.target
                 AND (CAST($sources AS VARCHAR[]) IS NULL OR list_contains($sources, r.source))
+                AND EXISTS (SELECT 1 FROM analysis_transfers a  -- the candidates of every family
+                            WHERE a.setup = $setup AND a.source = r.source AND a.target = r.target)
               GROUP BY r.target, r.source, r.seed"""
-    scores = runs if per_seed else f"SELECT target, source, NULL AS seed, avg(rel) AS rel FROM ({runs}) GROUP BY ALL"
+    scores = runs if per_seed else f"SELECT target, source, NULL AS seed, round(avg(rel), 9) AS rel FROM ({runs}) GROUP BY ALL"
     have = {r[0] for r in con.execute(f"SELECT DISTINCT target FROM ({runs})", params).fetchall()}
     lacking = [t for t in targets if t not in have]
     if lacking:
@@ -208,8 +211,9 @@ def lin_metrics(con: duckdb.DuckDBPyConnection, preds: pa.Table, setup: str, tar
         `canonical_hparams`), in percent: rel = 100 x score (the store keeps fractions), averaged over
         seeds first ("the relevance rel_i ... is set to the averaged target performance", Eq. 7's
         E[T(s, t)]). Published means without seeds (Lin et al.'s Table 7, `import its`) are that mean;
-      - one ranking per target: candidates = sources with a run into the target (restricted to `sources`
-        when given); gold order by mean score descending, predicted order by selector score descending,
+      - one ranking per target: candidates = sources with a transfer score T(s -> t) in the setup (the
+        candidates of `taskweb` too) and a run into the target, restricted to `sources` when given (TaskWeb's
+        runs.csv holds roberta runs from sst2, which has no transfer score: not a candidate); gold order by mean score descending, predicted order by selector score descending,
         ties by source name;
       - nDCG (Eqs. 5-6): DCG = sum_i (2^rel_i - 1) / log2(i + 2) over predicted positions i = 0..n-1,
         divided by the DCG of the gold order; a score below 0 (e.g. a negative Matthews correlation,

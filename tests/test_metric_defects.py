@@ -189,3 +189,27 @@ def test_cli_default_k_is_the_familys(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["evaluate-selection", "--selector", "pred", "--setup", "pt:m", "--metrics", "lin-mean", "--db", db])
     assert "now 'lin'" in capsys.readouterr().err
+
+
+def test_lin_candidates_are_the_setups_transfers_and_float_ties_tie(tmp_path):
+    """A run from a source without a transfer score (TaskWeb's roberta runs from sst2) is no candidate, and
+    two sources whose mean scores differ only by float noise (0.1 + 0.2 vs 0.15 + 0.15) are equally best:
+    rho is the better placed one."""
+    from analysis.store import ResultStore
+
+    db = tmp_path / "s.duckdb"
+    store = ResultStore(tmp_path, db_path=db)
+    with open_store(db, create=True) as con:
+        con.executemany("INSERT INTO published_transfer_scores VALUES ('m', 'pt', ?, 't', ?, 0.5, 'test')",
+                        [("x", 0.3), ("y", 0.2), ("w", 0.1)])
+        scores = {"x": [0.1, 0.2], "y": [0.15, 0.15], "w": [0.05, 0.05], "z": [0.9, 0.9]}  # z: no transfer score
+        store.insert_rows([{"run_key": f"{s}{i}", "kind": "transfer", "setup": "pt:m", "model": "m", "adaptation": "pt",
+                            "source": s, "target": "t", "seed": i, "score": v}
+                           for s, vs in scores.items() for i, v in enumerate(vs)], con)
+        sel.store_scores(con, "p", "test", {}, pa.table({"source": ["w", "y", "x"], "target": ["t"] * 3,
+                                                          "score": [0.9, 0.5, 0.1]}))
+        res = evaluate_selection(con, "p", "pt:m", targets=["t"], metrics="lin")
+    assert res["by_target"]["t"]["n_sources"] == 3 and "z" not in res["by_target"]["t"]["gold_top"]
+    assert (0.1 + 0.2) / 2 != (0.15 + 0.15) / 2  # the float noise the metric must not see
+    assert res["rho"] == 2.0  # predicted w, y, x: y (tied best with x) is 2nd
+    assert res["regret_at_1"] == pytest.approx((15 - 5) / 15)
