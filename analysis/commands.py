@@ -291,13 +291,14 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _families(text: str) -> list[str]:
-    from analysis.metric_families import FAMILIES
+    from analysis.metric_families import FAMILIES, RENAMED
 
     names = _names(text)
     unknown = [n for n in names if n not in FAMILIES]
     if unknown or not names:
+        hint = "".join(f"; {n}: {RENAMED[n]}" for n in unknown if n in RENAMED)
         raise argparse.ArgumentTypeError(f"unknown metric family {', '.join(unknown) or repr(text)} "
-                                         f"(choose from {', '.join(FAMILIES)})")
+                                         f"(choose from {', '.join(FAMILIES)}){hint}")
     return names
 
 
@@ -315,7 +316,8 @@ def _cmd_compare_all(args: argparse.Namespace) -> int:
         _dump(res)
         return 0
     pool = f", pool {res['pool']}" if res["pool"] else ""
-    print(f"every selector on {res['setup']}{pool}, k={res['k']}; metric families side by side, never mixed")
+    ks = ", ".join(f"{f} k={k}" for f, k in res["k"].items())
+    print(f"every selector on {res['setup']}{pool} ({ks}); metric families side by side, never mixed")
     cols, rows, reasons = table_rows(res)
     _table(cols, rows)
     for line in res["summary"]:
@@ -327,6 +329,7 @@ def _cmd_compare_all(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from analysis.db import read_store
+    from analysis.metric_families import get_family
     from analysis.ranking import evaluate_selection, evaluation_plan, load_categories
 
     if args.selector == "all":
@@ -334,6 +337,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if len(args.metrics) != 1:
         raise AnalysisError("several metric families go with --selector all only; name one")
     args.metrics = args.metrics[0]
+    if args.k is None:  # the family's paper's k (taskweb 5, lin 1)
+        args.k = get_family(args.metrics).default_k
     cats = load_categories(args.categories) if args.categories else None
     with read_store(args.db) as con:
         targets, _ = evaluation_plan(con, args.setup, args.targets, cats)
@@ -349,9 +354,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     pool = f", pool {res['pool']}" if res["pool"] else ""
     print(f"selector {res['selector']} (stored as {res['stored_as']}) on {res['setup']}{lam}{pool}, "
           f"{res['metric_family']} metrics")
-    rows = [(c, v["n_targets"], _pct(v["ndcg"]), _pct(v[rk])) for c, v in res["by_category"].items()]
-    rows.append(("overall", len(res["by_target"]), _pct(res["ndcg"]), _pct(res[rk])))
-    _table(["category", "targets", "NDCG %", f"Regret@{args.k} %"], rows)
+    def rho(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+    regret = get_family(args.metrics).regret  # vu defines none: no column of dashes
+
+    def cells(v: dict) -> tuple:
+        return (_pct(v["ndcg"]), *([_pct(v[rk])] if regret else []), rho(v["rho"]))
+    rows = [(c, v["n_targets"], *cells(v)) for c, v in res["by_category"].items()]
+    rows.append(("overall", len(res["by_target"]), *cells(res)))
+    _table(["category", "targets", "NDCG %", *([f"Regret@{args.k} %"] if regret else []), "rho"], rows)
     for note in res["notes"]:
         print(f"note: {note}")
     return 0
@@ -519,15 +530,17 @@ def register(sub: argparse._SubParsersAction, default_db: Callable[[], str]) -> 
                         "or a stored name; 'all': every selector that applies, one table (required)")
     p.add_argument("--setup", required=True, help="ADAPTATION:MODEL, e.g. finetune:t5l (required)")
     p.add_argument("--lambda", dest="lam", type=float, default=None, help="TaskShop lambda (default: 0.7)")
-    p.add_argument("--k", type=int, default=5,
-                   help="k of Regret@k, at most the number of candidate sources (default: %(default)s)")
+    p.add_argument("--k", type=int, default=None,
+                   help="k of Regret@k, at most the number of candidate sources (default: the metric family's "
+                        "paper's: taskweb 5, lin and lin-per-seed 1)")
     p.add_argument("--targets", type=_names, default=None,
                    help="targets to evaluate, comma-separated (default: Table 2's 20 for TaskWeb data, else all)")
     p.add_argument("--categories", help="JSON/YAML category map {category: [tasks]} (default: Table 2's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random selector (default: %(default)s)")
     p.add_argument("--metrics", type=_families, default=["taskweb"],
-                   help="metric family: taskweb (Kim et al.) or lin / lin-mean (Lin et al.); with --selector all, "
-                        "several, comma-separated, side by side (default: taskweb)")
+                   help="metric family: taskweb (Kim et al.), lin (Lin et al.: seed-averaged scores), lin-per-seed "
+                        "(ranked per seed, then averaged), vu (rho and NDCG of Vu et al., as FUTE reports); with "
+                        "--selector all, several, comma-separated, side by side (default: taskweb)")
     p.add_argument("--pool", help="rank only the sources of this pool (table source_pools, e.g. its-qa) "
                                   "(default: every candidate)")
     json_flag(p)

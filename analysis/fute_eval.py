@@ -2,15 +2,18 @@
 
 Source / model selection: a selector's scores F(s -> t) rank the candidate sources of every target; the
 ranking is scored against a transfer matrix in the store (the measured local one, or the published
-TaskWeb one) with the `taskweb` metric family (`analysis.metric_families`: NDCG over gold ranks with gain
-2^rel - 1 and discount log2(i + 2); Regret@k = relative drop of the mean target performance of the
-predicted top-k vs the gold top-k), in the leave-one-out protocol of `analysis.ranking`, plus
-  rho  (FUTE Sec. 4.1.1, from Vu et al. 2020): the mean over targets of the 1-based position, in the
-       predicted ranking (score descending, ties by source name), of the candidate with the highest transfer
-       score T(s -> t) (several equally best: the best placed). Lower is better; 1 is perfect.
-The random baseline is the mean over `random_seeds` seeded random rankings. Every row says whether the
-method uses labelled target data: FUTE's DTE is trained on the target's labelled examples (the few-shot
-ones for TaskShop's F); RoE and LLM-similarity read target examples with their answer choices.
+TaskWeb one) in the leave-one-out protocol of `analysis.ranking`, with the metrics FUTE reports (Sec. 4.1.1:
+"we follow (Vu et al., 2020; Zhou et al., 2022)"): the `vu` metric family of `analysis.metric_families`,
+  rho   the mean over targets of the 1-based position, in the predicted ranking (score descending, ties by
+        source name), of the candidate with the highest transfer gain, i.e. the highest seed-averaged
+        target score (several equally best: the best placed). Lower is better; 1 is perfect;
+  NDCG  relevance = the seed-averaged target score in percent, gain 2^rel - 1, discount log2(i + 1) at the
+        1-based predicted position i, over the whole ranking, divided by the same sum in the true order.
+Where FUTE is compared with TaskShop on TaskWeb's Table 2 setups, TaskWeb's own metrics (`taskweb`: NDCG
+over gold ranks of T(s -> t), Regret@5) stand next to them, as Table 2 reports them. The random baseline
+is the mean over `random_seeds` seeded random rankings. Every row says whether the method uses labelled
+target data: FUTE's DTE is trained on the target's labelled examples (the few-shot ones for TaskShop's F);
+RoE and LLM-similarity read target examples with their answer choices.
 
 Prompt selection: per task, one model's prompts ranked by FUTE (cos(MTE(model + prompt), DTE(task))) and by
 the unlabelled baselines of `analysis.prompt_selection` (MI, LocalE, GlobalE, ZPS log/prob/vote, SPELL,
@@ -46,74 +49,74 @@ TARGET_DATA = {
 }
 
 
-def rank_of_best(con: duckdb.DuckDBPyConnection, stored: str, setup: str, targets: list[str],
-                 sources: list[str] | None = None) -> dict[str, int]:
-    """Per target: the 1-based predicted position of the source with the highest T(s -> t) (see module doc)."""
-    rows = con.execute("""
-        WITH g AS (SELECT source, target, score AS gold FROM analysis_transfers
-                   WHERE setup = $setup AND list_contains($targets, target) AND source <> target
-                     AND (CAST($sources AS VARCHAR[]) IS NULL OR list_contains($sources, source))),
-             j AS (SELECT g.*, p.score AS pred FROM g
-                   JOIN selector_pair_scores p ON p.selector = $s AND p.source = g.source AND p.target = g.target),
-             r AS (SELECT *, row_number() OVER (PARTITION BY target ORDER BY pred DESC, source) AS prank,
-                          max(gold) OVER (PARTITION BY target) AS best FROM j)
-        SELECT target, min(prank) FILTER (WHERE gold = best) FROM r GROUP BY target ORDER BY target""",
-                       {"setup": setup, "targets": targets, "sources": sources, "s": stored}).fetchall()
-    return {t: int(k) for t, k in rows}
+#: FUTE's own metrics (Sec. 4.1.1, after Vu et al. 2020), and TaskWeb's next to them against TaskShop
+FUTE_FAMILY = "vu"
+TASKSHOP_FAMILIES = ("vu", "taskweb")
 
 
-def evaluate_method(con: duckdb.DuckDBPyConnection, selector: str, setup: str, k: int = 5,
-                    targets: list[str] | None = None, pool: str | None = None, lam: float | None = None
-                    ) -> dict[str, Any]:
-    """NDCG, Regret@k and rho of one selector on one setup (fractions; rho a rank)."""
-    res = evaluate_selection(con, selector, setup, lam=lam, k=k, targets=targets, pool=pool)
-    evaluated = list(res["by_target"])
-    ranks = rank_of_best(con, res["stored_as"], setup, evaluated, res["pool_sources"])
-    return {"selector": selector, "stored_as": res["stored_as"], "setup": setup, "k": k, "ndcg": res["ndcg"],
-            "regret": res[f"regret_at_{k}"], "rho": float(np.mean([ranks[t] for t in evaluated])),
-            "n_targets": len(evaluated), "n_candidates": float(np.mean([v["n_sources"] for v in res["by_target"].values()])),
-            "by_target": {t: {**v, "rank_of_best": ranks[t]} for t, v in res["by_target"].items()},
-            "lambda": res["lambda"]}
+def evaluate_method(con: duckdb.DuckDBPyConnection, selector: str, setup: str, k: int | None = None,
+                    targets: list[str] | None = None, pool: str | None = None, lam: float | None = None,
+                    metrics: str = FUTE_FAMILY) -> dict[str, Any]:
+    """NDCG, Regret@k (null where the family defines none) and rho of one selector on one setup under one
+    metric family (fractions; rho a rank); k: the family's paper's unless given."""
+    res = evaluate_selection(con, selector, setup, lam=lam, k=k, targets=targets, pool=pool, metrics=metrics)
+    k = res["k"]
+    return {"selector": selector, "stored_as": res["stored_as"], "setup": setup, "metric_family": metrics, "k": k,
+            "ndcg": res["ndcg"], "regret": res[f"regret_at_{k}"], "rho": res["rho"],
+            "n_targets": len(res["by_target"]),
+            "n_candidates": float(np.mean([v["n_sources"] for v in res["by_target"].values()])),
+            "by_target": res["by_target"], "lambda": res["lambda"]}
 
 
-def evaluate_random(con: duckdb.DuckDBPyConnection, setup: str, k: int = 5, targets: list[str] | None = None,
-                    pool: str | None = None, seeds: int = 10) -> dict[str, Any]:
+def evaluate_random(con: duckdb.DuckDBPyConnection, setup: str, k: int | None = None,
+                    targets: list[str] | None = None, pool: str | None = None, seeds: int = 10,
+                    metrics: str = FUTE_FAMILY) -> dict[str, Any]:
     """The mean of `seeds` seeded random rankings (each `random[seed=i]`)."""
-    runs = [evaluate_method(con, "random", setup, k, targets, pool) if i == 0 else
-            _random_seed(con, i, setup, k, targets, pool) for i in range(seeds)]
+    runs = [evaluate_method(con, "random", setup, k, targets, pool, metrics=metrics) if i == 0 else
+            _random_seed(con, i, setup, k, targets, pool, metrics) for i in range(seeds)]
     regrets = [r["regret"] for r in runs]
-    return {"selector": f"random (mean of {seeds} seeds)", "setup": setup, "k": k,
-            "ndcg": float(np.mean([r["ndcg"] for r in runs])),
+    return {"selector": f"random (mean of {seeds} seeds)", "setup": setup, "metric_family": metrics,
+            "k": runs[0]["k"], "ndcg": float(np.mean([r["ndcg"] for r in runs])),
             "regret": None if any(v is None for v in regrets) else float(np.mean(regrets)),
             "rho": float(np.mean([r["rho"] for r in runs])), "n_targets": runs[0]["n_targets"],
             "n_candidates": runs[0]["n_candidates"], "lambda": None}
 
 
-def _random_seed(con: duckdb.DuckDBPyConnection, seed: int, setup: str, k: int, targets: list[str] | None,
-                 pool: str | None) -> dict[str, Any]:
+def _random_seed(con: duckdb.DuckDBPyConnection, seed: int, setup: str, k: int | None, targets: list[str] | None,
+                 pool: str | None, metrics: str) -> dict[str, Any]:
     sel.compute_random(con, seed)
-    return evaluate_method(con, f"random[seed={seed}]", setup, k, targets, pool)
+    return evaluate_method(con, f"random[seed={seed}]", setup, k, targets, pool, metrics=metrics)
+
+
+def _evaluate(con: duckdb.DuckDBPyConnection, selector: str, setup: str, k: int | None, targets: list[str] | None,
+              pool: str | None, random_seeds: int, metrics: str, lam: float | None = None) -> dict[str, Any]:
+    if selector == "random":
+        return evaluate_random(con, setup, k, targets, pool, random_seeds, metrics)
+    return evaluate_method(con, selector, setup, k, targets, pool, lam, metrics)
+
+
+def _one_row(con: duckdb.DuckDBPyConnection, label: str, selector: str, reads: str, setup: str, k: int | None,
+             targets: list[str] | None, pool: str | None, random_seeds: int, families: tuple[str, ...],
+             lam: float | None = None) -> dict[str, Any]:
+    """The row of one method: the first family's values at the top level, every other family's under its
+    name; an error (no scores for its tasks) as the row's `error`."""
+    try:
+        first, *rest = [_evaluate(con, selector, setup, k, targets, pool, random_seeds, f, lam) for f in families]
+    except AnalysisError as e:
+        return {"method": label, "reads_of_target": reads, "setup": setup, "selector": selector, "error": str(e)}
+    return {"method": label, "reads_of_target": reads, **first,
+            **{f: {m: r[m] for m in ("ndcg", "regret", "rho", "k")} for f, r in zip(families[1:], rest, strict=True)}}
 
 
 def source_selection_table(con: duckdb.DuckDBPyConnection, methods: list[tuple[str, str, str]], setups: list[str],
-                           k: int = 5, targets: list[str] | None = None, pool: str | None = None,
-                           random_seeds: int = 10) -> list[dict[str, Any]]:
+                           k: int | None = None, targets: list[str] | None = None, pool: str | None = None,
+                           random_seeds: int = 10, families: tuple[str, ...] = (FUTE_FAMILY,)
+                           ) -> list[dict[str, Any]]:
     """One row per (method, setup): `methods` are (label, selector name, what it reads of the target);
     the selector 'random' is averaged over seeds. A method that cannot be evaluated on a setup (no scores for
-    its tasks) gets a row with its error."""
-    out = []
-    for setup in setups:
-        for label, selector, reads in methods:
-            try:
-                if selector == "random":
-                    res = evaluate_random(con, setup, k, targets, pool, random_seeds)
-                else:
-                    res = evaluate_method(con, selector, setup, k, targets, pool)
-                out.append({"method": label, "reads_of_target": reads, **res})
-            except AnalysisError as e:
-                out.append({"method": label, "reads_of_target": reads, "setup": setup, "selector": selector,
-                            "error": str(e)})
-    return out
+    its tasks, no transfer runs for `vu`'s target scores) gets a row with its error."""
+    return [_one_row(con, label, selector, reads, setup, k, targets, pool, random_seeds, families)
+            for setup in setups for label, selector, reads in methods]
 
 
 def ensure_pool(con: duckdb.DuckDBPyConnection, name: str, sources: list[str]) -> str:
@@ -125,32 +128,31 @@ def ensure_pool(con: duckdb.DuckDBPyConnection, name: str, sources: list[str]) -
     return name
 
 
-def taskshop_with_fute(con: duckdb.DuckDBPyConnection, space: str, setups: list[str], k: int = 5,
+def taskshop_with_fute(con: duckdb.DuckDBPyConnection, space: str, setups: list[str], k: int | None = None,
                        data: str | None = None, tune_on: list[str] | None = None,
                        random_seeds: int = 10) -> dict[str, Any]:
     """FUTE's DTE cosine as TaskShop's few-shot estimate F, on the published TaskWeb setups, next to RoE,
-    LLM-similarity, their TaskShops and random (TaskWeb's Table 2 protocol: leave-one-out, 20 targets).
+    LLM-similarity, their TaskShops and random (TaskWeb's Table 2 protocol: leave-one-out, 20 targets), each
+    row with FUTE's metrics (`vu`: NDCG, rho) and TaskWeb's (`taskweb`: NDCG, Regret@5) beside them.
 
     TaskShop-FUTE is reported with TaskWeb's lambda = 0.7 (tuned for RoE on piqa) and with lambda tuned for
-    FUTE on the held-out piqa the same way (`analysis.ranking.tune_lambda`, by NDCG on the first setup)."""
+    FUTE on the held-out piqa the same way (`analysis.ranking.tune_lambda`: TaskWeb's NDCG, first setup)."""
     from analysis.ranking import tune_lambda
 
     f = store_fute(con, space, "dte", data)
-    tuned = tune_lambda(con, f, setups[0], heldout=tune_on, metric="ndcg", k=k)["best_lambda"]
+    tuned = tune_lambda(con, f, setups[0], heldout=tune_on, metric="ndcg")["best_lambda"]
     rows = source_selection_table(con, [
         ("FUTE (DTE cosine)", f, TARGET_DATA["fute"] + ", 32 few-shot"),
         ("TaskShop-FUTE (lambda 0.7)", f"taskshop-{f}", TARGET_DATA["fute"] + ", 32 few-shot"),
         ("RoE", "roe", TARGET_DATA["roe"]), ("TaskShop-RoE", "taskshop-roe", TARGET_DATA["roe"]),
         ("LLM-similarity", "llm", TARGET_DATA["llm"]), ("TaskShop-LLM", "taskshop-llm", TARGET_DATA["llm"]),
-        ("random", "random", TARGET_DATA["random"])], setups, k, random_seeds=random_seeds)
-    for setup in setups:
-        try:
-            res = evaluate_method(con, f"taskshop-{f}", setup, k, lam=tuned)
-            rows.append({"method": f"TaskShop-FUTE (lambda {tuned:g}, tuned on piqa)",
-                         "reads_of_target": TARGET_DATA["fute"] + ", 32 few-shot", **res})
-        except AnalysisError as e:
-            rows.append({"method": "TaskShop-FUTE (tuned)", "setup": setup, "error": str(e)})
-    return {"space": resolve_space(con, space), "fute_selector": f, "tuned_lambda": tuned, "rows": rows}
+        ("random", "random", TARGET_DATA["random"])], setups, k, random_seeds=random_seeds,
+        families=TASKSHOP_FAMILIES)
+    rows += [_one_row(con, f"TaskShop-FUTE (lambda {tuned:g}, tuned on piqa)", f"taskshop-{f}",
+                      TARGET_DATA["fute"] + ", 32 few-shot", setup, k, None, None, random_seeds, TASKSHOP_FAMILIES,
+                      lam=tuned) for setup in setups]
+    return {"space": resolve_space(con, space), "fute_selector": f, "tuned_lambda": tuned, "rows": rows,
+            "families": list(TASKSHOP_FAMILIES)}
 
 
 # -- prompt selection -----------------------------------------------------------------------------------------

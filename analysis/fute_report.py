@@ -128,7 +128,7 @@ def prompt_figure(results: list[dict[str, Any]], path: Path) -> None:
 
 
 def taskshop_figure(rows: list[dict[str, Any]], path: Path) -> None:
-    """NDCG of each method on each published setup."""
+    """FUTE's NDCG (family `vu`) of each method on each published setup."""
     ok = [r for r in rows if "error" not in r]
     setups = list(dict.fromkeys(r["setup"] for r in ok))
     methods = list(dict.fromkeys(r["method"] for r in ok))
@@ -138,8 +138,8 @@ def taskshop_figure(rows: list[dict[str, Any]], path: Path) -> None:
         vals = [next((100 * r["ndcg"] for r in ok if r["method"] == m and r["setup"] == s), np.nan) for s in setups]
         ax.bar(np.arange(len(setups)) + i * width, vals, width, label=m, color=_CAT_COLORS[i % len(_CAT_COLORS)])
     ax.set_xticks(np.arange(len(setups)) + 0.4 - width / 2, setups, rotation=20, fontsize=8)
-    ax.set_ylabel("NDCG (%)")
-    ax.set_ylim(30, 100)
+    ax.set_ylabel("NDCG (%), FUTE's metric (vu)")
+    ax.set_ylim(0, 100)
     ax.legend(fontsize=7, ncol=2)
     ax.set_title("Source selection on the published TaskWeb transfers (leave-one-out, 20 targets)")
     fig.tight_layout()
@@ -180,15 +180,25 @@ def space_summary(con: duckdb.DuckDBPyConnection, space: str, model: str, prompt
             "chance_mean_rank": ret.get("chance_mean_rank"), "top1": f"{ret.get('top1', 0)}/{ret['n_models']}",
             "within": sep["within"], "across": sep["across"],
             "prompt_ndcg": float(np.mean(ndcgs)) if ndcgs else None, "bad_positions": bad}
-def _selection_rows(rows: list[dict[str, Any]], k: int) -> list[list[Any]]:
+#: the columns of a selection table: FUTE's metrics (family `vu`, Sec. 4.1.1), TaskWeb's beside them for TaskShop
+_VU_COLS = ["NDCG (vu)", "rho (vu)"]
+_TASKWEB_COLS = ["NDCG (taskweb)", "Regret@5 (taskweb)", "rho (taskweb)"]
+
+
+def _selection_rows(rows: list[dict[str, Any]], taskweb: bool = False) -> tuple[list[str], list[list[Any]]]:
+    """(columns, rows): method, setup, vu NDCG % and rho [, taskweb NDCG %, Regret@5 % and rho], size, reads."""
+    cols = ["method", "setup", *_VU_COLS, *(_TASKWEB_COLS if taskweb else []), "targets x candidates",
+            "reads of the target"]
     out = []
     for r in rows:
         if "error" in r:
-            out.append([r["method"], r["setup"], "-", "-", "-", "-", f"n/a: {r['error'][:90]}"])
-        else:
-            out.append([r["method"], r["setup"], _pct(r["ndcg"]), _pct(r["regret"]), _num(r["rho"]),
-                        f"{r['n_targets']} x {r['n_candidates']:.1f}", r.get("reads_of_target", "")])
-    return out
+            out.append([r["method"], r["setup"], *["-"] * (len(cols) - 3), f"n/a: {r['error'][:90]}"])
+            continue
+        tw = r.get("taskweb", {})
+        out.append([r["method"], r["setup"], _pct(r["ndcg"]), _num(r["rho"]),
+                    *([_pct(tw.get("ndcg")), _pct(tw.get("regret")), _num(tw.get("rho"))] if taskweb else []),
+                    f"{r['n_targets']} x {r['n_candidates']:.1f}", r.get("reads_of_target", "")])
+    return cols, out
 
 
 def write_fute_report(con: duckdb.DuckDBPyConnection, out: str | Path, space: str, model: str,
@@ -239,32 +249,31 @@ def write_fute_report(con: duckdb.DuckDBPyConnection, out: str | Path, space: st
 
     # (c) source / model selection
     md += ["## (c) Source and model selection", ""]
-    k_local = 1
     if local_setup:
         local_rows = fe.source_selection_table(con, [
             ("FUTE: cos(MTE of the source model, DTE)", f"fute-mte@{space}", fe.TARGET_DATA["fute"]),
             ("FUTE: cos(DTE, DTE)", f"fute-dte@{space}", fe.TARGET_DATA["fute"]),
             ("RoE (released scores)", "roe", fe.TARGET_DATA["roe"]),
             ("TaskShop-RoE on the local matrix", "taskshop-roe", fe.TARGET_DATA["roe"]),
-            ("random", "random", fe.TARGET_DATA["random"])], [local_setup], k=k_local)
+            ("random", "random", fe.TARGET_DATA["random"])], [local_setup])
         numbers["local_selection"] = local_rows
-        md += [f"Against the transfer matrix measured by the pairwise job (setup `{local_setup}`): NDCG and "
-               f"Regret@{k_local} in percent, rho = mean rank of the true best source (lower is better); "
-               "'targets x candidates' says how small this test is.", ""]
-        md += _md_table(["method", "setup", "NDCG", f"Regret@{k_local}", "rho", "targets x candidates",
-                         "reads of the target"], _selection_rows(local_rows, k_local))
+        md += [f"Against the transfer matrix measured by the pairwise job (setup `{local_setup}`), with FUTE's "
+               "metrics (Sec. 4.1.1, after Vu et al. 2020; family `vu`): NDCG in percent (relevance = the "
+               "seed-averaged target score in percent, gain 2^rel - 1, over the whole ranking) and rho = mean rank "
+               "of the source with the highest transfer gain (lower is better); 'targets x candidates' says how "
+               "small this test is.", ""]
+        md += _md_table(*_selection_rows(local_rows))
         if taskweb_setups:
             dtes = sorted(te.dte_rows(con, space))
             pool = fe.ensure_pool(con, "fute-local-dtes", dtes)
             dte_rows_ = fe.source_selection_table(con, [
                 ("FUTE: cos(DTE, DTE)", f"fute-dte@{space}", fe.TARGET_DATA["fute"]),
                 ("RoE", "roe", fe.TARGET_DATA["roe"]), ("TaskShop-RoE", "taskshop-roe", fe.TARGET_DATA["roe"]),
-                ("random", "random", fe.TARGET_DATA["random"])], taskweb_setups[:1], k=1, targets=dtes, pool=pool)
+                ("random", "random", fe.TARGET_DATA["random"])], taskweb_setups[:1], targets=dtes, pool=pool)
             numbers["published_dte_selection"] = dte_rows_
             md += [f"This space's {len(dtes)} DTEs ranking each other as sources on the published TaskWeb transfers "
                    f"({taskweb_setups[0]}; candidates: the other {len(dtes) - 1} tasks):", ""]
-            md += _md_table(["method", "setup", "NDCG", "Regret@1", "rho", "targets x candidates",
-                             "reads of the target"], _selection_rows(dte_rows_, 1))
+            md += _md_table(*_selection_rows(dte_rows_))
         models = sorted({r["source_task"] for r in te.embedding_rows(con, space=space, kind="MTE") if r["source_task"]})
         if models and taskweb_setups:
             pool = fe.ensure_pool(con, "fute-local-models", models)
@@ -273,13 +282,12 @@ def write_fute_report(con: duckdb.DuckDBPyConnection, out: str | Path, space: st
                 ("FUTE: cos(MTE of the source model, DTE)", f"fute-mte@{space}", fe.TARGET_DATA["fute"]),
                 ("FUTE: cos(DTE, DTE)", f"fute-dte@{space}", fe.TARGET_DATA["fute"]),
                 ("RoE", "roe", fe.TARGET_DATA["roe"]), ("TaskShop-RoE", "taskshop-roe", fe.TARGET_DATA["roe"]),
-                ("random", "random", fe.TARGET_DATA["random"])], taskweb_setups[:1], k=1, targets=targets, pool=pool)
+                ("random", "random", fe.TARGET_DATA["random"])], taskweb_setups[:1], targets=targets, pool=pool)
             numbers["published_model_selection"] = pub_rows
             md += [f"The same source models ranked for the published TaskWeb transfers ({taskweb_setups[0]}) into the "
                    f"{len(targets)} tasks with a DTE here, candidates restricted to the models' tasks "
                    f"({', '.join(models)}):", ""]
-            md += _md_table(["method", "setup", "NDCG", "Regret@1", "rho", "targets x candidates",
-                             "reads of the target"], _selection_rows(pub_rows, 1))
+            md += _md_table(*_selection_rows(pub_rows))
     if taskweb_space and taskweb_setups:
         ts = fe.taskshop_with_fute(con, taskweb_space, taskweb_setups)
         numbers["taskshop"] = ts
@@ -288,19 +296,22 @@ def write_fute_report(con: duckdb.DuckDBPyConnection, out: str | Path, space: st
         md += ["### FUTE inside TaskShop on the published TaskWeb transfers", "",
                f"F = cos(DTE(s), DTE(t)) in space `{tinfo['name']}` (id `{ts['space']}`: {tinfo['variant']}, "
                f"{tinfo['dims']} dims, one DTE per task from its 32 prompted examples). TaskWeb's Table 2 protocol: "
-               "leave-one-out, 20 targets, NDCG and Regret@5 in percent; rho = mean rank of the true best source. "
+               "leave-one-out, 20 targets; FUTE's metrics (`vu`: NDCG on the seed-averaged target scores, rho = "
+               "mean rank of the source with the highest transfer gain) next to TaskWeb's (`taskweb`: NDCG over "
+               "the gold ranks of T(s -> t), Regret@5, rho of the source with the highest T), in percent. "
                f"TaskShop-FUTE with TaskWeb's lambda 0.7 and with lambda tuned on piqa for FUTE ({ts['tuned_lambda']:g}). "
                "Published finetune:t5l (Table 2): "
                + "; ".join(f"{m} {a:.2f} / {b:.2f}" for m, (a, b) in PUBLISHED_T5L.items()) + ".", ""]
-        md += _md_table(["method", "setup", "NDCG", "Regret@5", "rho", "targets x candidates", "reads of the target"],
-                        _selection_rows(ts["rows"], 5))
+        md += _md_table(*_selection_rows(ts["rows"], taskweb=True))
         t5l = {r["method"]: r for r in ts["rows"] if r.get("setup") == taskweb_setups[0] and "error" not in r}
-        best = max(t5l.values(), key=lambda r: r["ndcg"]) if t5l else None
-        if best is not None:
+        for fam, ndcg in (("vu", lambda r: r["ndcg"]), ("taskweb", lambda r: r["taskweb"]["ndcg"])):
+            best = max(t5l.values(), key=ndcg) if t5l else None
+            if best is None:
+                continue
             fute_rows = [r for m, r in t5l.items() if "FUTE" in m]
-            top = max(fute_rows, key=lambda r: r["ndcg"]) if fute_rows else None
-            md += [f"On {taskweb_setups[0]} the best NDCG is {best['method']} ({_pct(best['ndcg'])}); FUTE's best "
-                   f"variant reaches {_pct(top['ndcg']) if top else '-'} ({top['method'] if top else '-'}).", ""]
+            top = max(fute_rows, key=ndcg) if fute_rows else None
+            md += [f"On {taskweb_setups[0]} the best {fam} NDCG is {best['method']} ({_pct(ndcg(best))}); FUTE's best "
+                   f"variant reaches {_pct(ndcg(top)) if top else '-'} ({top['method'] if top else '-'}).", ""]
         md += ["![TaskShop](taskshop.png)", ""]
 
     # (d) prompt selection

@@ -3,8 +3,9 @@ and overall, computed in one SQL query for all targets (and all lambdas when tun
 
 The metrics themselves come from a named family of `analysis.metric_families` (default `taskweb`,
 which reproduces TaskWeb's Table 2 to 0.01 points in every cell of its RoE, LLM and both TaskShop
-rows; `lin` / `lin-mean` are Lin et al.'s nDCG and Regret@k on absolute target scores). The
-protocol around them:
+rows; `lin` is Lin et al.'s nDCG and Regret@k on seed-averaged absolute target scores, `lin-per-seed`
+its per-seed variant, `vu` the rho and NDCG FUTE takes from Vu et al.). k defaults to the family's
+paper's own (taskweb 5, lin 1). The protocol around them:
   - targets: TaskWeb data defaults to Table 2's 20 targets (piqa was TaskWeb's held-out task for
     lambda), other data to every target of the setup (`evaluation_plan`);
   - candidates: the family's (sources with transfers into the target, s != t), restricted to a
@@ -126,34 +127,39 @@ def pool_sources(con: duckdb.DuckDBPyConnection, pool: str) -> list[str]:
 
 def summarise(per_target: list[dict[str, Any]], targets: list[str], category_of: dict[str, str],
               k: int) -> dict[str, Any]:
-    """Overall, per-category and per-target values of one variant (fractions)."""
+    """Overall, per-category and per-target values of one variant (fractions; rho a rank)."""
     rk = f"regret_at_{k}"
     by_t = {r["target"]: r for r in per_target}
 
     def mean(vals: list[float | None]) -> float | None:
         return None if not vals or any(v is None for v in vals) else sum(vals) / len(vals)
 
+    def means(ts: list[str]) -> dict[str, Any]:
+        return {"ndcg": mean([by_t[t]["ndcg"] for t in ts]), rk: mean([by_t[t]["regret"] for t in ts]),
+                "rho": mean([by_t[t]["rank_of_best"] for t in ts])}
+
     order = list(dict.fromkeys(category_of[t] for t in targets))
-    by_category = {c: {"ndcg": mean([by_t[t]["ndcg"] for t in targets if category_of[t] == c]),
-                       rk: mean([by_t[t]["regret"] for t in targets if category_of[t] == c]),
+    by_category = {c: {**means([t for t in targets if category_of[t] == c]),
                        "n_targets": sum(1 for t in targets if category_of[t] == c)} for c in order}
     by_target = {t: {"category": category_of[t], "ndcg": by_t[t]["ndcg"], rk: by_t[t]["regret"],
+                     "rank_of_best": by_t[t]["rank_of_best"],
                      "n_sources": by_t[t]["n_sources"], "predicted_top": list(by_t[t]["pred_top"]),
                      "gold_top": list(by_t[t]["gold_top"]),
                      **({"n_seeds": by_t[t]["n_seeds"]} if by_t[t].get("n_seeds") is not None else {}),
                      **({"by_seed": by_t[t]["by_seed"]} if by_t[t].get("by_seed") is not None else {})}
                 for t in targets}
-    return {"ndcg": mean([by_t[t]["ndcg"] for t in targets]), rk: mean([by_t[t]["regret"] for t in targets]),
-            "by_category": by_category, "by_target": by_target}
+    return {**means(targets), "by_category": by_category, "by_target": by_target}
 
 
 def evaluate_selection(con: duckdb.DuckDBPyConnection, selector: str, setup: str, lam: float | None = None,
-                       k: int = 5, targets: list[str] | None = None, categories: dict[str, list[str]] | None = None,
+                       k: int | None = None, targets: list[str] | None = None, categories: dict[str, list[str]] | None = None,
                        seed: int = 0, norms: tuple[str, str] | None = None, metrics: str = "taskweb",
                        pool: str | None = None) -> dict[str, Any]:
     """Evaluate one selector on one setup with one metric family, optionally on a named source pool:
-    {"metric_family", "pool", "ndcg", "regret_at_k", "by_category", "by_target", ...}."""
+    {"metric_family", "pool", "k", "ndcg", "regret_at_k", "rho", "by_category", "by_target", ...}.
+    k: the family's paper's k unless given (taskweb 5, lin 1)."""
     family = get_family(metrics)
+    k = family.default_k if k is None else k
     targets, category_of = evaluation_plan(con, setup, targets, categories)
     sources = pool_sources(con, pool) if pool is not None else None
     stored = sel.resolve(con, selector, setup=setup, lam=lam, seed=seed, norms=norms)
@@ -167,7 +173,9 @@ def evaluate_selection(con: duckdb.DuckDBPyConnection, selector: str, setup: str
                             f"in setup '{setup}'")
     out = summarise(per_target, targets, category_of, k)
     notes = []
-    if out[f"regret_at_{k}"] is None:
+    if not family.regret:
+        notes.append(f"the {family.name} family defines no Regret@k (its paper reports rho and NDCG)")
+    elif out[f"regret_at_{k}"] is None:
         notes.append(f"Regret@{k} needs transfer runs (per-seed target performance) of setup '{setup}'; "
                      "some are missing, so it is null where they are" if family.name == "taskweb" else
                      f"Regret@{k} is null for targets whose best transfer score is not positive")

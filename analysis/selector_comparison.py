@@ -5,7 +5,8 @@ Why: a selector is only as good as its standing next to the others on the same m
 be evaluated here (no prompt checkpoints, no embedding space, no sizes) gets its reason instead of
 numbers, so the table always says what was tried. Families are never mixed: each column names its
 family; the winner is stated per family (highest NDCG), with the margin over the runner-up and, for
-families that rank per seed (`lin`), the spread of the winner's NDCG over seeds.
+families that rank per seed (`lin-per-seed`), the spread of the winner's NDCG over seeds. Each family's
+Regret@k uses its paper's k (taskweb 5, lin 1) unless one k is asked for.
 """
 
 from __future__ import annotations
@@ -62,19 +63,19 @@ def _seed_means(res: dict[str, Any]) -> dict[Any, float]:
             for seed in sorted(seeds, key=str)}
 
 
-def compare_all(con: duckdb.DuckDBPyConnection, setup: str, families: list[str], k: int = 1, seed: int = 0,
+def compare_all(con: duckdb.DuckDBPyConnection, setup: str, families: list[str], k: int | None = None, seed: int = 0,
                 selectors: list[str] | None = None, pool: str | None = None) -> dict[str, Any]:
-    """{"setup", "k", "families", "rows": [{"selector", <family>: {...} | {"error"}}], "winners": {...}}.
+    """{"setup", "k": {family: k}, "families", "rows": [{"selector", <family>: {...} | {"error"}}], "winners"}.
 
-    k shrinks to the fewest candidate sources of any target when that is smaller."""
-    for f in families:
-        get_family(f)
+    Each family's k is `k` if given, else its paper's; it shrinks to the fewest candidate sources of any
+    target when that is smaller."""
+    fams = {f: get_family(f) for f in families}
     fewest = con.execute("""SELECT min(n) FROM (SELECT count(*) AS n FROM analysis_transfers
                             WHERE setup = ? AND source <> target GROUP BY target)""", [setup]).fetchone()[0]
     if fewest is None:
         require_setup(con, setup)
         raise AnalysisError(f"setup '{setup}' has no transfer between distinct tasks to rank")
-    k = min(k, fewest)
+    ks = {f: min(fam.default_k if k is None else k, fewest) for f, fam in fams.items()}
     stored = _setup_scores(con, setup, seed)
     rows: list[dict[str, Any]] = []
     for name in selectors or comparison_selectors(con):
@@ -84,15 +85,16 @@ def compare_all(con: duckdb.DuckDBPyConnection, setup: str, families: list[str],
             try:
                 used = (stored(name) if name in SETUP_SELECTORS
                         else f"taskshop-{stored(f)}" if f in SETUP_SELECTORS else name)
-                res = evaluate_selection(con, used, setup, k=k, seed=seed, metrics=fam, pool=pool)
+                res = evaluate_selection(con, used, setup, k=ks[fam], seed=seed, metrics=fam, pool=pool)
             except AnalysisError as e:
                 row[fam] = {"error": str(e)}
                 continue
             seeds = _seed_means(res)
-            row[fam] = {"ndcg": res["ndcg"], "regret": res[f"regret_at_{k}"], "n_targets": len(res["by_target"]),
+            row[fam] = {"ndcg": res["ndcg"], "regret": res[f"regret_at_{ks[fam]}"], "rho": res["rho"],
+                        "n_targets": len(res["by_target"]),
                         "stored_as": res["stored_as"], "seed_ndcg": seeds}
         rows.append(row)
-    return {"setup": setup, "k": k, "families": families, "pool": pool, "rows": rows,
+    return {"setup": setup, "k": ks, "families": families, "pool": pool, "rows": rows,
             "winners": {f: winner(rows, f) for f in families}}
 
 
@@ -110,7 +112,7 @@ def winner(rows: list[dict[str, Any]], family: str) -> dict[str, Any] | None:
     ties = [n for n, v in ok[1:] if v["ndcg"] == best["ndcg"]]
     runner = next((x for x in ok[1:] if x[1]["ndcg"] < best["ndcg"]), None)  # the best that scores lower
     seeds = list(best["seed_ndcg"].values())
-    return {"selector": name, "ndcg": best["ndcg"], "regret": best["regret"],
+    return {"selector": name, "ndcg": best["ndcg"], "regret": best["regret"], "rho": best.get("rho"),
             "runner_up": runner[0] if runner else None,
             "margin": best["ndcg"] - runner[1]["ndcg"] if runner else None,
             "ties": ties,
@@ -122,6 +124,10 @@ def _pct(v: float | None) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
 
 
+def _rank(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
 def winner_sentences(res: dict[str, Any]) -> list[str]:
     """What the table says, in words: per family, who wins and by how much."""
     out = []
@@ -129,7 +135,8 @@ def winner_sentences(res: dict[str, Any]) -> list[str]:
         if w is None:
             out.append(f"{fam}: no selector could be evaluated")
             continue
-        text = f"{fam}: {w['selector']} ranks best, NDCG {_pct(w['ndcg'])}%, Regret@{res['k']} {_pct(w['regret'])}%"
+        text = f"{fam}: {w['selector']} ranks best, NDCG {_pct(w['ndcg'])}%, " + (
+            f"Regret@{res['k'][fam]} {_pct(w['regret'])}%" if get_family(fam).regret else f"rho {_rank(w['rho'])}")
         if w["runner_up"] is not None:
             text += f", {_pct(w['margin'])} NDCG points above {w['runner_up']}"
         if w["ties"]:
@@ -142,10 +149,12 @@ def winner_sentences(res: dict[str, Any]) -> list[str]:
 
 
 def table_rows(res: dict[str, Any]) -> tuple[list[str], list[tuple], list[str]]:
-    """(columns, rows, reasons): NDCG % and Regret@k % per family for each selector; a selector that
-    could not be evaluated shows n/a, and its reason (once) is in `reasons`."""
+    """(columns, rows, reasons): per family NDCG % and its second measure (Regret@k %, or rho where the
+    family defines no Regret@k) for each selector; a selector that could not be evaluated shows n/a, and
+    its reason (once) is in `reasons`."""
     fams = res["families"]
-    cols = ["selector", *[f"{f} {m}" for f in fams for m in ("NDCG %", f"Regret@{res['k']} %")]]
+    second = {f: f"Regret@{res['k'][f]} %" if get_family(f).regret else "rho" for f in fams}
+    cols = ["selector", *[f"{f} {m}" for f in fams for m in ("NDCG %", second[f])]]
     rows, reasons = [], []
     for r in res["rows"]:
         cells = [r["selector"]]
@@ -156,6 +165,6 @@ def table_rows(res: dict[str, Any]) -> tuple[list[str], list[tuple], list[str]]:
                 if f"{r['selector']}: {v['error']}" not in reasons:
                     reasons.append(f"{r['selector']}: {v['error']}")
             else:
-                cells += [_pct(v["ndcg"]), _pct(v["regret"])]
+                cells += [_pct(v["ndcg"]), _pct(v["regret"]) if get_family(f).regret else _rank(v["rho"])]
         rows.append(tuple(cells))
     return cols, rows, reasons

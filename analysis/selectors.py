@@ -396,7 +396,9 @@ def compare_selectors(con: duckdb.DuckDBPyConnection, a: str, b: str, k: int = 5
     """How close selector `a` comes to `b` over the pairs both score (e.g. a recomputed vs the released RoE).
 
     Pearson and Spearman over all pairs, mean / max absolute difference, and per target the
-    Spearman correlation of the two source rankings and the overlap of their top-k sets.
+    Spearman correlation of the two source rankings and the overlap of their top-k sets. Spearman's rho is
+    the Pearson correlation of average ranks (tied scores share the mean of their positions), as
+    `scipy.stats.spearmanr`; DuckDB's `rank()` alone gives ties the lowest rank, which is not rho.
     """
     for s in (a, b):
         if not has_selector(con, s):
@@ -405,9 +407,13 @@ def compare_selectors(con: duckdb.DuckDBPyConnection, a: str, b: str, k: int = 5
         WITH j AS (SELECT x.target, x.source, x.score AS sa, y.score AS sb FROM selector_pair_scores x
                    JOIN selector_pair_scores y ON y.selector = $b AND y.source = x.source AND y.target = x.target
                    WHERE x.selector = $a),
-             r AS (SELECT *, rank() OVER (ORDER BY sa) AS ra, rank() OVER (ORDER BY sb) AS rb,
-                          rank() OVER (PARTITION BY target ORDER BY sa) AS ta,
-                          rank() OVER (PARTITION BY target ORDER BY sb) AS tb,
+             r AS (SELECT *,  -- average ranks of ties (Spearman's rho = Pearson of these, as scipy.stats.spearmanr)
+                          rank() OVER (ORDER BY sa) + (count(*) OVER (PARTITION BY sa) - 1) / 2 AS ra,
+                          rank() OVER (ORDER BY sb) + (count(*) OVER (PARTITION BY sb) - 1) / 2 AS rb,
+                          rank() OVER (PARTITION BY target ORDER BY sa)
+                            + (count(*) OVER (PARTITION BY target, sa) - 1) / 2 AS ta,
+                          rank() OVER (PARTITION BY target ORDER BY sb)
+                            + (count(*) OVER (PARTITION BY target, sb) - 1) / 2 AS tb,
                           row_number() OVER (PARTITION BY target ORDER BY sa DESC, source) AS pa,
                           row_number() OVER (PARTITION BY target ORDER BY sb DESC, source) AS pb FROM j),
              per AS (SELECT target, corr(ta, tb) AS rho,

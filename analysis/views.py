@@ -249,9 +249,10 @@ CREATE TABLE IF NOT EXISTS mtl_groups (
 -- confidence intervals of mtl_comparison are NULL.
 CREATE TABLE IF NOT EXISTS t_quantiles (q DOUBLE, df INTEGER, t DOUBLE, PRIMARY KEY (q, df));
 
--- Accuracy and macro-F1 of each member task of an MTL run on its held-out rows. Macro-F1 averages
+-- Accuracy and macro-F1 of each member task of an MTL run on its held-out rows. Macro-F1 is the one
+-- definition of analysis.classification.macro_f1 (the task metric's too): the mean of
 -- F1_c = 2 TP_c / (#gold=c + #pred=c) over the classes present in gold or prediction (sklearn's
--- f1_score(average='macro') on the same rows); a missing prediction counts as wrong.
+-- f1_score(average='macro') on the same rows); a missing prediction counts as wrong and is no class.
 CREATE OR REPLACE VIEW mtl_member_scores AS
 WITH p AS (
     SELECT r.experiment, r.setup, r.run_key, r.seed, r.sources, x.task, x.template, x.gold, x.prediction

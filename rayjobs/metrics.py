@@ -1,4 +1,6 @@
-"""Task metrics p (fractions): accuracy, accuracy+F1 mean, Pearson+Spearman mean, exact match."""
+"""Task metrics p (fractions): accuracy, accuracy+F1 mean, Pearson+Spearman mean, exact match.
+
+F1 is the one definition of `analysis.classification` (the store's macro-F1 view follows it too)."""
 
 from __future__ import annotations
 
@@ -7,19 +9,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import stats
 
+from analysis.classification import f1
 from rayjobs.tasks import TaskSpec
-
-
-def f1(pred: np.ndarray, gold: np.ndarray, n_classes: int, average: str, positive: int = 1) -> float:
-    def one(c: int) -> float:
-        tp = float(np.sum((pred == c) & (gold == c)))
-        fp = float(np.sum((pred == c) & (gold != c)))
-        fn = float(np.sum((pred != c) & (gold == c)))
-        return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
-
-    if average == "macro":
-        return float(np.mean([one(c) for c in range(n_classes)]))
-    return one(positive)
 
 
 def compute(spec: TaskSpec, pred: Sequence, gold: Sequence) -> tuple[float, dict[str, float]]:
@@ -36,9 +27,10 @@ def compute(spec: TaskSpec, pred: Sequence, gold: Sequence) -> tuple[float, dict
     acc = float(np.mean(p_ == g))
     if spec.metric != "acc_f1":
         return acc, {"accuracy": acc}
-    n = len(spec.choices or []) or int(max(p_.max(), g.max()) + 1)
+    # F1 as TaskWeb's runs computed it (analysis.classification): macro over the classes present (cb),
+    # else binary F1 of the positive label (mrpc, qqp)
     pos = (spec.choices or []).index(spec.positive_label) if spec.positive_label else 1
-    f = f1(p_, g, n, spec.f1_average, pos)
+    f = f1(p_.tolist(), g.tolist(), spec.f1_average, pos)
     return (acc + f) / 2, {"accuracy": acc, "f1": f}
 
 

@@ -144,7 +144,8 @@ def test_ndcg_and_regret_hand_computed(tmp_path):
     assert res["by_target"]["t"]["predicted_top"] == ["y"] and res["by_target"]["t"]["gold_top"] == ["x"]
     # all scores tied: alphabetical x, y, z = the gold order
     assert tie["ndcg"] == pytest.approx(1.0) and tie["regret_at_2"] == pytest.approx(0.0)
-    assert tie["by_category"] == {"other": {"ndcg": pytest.approx(1.0), "regret_at_2": pytest.approx(0.0), "n_targets": 1}}
+    assert tie["by_category"] == {"other": {"ndcg": pytest.approx(1.0), "regret_at_2": pytest.approx(0.0), "rho": 1.0,
+                                            "n_targets": 1}}
 
 
 @needs_taskweb

@@ -42,7 +42,7 @@ def test_rho_and_ndcg_of_a_selector_by_hand(tmp_path: Path) -> None:
     t2: gold b > c > a, predicted a > b > c: the best (b) is 2nd; NDCG = (1 + 7/log2 3 + 3/2) / (7 + 3/log2 3 + 1/2)."""
     st = _matrix_store(tmp_path)
     with open_store(st.db_path) as con:
-        res = fe.evaluate_method(con, "hand", "finetune:x", k=1, targets=["t1", "t2"])
+        res = fe.evaluate_method(con, "hand", "finetune:x", k=1, targets=["t1", "t2"], metrics="taskweb")
     ideal = 7 + 3 / math.log2(3) + 1 / 2
     want = {"t1": (3 + 7 / math.log2(3) + 0.5) / ideal, "t2": (1 + 7 / math.log2(3) + 1.5) / ideal}
     assert res["by_target"]["t1"]["ndcg"] == pytest.approx(want["t1"])
@@ -152,7 +152,7 @@ def test_fute_as_taskshops_f_on_the_taskweb_release(tmp_path: Path) -> None:
         ts = sel.compute_taskshop(con, "finetune:t5l", f, 0.7)
         got = {(s, t): v for s, t, v in con.execute("SELECT source, target, score FROM selector_scores WHERE selector = ?",
                                                     [ts]).fetchall()}
-        res = fe.evaluate_method(con, f, "finetune:t5l")
+        res = fe.evaluate_method(con, f, "finetune:t5l", metrics="taskweb")
     for (s, t), v in list(got.items())[:60]:
         assert v == pytest.approx(ref.taskshop(T, F, s, t, 0.7), abs=1e-9)
     want = ref.evaluate(T, F, {k: 1.0 for k in T}, list(res["by_target"]), 5)

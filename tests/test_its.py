@@ -141,25 +141,25 @@ def _tiny_store(path):
 def test_lin_metrics_hand_computed(tmp_path):
     db = _tiny_store(tmp_path / "s.duckdb")
     with open_store(db) as con:
-        r1 = evaluate_selection(con, "pred", "pt:m", k=1, targets=["t"], metrics="lin")
-        r2 = evaluate_selection(con, "pred", "pt:m", k=2, targets=["t"], metrics="lin")
-        rm = evaluate_selection(con, "pred", "pt:m", k=1, targets=["t"], metrics="lin-mean")
-        rp = evaluate_selection(con, "pred", "pt:m", k=1, targets=["t"], metrics="lin", pool="ac")
+        r1 = evaluate_selection(con, "pred", "pt:m", k=1, targets=["t"], metrics="lin-per-seed")
+        r2 = evaluate_selection(con, "pred", "pt:m", k=2, targets=["t"], metrics="lin-per-seed")
+        rm = evaluate_selection(con, "pred", "pt:m", targets=["t"], metrics="lin")  # the paper's k = 1
+        rp = evaluate_selection(con, "pred", "pt:m", k=1, targets=["t"], metrics="lin-per-seed", pool="ac")
         tw = evaluate_selection(con, "pred", "pt:m", k=1, targets=["t"], metrics="taskweb", pool="ac")
     l2, l3, l4 = math.log2(2), math.log2(3), math.log2(4)
     # seed 1: predicted a, b, c with gains 2^3-1=7, 2^1-1=1, 2^2-1=3; ideal a, c, b
     ndcg1 = (7 / l2 + 1 / l3 + 3 / l4) / (7 / l2 + 3 / l3 + 1 / l4)
     # seed 2: predicted a, b, c with gains 1, 3, 7; ideal c, b, a
     ndcg2 = (1 / l2 + 3 / l3 + 7 / l4) / (7 / l2 + 3 / l3 + 1 / l4)
-    assert r1["metric_family"] == "lin" and r1["by_target"]["t"]["n_seeds"] == 2
+    assert r1["metric_family"] == "lin-per-seed" and r1["by_target"]["t"]["n_seeds"] == 2
     assert r1["ndcg"] == pytest.approx((ndcg1 + ndcg2) / 2, abs=1e-12)
     # Regret@1: seed 1 picks a, the best (0); seed 2 picks a = 1 against the best 3
     assert r1["regret_at_1"] == pytest.approx((0 + (3 - 1) / 3) / 2, abs=1e-12)
     # Regret@2: seed 2's top two a, b: best 2
     assert r2["regret_at_2"] == pytest.approx((0 + (3 - 2) / 3) / 2, abs=1e-12)
-    # lin-mean: relevances averaged first: a=2, b=1.5, c=2.5; predicted a, b, c; ideal c, a, b
+    # lin (the paper's): relevances averaged first: a=2, b=1.5, c=2.5; predicted a, b, c; ideal c, a, b
     g = {"a": 2 ** 2 - 1, "b": 2 ** 1.5 - 1, "c": 2 ** 2.5 - 1}
-    assert rm["metric_family"] == "lin-mean"
+    assert rm["metric_family"] == "lin" and rm["k"] == 1 and "n_seeds" not in rm["by_target"]["t"]
     assert rm["ndcg"] == pytest.approx((g["a"] / l2 + g["b"] / l3 + g["c"] / l4)
                                        / (g["c"] / l2 + g["a"] / l3 + g["b"] / l4), abs=1e-12)
     assert rm["regret_at_1"] == pytest.approx((2.5 - 2) / 2.5, abs=1e-12)
@@ -185,6 +185,8 @@ def test_metric_and_pool_errors(tmp_path):
             evaluate_selection(con, "pred", "pt:m", targets=["t"], pool="x")
         with pytest.raises(AnalysisError, match="no transfer runs into target.*t.*from the pool"):
             evaluate_selection(con, "pred", "pt:m", targets=["t"], pool="x", metrics="lin")
+        with pytest.raises(AnalysisError, match="'lin-mean': the seed-averaged form is now 'lin'"):
+            evaluate_selection(con, "pred", "pt:m", targets=["t"], metrics="lin-mean")
         con.execute("DELETE FROM runs WHERE source = 'b'")
         con.execute("DELETE FROM selector_scores WHERE source = 'c'")
         with pytest.raises(AnalysisError, match="no score for target 't' from source.*c"):
@@ -289,18 +291,18 @@ def test_every_selector_in_one_table_by_family_with_seed_spread(tmp_path, capsys
     from analysis.selector_comparison import compare_all, winner_sentences
 
     with read_store(db) as con:
-        res = compare_all(con, "pt:m", ["lin", "taskweb"], k=1, selectors=["pred", "anti", "feature", "oracle"])
+        res = compare_all(con, "pt:m", ["lin-per-seed", "taskweb"], k=1, selectors=["pred", "anti", "feature", "oracle"])
     l2, l3, l4 = math.log2(2), math.log2(3), math.log2(4)
     ideal = 7 / l2 + 3 / l3 + 1 / l4  # both seeds' gains are {7, 3, 1}
     pred = {1: (7 / l2 + 1 / l3 + 3 / l4) / ideal, 2: (1 / l2 + 3 / l3 + 7 / l4) / ideal}
     anti = {1: (3 / l2 + 1 / l3 + 7 / l4) / ideal, 2: 1.0}  # seed 2's gold order is c, b, a
     rows = {r["selector"]: r for r in res["rows"]}
-    assert rows["pred"]["lin"]["seed_ndcg"] == pytest.approx(pred, abs=1e-12)
-    assert rows["anti"]["lin"]["seed_ndcg"] == pytest.approx(anti, abs=1e-12)
-    assert rows["anti"]["lin"]["ndcg"] == pytest.approx((anti[1] + anti[2]) / 2, abs=1e-12)
+    assert rows["pred"]["lin-per-seed"]["seed_ndcg"] == pytest.approx(pred, abs=1e-12)
+    assert rows["anti"]["lin-per-seed"]["seed_ndcg"] == pytest.approx(anti, abs=1e-12)
+    assert rows["anti"]["lin-per-seed"]["ndcg"] == pytest.approx((anti[1] + anti[2]) / 2, abs=1e-12)
     # no prompt checkpoints in this store: a reason, not numbers, in both families
-    assert "error" in rows["feature"]["lin"] and "error" in rows["feature"]["taskweb"]
-    w = res["winners"]["lin"]
+    assert "error" in rows["feature"]["lin-per-seed"] and "error" in rows["feature"]["taskweb"]
+    w = res["winners"]["lin-per-seed"]
     assert (w["selector"], w["runner_up"]) == ("anti", "pred")  # the oracle is the ceiling, not a contender
     assert w["margin"] == pytest.approx(sum(anti.values()) / 2 - sum(pred.values()) / 2, abs=1e-12)
     assert (w["seed_min"], w["seed_max"]) == pytest.approx((anti[1], 1.0), abs=1e-12)
@@ -309,12 +311,12 @@ def test_every_selector_in_one_table_by_family_with_seed_spread(tmp_path, capsys
     assert rows["pred"]["taskweb"]["ndcg"] == pytest.approx(sum(tw) / (7 / l2 + 3 / l3 + 1 / l4), abs=1e-12)
     assert res["winners"]["taskweb"]["selector"] == "pred"
     assert res["winners"]["taskweb"]["n_seeds"] == 0  # TaskWeb ranks the seed means once
-    assert winner_sentences(res)[0].startswith("lin: anti ranks best")
+    assert winner_sentences(res)[0].startswith("lin-per-seed: anti ranks best")
     # the CLI: one table, both families, the verdict and why feature is n/a
     assert main(["evaluate-selection", "--db", str(db), "--selector", "all", "--setup", "pt:m",
-                 "--metrics", "lin,taskweb", "--k", "1"]) == 0
+                 "--metrics", "lin-per-seed,taskweb", "--k", "1"]) == 0
     out = capsys.readouterr().out
-    assert "lin NDCG %" in out and "taskweb NDCG %" in out and "lin: anti ranks best" in out
+    assert "lin-per-seed NDCG %" in out and "taskweb NDCG %" in out and "lin-per-seed: anti ranks best" in out
     assert "n/a feature:" in out
     with pytest.raises(SystemExit):
         main(["evaluate-selection", "--db", str(db), "--selector", "all", "--setup", "pt:m", "--metrics", "lin,x"])
