@@ -209,7 +209,7 @@ def test_tuner_restore_resumes_an_experiment_whose_driver_was_killed(tmp_path: P
 
 @needs_data
 @pytest.mark.integration
-def test_mlflow_and_wandb_callbacks_log_every_trial_offline(tmp_path: Path) -> None:
+def test_mlflow_and_wandb_callbacks_log_every_trial_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """MLflow to a local file store and W&B in offline mode: no server, no network."""
     cfg = tmp_path / "g.yaml"
     cfg.write_text(tiny_grid("tracked", sources="[snli]", targets="[mrpc]"))
@@ -220,6 +220,7 @@ def test_mlflow_and_wandb_callbacks_log_every_trial_offline(tmp_path: Path) -> N
     tune_dir = results / "tune"
     import mlflow
 
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # reading the local file store, as the run wrote it
     client = mlflow.tracking.MlflowClient(tracking_uri=(tune_dir / "mlruns").as_uri())
     exp = client.get_experiment_by_name("tracked")
     runs = client.search_runs([exp.experiment_id])
