@@ -511,20 +511,20 @@ def make_callbacks(run: RunSpec, tracking_dir: Path, name: str) -> list[Any]:
     offline (`tracking_dir/wandb`) unless MLFLOW_TRACKING_URI / WANDB_MODE say otherwise; both name
     their experiment / project after the job."""
     out: list[Any] = []
-    for name in run.callbacks:
-        if name == "csv":
+    for kind in run.callbacks:
+        if kind == "csv":
             from ray.tune.logger import CSVLoggerCallback
 
             out.append(CSVLoggerCallback())
-        elif name == "json":
+        elif kind == "json":
             from ray.tune.logger import JsonLoggerCallback
 
             out.append(JsonLoggerCallback())
-        elif name == "tensorboard":
+        elif kind == "tensorboard":
             from ray.tune.logger import TBXLoggerCallback
 
             out.append(TBXLoggerCallback())
-        elif name == "mlflow":
+        elif kind == "mlflow":
             from ray.air.integrations.mlflow import MLflowLoggerCallback
 
             uri = os.environ.get("MLFLOW_TRACKING_URI") or (tracking_dir / "mlruns").resolve().as_uri()
@@ -532,7 +532,7 @@ def make_callbacks(run: RunSpec, tracking_dir: Path, name: str) -> list[Any]:
             # brings no SQL backend), so the local default opts in
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             out.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=name))
-        elif name == "wandb":
+        elif kind == "wandb":
             from ray.air.integrations.wandb import WandbLoggerCallback
 
             os.environ.setdefault("WANDB_MODE", "offline")  # read by the callback's key check, here
