@@ -32,6 +32,9 @@ from rayjobs.config import RunSpec
 from rayjobs.plan import TrialSpec
 from rayjobs.pool import Shape, TrialWorker, is_distributed, worker_shape
 
+#: failed worker starts in a row (with none of the shape alive) after which its trials fail
+MAX_START_FAILURES = 3
+
 #: memory a Tune trial reserves: it only forwards a warm worker's results (no CPU, so it never takes a
 #: CPU a worker or a Ray Train group needs)
 TRIAL_MEMORY = 64 * 2**20
@@ -52,41 +55,69 @@ class WorkerBroker:
         self.started = 0  # worker processes started (cold starts)
         self.start_s: list[float] = []
         self.group_active = 0  # distributed trials running: their Ray Train workers need the CPUs
+        self.waiters: Counter = Counter()  # acquirers waiting, per shape
+        self.failed_starts: Counter = Counter()
+        self.start_errors: dict[Shape, str] = {}
 
     def set_caps(self, caps: dict[str, int]) -> None:
         self.caps.update({Shape(**_json_shape(k)): v for k, v in caps.items()})
 
     async def acquire(self, shape: dict[str, Any]) -> dict[str, Any]:
-        import ray
-
+        """An idle worker of the shape for one trial: one that is free, or one started for it (while
+        fewer than the shape's cap exist); whichever comes first, so a worker that cannot start yet (no
+        room on the cluster) never holds up a trial that a running worker could take."""
         s = Shape(**shape)
         async with self.cond:
-            while True:
-                idle = next((i for i, w in self.workers.items() if w["shape"] == s and not w["busy"]
-                             and w["name"]), None)
-                if idle is not None:
-                    w = self.workers[idle]
-                    w["busy"] = True
-                    return self._lease(idle)
-                if sum(w["shape"] == s for w in self.workers.values()) < self._cap(s):
-                    break
-                await self.cond.wait()
-            wid, t0 = self.next_id, time.monotonic()
-            self.next_id += 1
-            handle = ray.remote(TrialWorker).options(max_concurrency=4, **s.options()).remote(s.coordinator)
-            self.workers[wid] = {"handle": handle, "shape": s, "busy": True, "name": "", "trials": 0}
-            self.started += 1
+            self.waiters[s] += 1
+            try:
+                while True:
+                    idle = next((i for i, w in self.workers.items() if w["shape"] == s and not w["busy"]
+                                 and w["name"]), None)
+                    if idle is not None:
+                        self.workers[idle]["busy"] = True
+                        return self._lease(idle)
+                    if self.start_errors.get(s):
+                        raise RuntimeError(f"trial workers ({s}) fail to start: {self.start_errors[s]}")
+                    starting = sum(w["shape"] == s and not w["name"] for w in self.workers.values())
+                    if starting < self.waiters[s] and sum(w["shape"] == s for w in self.workers.values()) \
+                            < self._cap(s):
+                        self._start(s)
+                    await self.cond.wait()
+            finally:
+                self.waiters[s] -= 1
+
+    def _start(self, s: Shape) -> None:
+        import ray
+
+        wid = self.next_id
+        self.next_id += 1
+        handle = ray.remote(TrialWorker).options(max_concurrency=4, **s.options()).remote(s.coordinator)
+        self.workers[wid] = {"handle": handle, "shape": s, "busy": False, "name": "", "trials": 0}
+        self.started += 1
+        asyncio.ensure_future(self._started(wid, handle, time.monotonic()))
+
+    async def _started(self, wid: int, handle: Any, t0: float) -> None:
+        """The worker came up (it joins the idle ones) or could not (a few failures in a row with none of
+        its shape alive: the acquirers of that shape get the error)."""
+        s = self.workers[wid]["shape"]
         await self._make_room(s)
         try:
             info = await handle.ready.remote()
-        except Exception:
+        except Exception as e:  # noqa: BLE001 - its node was lost, or it cannot start at all
             async with self.cond:
                 self.workers.pop(wid, None)
+                self.failed_starts[s] += 1
+                alive = any(w["shape"] == s and w["name"] for w in self.workers.values())
+                if self.failed_starts[s] >= MAX_START_FAILURES and not alive:
+                    self.start_errors[s] = f"{type(e).__name__}: {e}"[:2000]
                 self.cond.notify_all()
-            raise
-        self.workers[wid]["name"] = f"{info['pid']}@{info['host']}"
-        self.start_s.append(time.monotonic() - t0)
-        return self._lease(wid)
+            return
+        async with self.cond:
+            if wid in self.workers:
+                self.workers[wid]["name"] = f"{info['pid']}@{info['host']}"
+                self.start_s.append(time.monotonic() - t0)
+                self.failed_starts[s] = 0
+            self.cond.notify_all()
 
     def _cap(self, s: Shape) -> int:
         """The shape's cap; a shape the driver did not name (a restored experiment): what fits the cluster."""
