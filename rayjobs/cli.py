@@ -51,7 +51,7 @@ def _cmd_sql(args: argparse.Namespace) -> int:
     from analysis.sql_guard import open_guarded, run_guarded
 
     with open_guarded(args.db) as con:
-        cols, rows = run_guarded(con, args.query)
+        cols, rows = run_guarded(con, args.query, timeout_s=args.timeout or None, memory_limit=args.memory_limit)
     if args.json:
         print(json.dumps([dict(zip(cols, r, strict=False)) for r in rows], default=str))
     else:
@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("query", help="one SELECT statement, quoted as one shell argument")
     q.add_argument("--db", default=default_db(), help="DuckDB results store (default: %(default)s)")
     q.add_argument("--json", action="store_true", help="print rows as a JSON list of objects (default: a text table)")
+    q.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="cancel the query after this long (0: no limit; default: %(default)g); Ctrl-C cancels too")
+    q.add_argument("--memory-limit", default="2GB", help="DuckDB memory_limit for the query (default: %(default)s)")
     q.set_defaults(func=_cmd_sql)
 
     st = sub.add_parser("status", help="an experiment's progress from its result files (works while it runs): "
