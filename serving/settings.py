@@ -23,9 +23,25 @@ class ServeSettings(BaseModel):
     models: list[str] = Field(default_factory=lambda: ["builtin:minilm"],
                               description="model references advertised by /v1/models; http(s) endpoints "
                                           "are served only when listed here")
+    allow_unlisted_models: bool = Field(default=False, description="load any local folder, hub id or builtin a "
+                                        "request names (trusted clients only); off: only `models`, "
+                                        "`completion_model` and run:<key> checkpoints of `results`")
     completion_model: str | None = Field(default=None, description="causal LM used by /v1/completions when "
                                                                    "a request names no model")
     max_examples: int = Field(default=256, gt=0, description="examples per /v1/score request (more: 413)")
+    max_body_bytes: int = Field(default=1 << 20, gt=0, description="request body size (more: 413, before "
+                                                                  "the body is read past the limit)")
+    max_prompt_chars: int = Field(default=20_000, gt=0, description="characters of one rendered prompt or "
+                                                                    "completions prompt (more: 413)")
+    max_request_chars: int = Field(default=1_000_000, gt=0, description="a request's cost before any model "
+                                   "runs: rendered prompt characters times choices, plus the choices (more: 413)")
+    max_choices: int = Field(default=64, gt=0, description="answer choices per example (more: 413)")
+    load_timeout_s: float = Field(default=120.0, gt=0, description="a model load slower than this answers 503 "
+                                                                   "(the load goes on; other models are not held)")
+    store_timeout_s: float = Field(default=30.0, gt=0, description="a store query slower than this is "
+                                                                   "cancelled (504)")
+    max_store_queries: int = Field(default=4, gt=0, description="store queries at once per ingress replica "
+                                                                "(more wait, up to store_timeout_s)")
     max_prompts: int = Field(default=256, gt=0, description="prompts per /v1/completions request (more: 413)")
     max_new_tokens: int = Field(default=64, ge=0, description="largest max_tokens of /v1/completions")
     max_batch_size: int = Field(default=32, gt=0, description="requests per dynamic batch (@serve.batch); "
@@ -49,6 +65,27 @@ class ServeSettings(BaseModel):
         results = self.results or (str(db_path.parent) if db_path else None)
         return self.model_copy(update={"db": str(db_path) if db_path else None,
                                        "results": str(Path(results).expanduser().resolve()) if results else None})
+
+
+    def refusal(self, model: str) -> str | None:
+        """Why `model` may not be loaded here (None: it may). Served are the configured `models` and
+        `completion_model`, and run:<key> for a well-formed key (its checkpoint under `results`, else 404);
+        with `allow_unlisted_models` also any other local folder, hub id or builtin. An http(s) endpoint
+        is served only when listed, whatever the flag (the app would call it on the client's behalf)."""
+        from serving.schemas import RUN_KEY
+
+        if model in self.models or model == self.completion_model:
+            return None
+        if is_endpoint(model):
+            return (f"model {model} is not served: an http(s) endpoint must be listed in the application's "
+                    "`models`")
+        if model.startswith("run:"):
+            return None if RUN_KEY.fullmatch(model[4:]) else "run:<key> takes a stored run's key (no path)"
+        if self.allow_unlisted_models:
+            return None
+        return (f"model {model} is not served: not in the application's `models` and not a stored run "
+                "(run:<key>; see GET /v1/models); the operator may allow other local models with "
+                "allow_unlisted_models")
 
 
 def is_endpoint(ref: str) -> bool:

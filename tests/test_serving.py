@@ -195,6 +195,7 @@ def service(trained_source: dict[str, Any], tiny_lm_folder: Path, tmp_path_facto
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({"db": str(db), "results": str(trained_source["results"]),
                              "models": ["builtin:minilm", str(tiny_lm_folder)], "completion_model": str(tiny_lm_folder),
+                             "allow_unlisted_models": True,  # the operator's opt-in: any local folder loads
                              "max_examples": 64, "max_prompts": 8, "max_new_tokens": 32, "max_batch_size": 32,
                              "batch_wait_timeout_s": 0.2, "max_models_per_replica": 3, "request_timeout_s": 60}),
                   name="transferlab", route_prefix="/")
