@@ -59,6 +59,15 @@ def _cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_peft(args: argparse.Namespace) -> int:
+    from rayjobs.peft_export import export_peft
+
+    out = export_peft(args.run_key, args.results, args.out)
+    print(f"transferlab: run {out['run_key']} exported to {out['out']} ({', '.join(out['files'])}; base model "
+          f"{out['base_model'] or 'unnamed: set base_model_name_or_path'})")
+    return 0
+
+
 def _sql_description() -> str:
     from analysis.sql_guard import store_relations
 
@@ -134,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cancel the query after this long (0: no limit; default: %(default)g); Ctrl-C cancels too")
     q.add_argument("--memory-limit", default="2GB", help="DuckDB memory_limit for the query (default: %(default)s)")
     q.set_defaults(func=_cmd_sql)
+
+    xp_help = "export a stored LoRA run as a peft adapter folder (adapter_config.json + adapter_model.safetensors)"
+    xp = sub.add_parser("export-peft", help=xp_help, description=xp_help + ", for vLLM --lora-modules, ray.serve.llm "
+                        "multi-LoRA or PeftModel.from_pretrained")
+    xp.add_argument("run_key", help="the run's key (transferlab sql \"SELECT run_key FROM runs\")")
+    xp.add_argument("out", help="the adapter folder to write (new or empty)")
+    xp.add_argument("--results", default=DEFAULT_RESULTS, help="results folder holding checkpoints/<run_key> "
+                                                                "(default: %(default)s)")
+    xp.set_defaults(func=_cmd_export_peft)
 
     st = sub.add_parser("status", help="an experiment's progress from its result files (works while it runs): "
                                        "done / failed (with errors) / remaining per stage, ETA")

@@ -186,7 +186,7 @@ def require_token(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(
 AUTH = [Depends(require_token)]
 
 
-@serve.deployment(name="Ingress", max_ongoing_requests=512)
+@serve.deployment(name="Ingress", max_ongoing_requests=2048, ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class Ingress:
     def __init__(self, scorer: DeploymentHandle, settings: dict[str, Any]):
@@ -196,6 +196,7 @@ class Ingress:
         self._store_slots = asyncio.Semaphore(self.settings.max_store_queries)
         self.max_batch_size, self.batch_wait_timeout_s = 32, 0.005  # the decorator's; user_config sets both
         Guard.max_body_bytes = self.settings.max_body_bytes
+        self._scoring = 0  # /v1/score requests in flight here (the adaptive wait)
 
     def _scorer_for(self, model: str) -> DeploymentHandle:
         """The scorer handle routed by model (multiplexing); one per model, reused (bounded)."""
@@ -230,6 +231,10 @@ class Ingress:
         if out["status"] != 200:
             raise ApiError(out["status"], out["message"], out.get("type", "invalid_request_error"), keep=(model,))
         return out
+
+    @staticmethod
+    async def _single(call: Any) -> dict[str, Any]:
+        return (await call)[0]
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, max_concurrent_batches=64)
     async def _forward(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -290,7 +295,14 @@ class Ingress:
                                 f"{self.settings.max_examples} (max_examples)", "request_too_large")
         self._check_model(body.model)
         self._check_cost(body)
-        out = await self._call(self._forward(body.model_dump()), body.model)
+        self._scoring += 1
+        try:  # adaptive wait: a request alone in flight has nothing to wait for, it goes straight to the scorer
+            req = body.model_dump()
+            alone = self._scoring == 1
+            call = self._scorer_for(body.model).score_many.remote([req]) if alone else self._forward(req)
+            out = await self._call(self._single(call) if alone else call, body.model)
+        finally:
+            self._scoring -= 1
         # the records are the scorer's own (ScoreResult fields); sent as they are, not validated twice
         return JSONResponse({"model": body.model, "template": body.template.name, "results": out["results"]})
 
@@ -417,19 +429,31 @@ class Ingress:
         return JSONResponse({"status": "ok"})
 
 
+def _options(name: str, deployments: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The `deployments:` entry of `name` as `.options()` keywords (what Serve applies from a config file)."""
+    for d in deployments or []:
+        if d.get("name") == name:
+            return {k: v for k, v in d.items() if k != "name"}
+    return {}
+
+
 def build_app(args: dict[str, Any] | None = None) -> Any:
-    """The application for `serve run` / `serve deploy` (`import_path: serving.app:build_app`, `args`:
-    the fields of `ServeSettings`)."""
+    """The application for `serve run` / `serve deploy` / `serve build` (`import_path: serving.app:build_app`,
+    `args`: the fields of `ServeSettings`); Serve applies the config's `deployments:` section itself."""
+    return application(args)
+
+
+def application(args: dict[str, Any] | None = None, deployments: list[dict[str, Any]] | None = None) -> Any:
+    """The application with a config's `deployments:` section applied as Serve applies it (`.options()` per
+    deployment name): `transferlab serve`, the tests and the benchmark configure replicas, resources,
+    autoscaling and batching (`user_config`) the same way as the config file does."""
     settings = ServeSettings.model_validate(args or {}).resolved()
     payload = settings.model_dump()
     logging = {"enable_access_log": settings.access_log}
-    scorer = Scorer.options(
-        num_replicas=settings.num_replicas, logging_config=logging,
-        max_ongoing_requests=max(256, 2 * settings.max_batch_size),  # room to fill the next batch
-        ray_actor_options={"num_cpus": settings.scorer_cpus, "num_gpus": settings.scorer_gpus},
-        user_config={"max_batch_size": settings.max_batch_size,
-                     "batch_wait_timeout_s": settings.batch_wait_timeout_s},
-    ).bind(payload)
-    return Ingress.options(ray_actor_options={"num_cpus": 0}, logging_config=logging,
-                           user_config={"max_batch_size": settings.max_batch_size,
-                                        "batch_wait_timeout_s": settings.batch_wait_timeout_s}).bind(scorer, payload)
+    scorer = Scorer.options(**{"logging_config": logging, **_options("Scorer", deployments)}).bind(payload)
+    return Ingress.options(**{"logging_config": logging, **_options("Ingress", deployments)}).bind(scorer, payload)
+
+
+#: the application with default settings, for `serve build serving.app:app` (Serve's config generator takes an
+#: application, not a builder); its output has the shape of serving/config.yaml
+app = build_app()

@@ -7,7 +7,7 @@ a model to a replica that has it. Requests arrive in bundles: the ingress batche
 here merges bundles (up to `max_batch_size` requests, waiting up to the same `batch_wait_timeout_s` for
 more, which fills batches from several ingress batches under load) and scores each group that shares a
 model with one forward pass (`serving.batching.score_jobs`), in a worker thread so the event loop keeps
-receiving. Forward passes are counted by a hook on each model (`stats`), which is how the tests see batching.
+receiving. A bundle that finds the scorer idle skips the wait (`_score_bundle`). Forward passes are counted by a hook on each model (`stats`), which is how the tests see batching.
 
 Outcomes are plain dicts `{"status": 200, ...}` or `{"status": 4xx/5xx, "message": ...}`, so a bad
 request or a model that fails to load never raises through the handle (no 500, the replica stays
@@ -66,11 +66,12 @@ class Loaded:
 def _to_gpu(box: BlackBox) -> None:
     """Move a model to the replica's GPU where its scoring path follows the model's device: LMs (inputs go to
     `TaskModel.device`) and the sentence scorer; encoder classifiers are scored on the CPU (their batches are
-    built on the CPU by the shared scoring loop)."""
+    built on the CPU by the shared scoring loop). Only where Ray gave this replica a GPU."""
+    import ray
     import torch
 
     tm = getattr(box, "tm", None)
-    if tm is None or not torch.cuda.is_available():
+    if tm is None or not ray.get_gpu_ids() or not torch.cuda.is_available():
         return
     if box.kind in ("causal", "seq2seq", "run:causal", "run:seq2seq"):
         tm.module.to("cuda")
@@ -100,6 +101,7 @@ class Scorer:
         self._loads: dict[str, asyncio.Future[BlackBox]] = {}  # model id -> its load in progress or done
         self._load_pool = ThreadPoolExecutor(4, thread_name_prefix="load")
         self._score_pool = ThreadPoolExecutor(1, thread_name_prefix="score")  # one forward pass at a time
+        self._busy = 0  # bundles queued or being scored (the adaptive wait)
         if self.settings.torch_threads:
             import torch
 
@@ -146,8 +148,7 @@ class Scorer:
             def load() -> BlackBox:
                 _inject_load_fault(model_id)
                 box = open_black_box(model_id, results=s.results, max_length=s.max_length)
-                if s.scorer_gpus > 0:
-                    _to_gpu(box)
+                _to_gpu(box)  # where the replica was given a GPU (ray_actor_options.num_gpus)
                 return box
 
             fut = self._loads[model_id] = asyncio.get_running_loop().run_in_executor(self._load_pool, load)
@@ -228,7 +229,7 @@ class Scorer:
         # bundles of at most max_batch_size requests (a live reconfigure may have lowered it below the ingress's)
         size = self.max_batch_size
         bundles = [jobs[k:k + size] for k in range(0, len(jobs), size)]
-        scored = await asyncio.gather(*(self._batched([j for _, j in b]) for b in bundles))
+        scored = await asyncio.gather(*(self._score_bundle([j for _, j in b]) for b in bundles))
         for bundle, results in zip(bundles, scored, strict=True):
             for (i, job), res in zip(bundle, results, strict=True):
                 out[i] = (_failure(res.status, res.message, res.type) if isinstance(res, Failure) else
@@ -236,9 +237,25 @@ class Scorer:
                                                                                           strict=True)]})
         return out  # type: ignore[return-value]
 
+    async def _score_bundle(self, jobs: list[ScoreJob]) -> list[list[dict[str, Any]] | Failure]:
+        """Adaptive wait: a bundle that finds the scorer idle (nothing queued, nothing computing) is scored at
+        once, since nothing could join it; otherwise it waits in the batch queue (up to batch_wait_timeout_s)
+        to merge with the bundles already there. So a lone request waits at most at one level, and not at
+        all when the ingress also sees it alone."""
+        idle = self._busy == 0
+        self._busy += 1
+        try:
+            return (await self._run([jobs]))[0] if idle else await self._batched(jobs)
+        finally:
+            self._busy -= 1
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=lambda bundles: sum(map(len, bundles)))
     async def _batched(self, bundles: list[list[ScoreJob]]) -> list[list[list[dict[str, Any]] | Failure]]:
         """Bundles of requests (one per caller) scored together; the batch size counts requests."""
+        return await self._run(bundles)
+
+    async def _run(self, bundles: list[list[ScoreJob]]) -> list[list[list[dict[str, Any]] | Failure]]:
+        """One batch: every bundle's requests in one forward pass per model group, in the scoring thread."""
         jobs = [j for b in bundles for j in b]
         self.counts["batches"] += 1
         self.counts["batched_requests"] += len(jobs)

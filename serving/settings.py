@@ -1,8 +1,12 @@
 """Settings of the Serve application: the `args` of `serving/config.yaml` (or `transferlab serve` flags).
 
-One validated model for every knob, so a typo in the config fails at build time with the field's name
-instead of as a replica that crashes later. Paths are made absolute where the application is built
-(the `serve run` process, whose working directory the user chose), because replicas may run elsewhere.
+One validated model for every knob of the application itself, so a typo in the config fails at build
+time with the field's name instead of as a replica that crashes later. What Serve runs (replicas,
+resources, autoscaling, max_ongoing_requests) and the batching knobs (`user_config`) are not settings:
+they are the config's `deployments:` section, which Serve applies itself (`serve run`/`serve deploy`,
+live for `user_config`) and `serving.app.application(args, deployments)` applies the same way for `transferlab serve`.
+Paths are made absolute where the application is built (the `serve run` process, whose working
+directory the user chose), because replicas may run elsewhere.
 """
 
 from __future__ import annotations
@@ -44,16 +48,9 @@ class ServeSettings(BaseModel):
                                                                 "(more wait, up to store_timeout_s)")
     max_prompts: int = Field(default=256, gt=0, description="prompts per /v1/completions request (more: 413)")
     max_new_tokens: int = Field(default=64, ge=0, description="largest max_tokens of /v1/completions")
-    max_batch_size: int = Field(default=32, gt=0, description="requests per dynamic batch (@serve.batch); "
-                                                              "1 = unbatched")
-    batch_wait_timeout_s: float = Field(default=0.005, ge=0, description="longest wait for a batch to fill, at the "
-                                                                      "ingress and again at the scorer")
     max_models_per_replica: int = Field(default=4, gt=0, description="models kept per scoring replica (LRU)")
-    num_replicas: int = Field(default=1, gt=0, description="scoring replicas")
-    scorer_cpus: float = Field(default=1.0, ge=0, description="CPUs reserved per scoring replica")
-    scorer_gpus: float = Field(default=0.0, ge=0, description="GPUs reserved per scoring replica")
     torch_threads: int | None = Field(default=None, gt=0, description="torch intra-op threads per scoring "
-                                                                      "replica (default: Ray's, = scorer_cpus)")
+                                                                      "replica (default: Ray's, = the replica's num_cpus)")
     max_length: int = Field(default=512, gt=0, description="token limit of LM prompts")
     access_log: bool = Field(default=True, description="Serve's per-request access log lines in the replicas")
     request_timeout_s: float = Field(default=120.0, gt=0, description="a request slower than this gets 504")

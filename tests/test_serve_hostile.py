@@ -75,7 +75,7 @@ def svc(trained_source: dict[str, Any], tiny_lm_folder: Path, tmp_path_factory: 
     import ray
     from ray import serve
 
-    from serving.app import build_app
+    from serving.app import application
 
     root = tmp_path_factory.mktemp("hostile")
     hanging = root / "slow-lm"  # its load takes 60 s more (failure injection in the scorer)
@@ -93,9 +93,10 @@ def svc(trained_source: dict[str, Any], tiny_lm_folder: Path, tmp_path_factory: 
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"db": str(results / DB_NAME), "results": str(results),
+        serve.run(application({"db": str(results / DB_NAME), "results": str(results),
                              "models": ["builtin:minilm", str(tiny_lm_folder), str(hanging), str(broken)],
-                             "batch_wait_timeout_s": 0.05, "request_timeout_s": 60, **LIMITS}),
+                             "request_timeout_s": 60, **LIMITS},
+                            [{"name": d, "user_config": {"batch_wait_timeout_s": 0.05}} for d in ("Ingress", "Scorer")]),
                   name="transferlab", route_prefix="/")
         http = requests.Session()
         http.headers["Authorization"] = f"Bearer {TOKEN}"
