@@ -24,6 +24,7 @@ from typing import Any
 import duckdb
 import pytest
 import requests
+import torch
 from test_scoring import tiny_lm_folder  # noqa: F401 - the module-scoped fixture, shared
 
 from analysis.store import DB_NAME
@@ -51,6 +52,7 @@ class Svc:
     broken: Path
     lm: str
     http: requests.Session
+    args: dict[str, Any]
 
     def post(self, path: str, body: Any, **kw: Any) -> requests.Response:
         return self.http.post(self.url + path, json=body, timeout=120, **kw)
@@ -93,11 +95,10 @@ def svc(trained_source: dict[str, Any], tiny_lm_folder: Path, tmp_path_factory: 
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(application({"db": str(results / DB_NAME), "results": str(results),
-                             "models": ["builtin:minilm", str(tiny_lm_folder), str(hanging), str(broken)],
-                             "request_timeout_s": 60, **LIMITS},
-                            [{"name": d, "user_config": {"batch_wait_timeout_s": 0.05}} for d in ("Ingress", "Scorer")]),
-                  name="transferlab", route_prefix="/")
+        args = {"db": str(results / DB_NAME), "results": str(results),
+                "models": ["builtin:minilm", str(tiny_lm_folder), str(hanging), str(broken)],
+                "request_timeout_s": 60, **LIMITS}
+        serve.run(application(args, _batching(32)), name="transferlab", route_prefix="/")
         http = requests.Session()
         http.headers["Authorization"] = f"Bearer {TOKEN}"
         deadline = time.time() + 180  # MiniLM loaded before the tests (a load may take longer than load_timeout_s)
@@ -105,7 +106,7 @@ def svc(trained_source: dict[str, Any], tiny_lm_folder: Path, tmp_path_factory: 
             assert time.time() < deadline, "MiniLM did not load"
             time.sleep(2)
         yield Svc(f"http://127.0.0.1:{port}", port, results, f"run:{trained_source['runs']['snli']['key']}",
-                  hanging, broken, str(tiny_lm_folder), http)
+                  hanging, broken, str(tiny_lm_folder), http, args)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -113,6 +114,13 @@ def svc(trained_source: dict[str, Any], tiny_lm_folder: Path, tmp_path_factory: 
             os.environ.pop(TOKEN_ENV, None)
         else:
             os.environ[TOKEN_ENV] = saved
+
+
+def _batching(size: int) -> list[dict[str, Any]]:
+    """The deployments: section with a batch size; a replaced ingress outlives its requests (as the config's)."""
+    return [{"name": "Ingress", "graceful_shutdown_timeout_s": 90,
+             "user_config": {"max_batch_size": size, "batch_wait_timeout_s": 0.05}},
+            {"name": "Scorer", "user_config": {"max_batch_size": size, "batch_wait_timeout_s": 0.05}}]
 
 
 def _body(model: str = "builtin:minilm", template: dict[str, Any] | None = None, inputs: tuple[str, ...] = ("x",),
@@ -355,3 +363,114 @@ def test_auth_is_declared_checked_first_and_health_tells_nothing(svc: Svc) -> No
     assert {"HTTPBearer": []} in spec["paths"]["/v1/score"]["post"]["security"]
     health = requests.get(svc.url + "/healthz", timeout=60)
     assert health.status_code == 200 and health.json() == {"status": "ok"}
+
+
+def _minilm_reference(texts: list[str]) -> dict[str, list[float]]:
+    """log-softmax of cosine / 0.05 between each rendered prompt and the choices, from MiniLM directly."""
+    from sentence_transformers import SentenceTransformer
+
+    from rayjobs.models.loading import resolve_path
+
+    st = SentenceTransformer(resolve_path("builtin:minilm"), device="cpu")
+    choices = st.encode(SENT["answer_choices"], normalize_embeddings=True, convert_to_tensor=True).double()
+    prompts = st.encode([SENT["input"].format(input=t) for t in texts], normalize_embeddings=True,
+                        convert_to_tensor=True).double()
+    return {t: torch.log_softmax((choices @ p) / 0.05, -1).tolist() for t, p in zip(texts, prompts, strict=True)}
+
+
+def test_zz_mixed_load_with_a_killed_replica_and_a_redeploy(svc: Svc) -> None:
+    """Runs last (name). Shortened load and fault test: 32 clients send 384 requests, a quarter of them bad,
+    while the scoring replica is killed once and the application is redeployed with a new batch size. Every
+    good request ends with the answer MiniLM gives directly (a 503 must carry Retry-After and succeed on
+    retry); every bad one gets its 4xx (a model that cannot load: 503); no 500; no request outlasts
+    request_timeout_s."""
+    import ray
+    from ray import serve
+
+    from serving.app import application
+
+    texts = [f"load test review {i}: {'a joyful film' if i % 2 else 'a dreary film'}" for i in range(24)]
+    want = _minilm_reference(texts)
+    bad: list[tuple[Any, tuple[int, ...]]] = [
+        (b'{"model": "builtin:minilm", "template": ', (400, 422)),  # malformed JSON
+        (_body(inputs=("o" * 70_000,)), (413,)),  # oversized body
+        (_body(model="org/unknown-hub-model"), (404,)),
+        (_body(model="run:0000nosuchkey"), (404,)),
+        (_body(template={"input": "{input:>99999999}", "answer_choices": ["a", "b"]}), (422,)),
+        (_body(model=str(svc.broken)), (503,)),
+    ]
+    n_threads, per_thread = 32, 12
+    failures: list[str] = []
+    outcomes: dict[str, int] = {}
+    lock = threading.Lock()
+    limit = svc.args["request_timeout_s"] + 10
+
+    def send(body: Any) -> requests.Response:
+        start = time.monotonic()
+        if isinstance(body, bytes):
+            r = requests.post(svc.url + "/v1/score", data=body, timeout=limit + 30,
+                              headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"})
+        else:
+            r = requests.post(svc.url + "/v1/score", json=body, timeout=limit + 30,
+                              headers={"Authorization": f"Bearer {TOKEN}"})
+        if time.monotonic() - start > limit:
+            with lock:
+                failures.append(f"a request took {time.monotonic() - start:.0f}s")
+        return r
+
+    def client(k: int) -> None:
+        for j in range(per_thread):
+            i = k * per_thread + j
+            if i % 4 == 3:
+                body, allowed = bad[(i // 4) % len(bad)]
+                r = send(body)
+                ok = r.status_code in allowed and (r.status_code != 503 or "Retry-After" in r.headers)
+                with lock:
+                    outcomes[f"bad {r.status_code}"] = outcomes.get(f"bad {r.status_code}", 0) + 1
+                    if not ok:
+                        failures.append(f"bad request {i}: {r.status_code} {r.text[:200]}")
+                continue
+            text = texts[i % len(texts)]
+            for _ in range(30):
+                r = send(_body(inputs=(text,)))
+                with lock:
+                    outcomes[str(r.status_code)] = outcomes.get(str(r.status_code), 0) + 1
+                if r.status_code != 503:
+                    break
+                if "Retry-After" not in r.headers:
+                    with lock:
+                        failures.append(f"503 without Retry-After: {r.text[:200]}")
+                    return
+                time.sleep(float(r.headers["Retry-After"]))
+            if r.status_code != 200:
+                with lock:
+                    failures.append(f"good request {i} at {time.monotonic() - start:.1f}s: {r.status_code} "
+                                    f"{r.text[:200]} {dict(r.headers)}")
+            elif max(abs(a - b) for a, b in zip(r.json()["results"][0]["logprobs"], want[text], strict=True)) > 1e-4:
+                with lock:
+                    failures.append(f"good request {i}: a wrong answer")
+
+    old = svc.stats()["replica"]
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(n_threads)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    name = next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith("SERVE_REPLICA::") and "#Scorer#" in a["name"] and old in a["name"])
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    print(f"killed at {time.monotonic() - start:.1f}s")
+    time.sleep(5)
+    print(f"redeploy at {time.monotonic() - start:.1f}s")
+    serve.run(application(svc.args, _batching(8)), name="transferlab", route_prefix="/")  # a new batch size
+    print(f"redeployed at {time.monotonic() - start:.1f}s")
+    for t in threads:
+        t.join(600)
+    took = time.monotonic() - start
+    assert not any(t.is_alive() for t in threads), "a client hung"
+    assert not failures, (failures[:10], outcomes)
+    assert "500" not in outcomes and not any(k == "bad 500" for k in outcomes), outcomes
+    stats = svc.stats()
+    assert stats["replica"] != old and stats["max_batch_size"] == 8 and stats["ingress"]["max_batch_size"] == 8
+    assert outcomes.get("200", 0) >= n_threads * per_thread * 3 // 4, outcomes
+    print(f"load test: {n_threads * per_thread} requests in {took:.0f}s, outcomes {outcomes}")

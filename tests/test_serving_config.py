@@ -112,9 +112,9 @@ def test_serve_run_of_the_config_file(trained_source: dict[str, Any], tmp_path: 
         while True:
             assert proc.poll() is None, (tmp_path / "serve-run.log").read_text()[-3000:]
             try:
-                if requests.get(url + "/healthz", timeout=5).status_code == 200:
+                if requests.get(url + "/healthz", timeout=10).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or the application still building
                 pass
             assert time.time() < deadline, (tmp_path / "serve-run.log").read_text()[-3000:]
             time.sleep(2)
