@@ -25,7 +25,7 @@ def load_serve_config(path: str | Path, overrides: dict[str, Any], max_batch_siz
     `overrides` applied). The file is checked against Serve's own schema (`serve deploy` would refuse what
     it refuses); `max_batch_size` replaces both deployments' `user_config.max_batch_size`."""
     from pydantic import ValidationError
-    from ray.serve.schema import ServeDeploySchema
+    from ray.serve.schema import DeploymentSchema, ServeDeploySchema
 
     from rayjobs.config import ConfigError
     from serving.settings import ServeSettings
@@ -48,6 +48,12 @@ def load_serve_config(path: str | Path, overrides: dict[str, Any], max_batch_siz
     except ValidationError as e:
         raise ConfigError(f"serve config {p}: {e}".replace("\n", "; ")) from None
     deployments = [dict(d) for d in app.get("deployments") or []]
+    known = set(DeploymentSchema.model_fields)
+    for d in deployments:  # Serve's schema lets unknown keys through; `serve deploy` would then ignore a typo
+        unknown = sorted(set(d) - known)
+        if unknown or d.get("name") not in ("Ingress", "Scorer"):
+            raise ConfigError(f"serve config {p}: deployment {d.get('name')!r}: "
+                              + (f"unknown field(s) {unknown}" if unknown else "no such deployment (Ingress, Scorer)"))
     if max_batch_size is not None:
         for name in ("Ingress", "Scorer"):
             entry = next((d for d in deployments if d.get("name") == name), None)

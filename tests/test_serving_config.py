@@ -149,3 +149,15 @@ def test_serve_run_of_the_config_file(trained_source: dict[str, Any], tmp_path: 
         except ProcessLookupError:
             pass
         log.close()
+
+
+def test_a_typo_in_the_deployments_section_is_refused(tmp_path: Path) -> None:
+    from tests.conftest import cli
+
+    cfg = yaml.safe_load(CONFIG.read_text())
+    cfg["applications"][0]["deployments"][1]["max_ongoing_requestz"] = 256  # Serve's schema would let it through
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    r = cli("serve", "--check", "--config", str(tmp_path / "bad.yaml"), timeout=120)
+    assert r.returncode == 2 and "deployment 'Scorer': unknown field(s) ['max_ongoing_requestz']" in r.stderr, r.stderr
+    r = cli("serve", "--check", "--max-batch-size", "8", timeout=120)
+    assert r.returncode == 0 and r.stdout.count('"max_batch_size": 8') == 2  # both deployments' user_config
