@@ -9,11 +9,17 @@ can switch them back on.
 
 One entry point, `run_guarded`, serves every place that runs user SQL (`transferlab sql`, the
 Serve app). `open_guarded` opens a store read-only for it.
+
+Why a deadline and a memory limit: a single SELECT can still run for hours (`SELECT sum(x) FROM
+range(1e12)`) or hold the machine's memory. The query runs in a worker thread while the caller's thread
+waits, so the deadline or a Ctrl-C (KeyboardInterrupt in the waiting thread) cancels it with
+`con.interrupt()`; DuckDB's own `memory_limit` is set before the configuration is locked.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,7 +76,11 @@ def check_query(con: duckdb.DuckDBPyConnection, sql: str) -> str:
     return sql
 
 
-def lock_down(con: duckdb.DuckDBPyConnection) -> None:
+DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_MEMORY_LIMIT = "2GB"
+
+
+def lock_down(con: duckdb.DuckDBPyConnection, memory_limit: str = DEFAULT_MEMORY_LIMIT) -> None:
     """Disable external access and extension loading, then lock DuckDB's configuration.
 
     Settings of these kinds are global to the database instance: every other connection of the
@@ -84,22 +94,64 @@ def lock_down(con: duckdb.DuckDBPyConnection) -> None:
             raise SqlRefused("this connection's configuration is locked with external access enabled; "
                              "user SQL runs only on a connection that `lock_down` locked")
         return
+    try:
+        con.execute("SET memory_limit = ?", [memory_limit])
+    except duckdb.Error as e:
+        raise SqlRefused(f"memory limit {memory_limit!r}: {_one_line(e)} (e.g. 512MB, 2GB)") from None
     for name, value in LOCKDOWN_SETTINGS:
         con.execute(f"SET {name} = {value}")
 
 
-def run_guarded(con: duckdb.DuckDBPyConnection, sql: str,
-                params: list[Any] | dict[str, Any] | None = None) -> tuple[list[str], list[tuple]]:
-    """Check `sql`, lock the connection, run it; (column names, rows). Any refusal is one `SqlRefused` line."""
+def run_guarded(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | dict[str, Any] | None = None, *,
+                timeout_s: float | None = DEFAULT_TIMEOUT_S, memory_limit: str = DEFAULT_MEMORY_LIMIT
+                ) -> tuple[list[str], list[tuple]]:
+    """Check `sql`, lock the connection, run it within `timeout_s` (None: no deadline) and `memory_limit`;
+    (column names, rows). Any refusal, a deadline passed, a Ctrl-C or the memory limit reached is one
+    `SqlRefused` line."""
     query = check_query(con, sql)
-    lock_down(con)
-    try:
+    lock_down(con, memory_limit)
+
+    def run() -> tuple[list[str], list[tuple]]:
         cur = con.execute(query, params) if params is not None else con.execute(query)
         cols = [d[0] for d in cur.description] if cur.description else []
-        rows = cur.fetchall()
+        return cols, cur.fetchall()
+
+    try:
+        return run_interruptible(con, run, timeout_s)
+    except duckdb.OutOfMemoryException as e:
+        raise SqlRefused(f"the query needs more than the memory limit {memory_limit} ({_one_line(e)})") from None
     except duckdb.Error as e:  # many subclasses (Catalog, Binder, Permission, ...): all are the user's SQL
         raise SqlRefused(f"SQL error: {_one_line(e)}") from None
-    return cols, rows
+
+
+def run_interruptible(con: duckdb.DuckDBPyConnection, fn: Any, timeout_s: float | None) -> Any:
+    """`fn()` (queries on `con`) in a worker thread; past `timeout_s`, or on Ctrl-C in this thread, the
+    running query is cancelled with `con.interrupt()` and `SqlRefused` says which."""
+    box: dict[str, Any] = {}
+    done = threading.Event()  # not Thread.join: a join interrupted by Ctrl-C may report a live thread as ended
+
+    def work() -> None:
+        try:
+            box["out"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            box["err"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name="sql-query", daemon=True).start()
+    why = None
+    try:
+        if not done.wait(timeout_s):
+            why = f"the query ran past its time limit of {timeout_s:g}s and was cancelled (--timeout)"
+    except KeyboardInterrupt:
+        why = "the query was cancelled (Ctrl-C)"
+    if why is not None:
+        con.interrupt()
+        done.wait(30)
+        raise SqlRefused(why)
+    if "err" in box:
+        raise box["err"]
+    return box["out"]
 
 
 @contextmanager

@@ -51,11 +51,20 @@ def _cmd_sql(args: argparse.Namespace) -> int:
     from analysis.sql_guard import open_guarded, run_guarded
 
     with open_guarded(args.db) as con:
-        cols, rows = run_guarded(con, args.query)
+        cols, rows = run_guarded(con, args.query, timeout_s=args.timeout or None, memory_limit=args.memory_limit)
     if args.json:
         print(json.dumps([dict(zip(cols, r, strict=False)) for r in rows], default=str))
     else:
         print_table(cols, rows)
+    return 0
+
+
+def _cmd_export_peft(args: argparse.Namespace) -> int:
+    from rayjobs.peft_export import export_peft
+
+    out = export_peft(args.run_key, args.results, args.out)
+    print(f"transferlab: run {out['run_key']} exported to {out['out']} ({', '.join(out['files'])}; base model "
+          f"{out['base_model'] or 'unnamed: set base_model_name_or_path'})")
     return 0
 
 
@@ -130,7 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("query", help="one SELECT statement, quoted as one shell argument")
     q.add_argument("--db", default=default_db(), help="DuckDB results store (default: %(default)s)")
     q.add_argument("--json", action="store_true", help="print rows as a JSON list of objects (default: a text table)")
+    q.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="cancel the query after this long (0: no limit; default: %(default)g); Ctrl-C cancels too")
+    q.add_argument("--memory-limit", default="2GB", help="DuckDB memory_limit for the query (default: %(default)s)")
     q.set_defaults(func=_cmd_sql)
+
+    xp_help = "export a stored LoRA run as a peft adapter folder (adapter_config.json + adapter_model.safetensors)"
+    xp = sub.add_parser("export-peft", help=xp_help, description=xp_help + ", for vLLM --lora-modules, ray.serve.llm "
+                        "multi-LoRA or PeftModel.from_pretrained")
+    xp.add_argument("run_key", help="the run's key (transferlab sql \"SELECT run_key FROM runs\")")
+    xp.add_argument("out", help="the adapter folder to write (new or empty)")
+    xp.add_argument("--results", default=DEFAULT_RESULTS, help="results folder holding checkpoints/<run_key> "
+                                                                "(default: %(default)s)")
+    xp.set_defaults(func=_cmd_export_peft)
 
     st = sub.add_parser("status", help="an experiment's progress from its result files (works while it runs): "
                                        "done / failed (with errors) / remaining per stage, ETA")

@@ -381,16 +381,57 @@ def _format_validation_error(path: str, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few KiB; anything near this is not a config
+MAX_CONFIG_NODES = 200_000  # YAML nodes after aliases are expanded (an alias bomb grows past any bound)
+
+
+def _expanded_nodes(node: yaml.Node, where: str) -> int:
+    """Nodes of the document once every alias is expanded, counted over the composed graph (aliases share
+    nodes, so this is cheap), stopping at the bound; a recursive alias is refused."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(n: yaml.Node) -> int:
+        if id(n) in sizes:
+            return sizes[id(n)]
+        if id(n) in active:
+            raise ConfigError(f"{where}: a YAML alias refers to itself (recursive anchor)")
+        active.add(id(n))
+        children = ([c for kv in n.value for c in kv] if isinstance(n, yaml.MappingNode) else
+                    n.value if isinstance(n, yaml.SequenceNode) else [])
+        total = 1
+        for c in children:
+            total += size(c)
+            if total > MAX_CONFIG_NODES:
+                raise ConfigError(f"{where}: the config expands to more than {MAX_CONFIG_NODES} YAML nodes "
+                                  "(aliases of aliases: a YAML alias bomb?); write the values out")
+        active.discard(id(n))
+        sizes[id(n)] = total
+        return total
+
+    return size(node)
+
+
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p}: {p.stat().st_size} bytes; a config file may hold at most {MAX_CONFIG_BYTES}")
+    loader = yaml.SafeLoader(p.read_text())
     try:
-        data = yaml.safe_load(p.read_text())
+        node = loader.get_single_node()
+        if node is not None:
+            _expanded_nodes(node, str(p))
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{p}:{where} malformed YAML: {getattr(e, 'problem', e)}") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: the YAML is nested too deeply") from None
+    finally:
+        loader.dispose()
     if data is None:
         raise ConfigError(f"{p}: the config file is empty")
     if not isinstance(data, dict):

@@ -6,13 +6,16 @@ rendered with their own templates, concatenated and scored by one `BlackBox.scor
 are those of `BlackBox.score` on each request alone: rank classification scores every example's own
 choices and an encoder head its own label set, so batching changes no number beyond float rounding.
 A group whose joint call fails is retried request by request, so one bad request (a template whose
-choices do not fit a classifier head) fails alone with its own message.
+choices do not fit a classifier head) fails alone with its own message. Rendering is the request's own
+input, so anything it raises (not only `ValueError`) is that request's 4xx, never the batch's fault.
 
 The joint call is `BlackBox.score_many`, the same path as `BlackBox.score`.
 """
 
 from __future__ import annotations
 
+import logging
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +24,8 @@ from rayjobs.blackbox import BlackBox, adhoc_task, render
 from rayjobs.models.loading import ModelError
 from rayjobs.tasks import Example
 from rayjobs.templates import PromptTemplate
+
+log = logging.getLogger("ray.serve")
 
 
 @dataclass
@@ -46,10 +51,25 @@ def _score_group(box: BlackBox, examples: list[list[Example]], templates: list[P
     return box.score_many(list(zip(templates, examples, strict=True)), generate=generate, perplexity=perplexity)
 
 
+def internal_error(e: BaseException, where: str) -> Failure:
+    """A server-side fault: the traceback goes to the replica log under a request id, the caller gets the id."""
+    rid = uuid.uuid4().hex[:16]
+    log.error("request %s: %s failed", rid, where, exc_info=(type(e), e, e.__traceback__))
+    return Failure(500, f"internal error (request id {rid}; details in the replica log)", "server_error")
+
+
+def request_failure(e: BaseException) -> Failure:
+    """What a request's own input raised (rendering, building its examples): its 4xx, whatever the type."""
+    if isinstance(e, (MemoryError, OverflowError, RecursionError)):
+        return Failure(413, f"the request is too large to render: {type(e).__name__}", "request_too_large")
+    return Failure(422, str(e) if isinstance(e, ValueError) else f"the request cannot be rendered: "
+                                                                 f"{type(e).__name__}")
+
+
 def _failure(e: Exception) -> Failure:
     if isinstance(e, (ValueError, ModelError)):  # a request that does not fit the model
         return Failure(422, str(e))
-    return Failure(500, f"scoring failed: {type(e).__name__}: {e}", "server_error")
+    return internal_error(e, "scoring")
 
 
 def score_jobs(jobs: Sequence[ScoreJob]) -> list[list[dict[str, Any]] | Failure]:
@@ -59,11 +79,10 @@ def score_jobs(jobs: Sequence[ScoreJob]) -> list[list[dict[str, Any]] | Failure]
     groups: dict[tuple, list[tuple[int, list[Example]]]] = {}
     for i, job in enumerate(jobs):
         try:
-            rendered = render(job.template, job.examples)
-        except ValueError as e:
-            results[i] = Failure(422, str(e))
+            kind = adhoc_task(job.template, render(job.template, job.examples)).answer_type
+        except Exception as e:  # noqa: BLE001 - the request's own input: it fails alone
+            results[i] = request_failure(e)
             continue
-        kind = adhoc_task(job.template, rendered).answer_type
         groups.setdefault((id(job.box), kind, job.generate, job.perplexity), []).append((i, job.examples))
     for members in groups.values():
         first = jobs[members[0][0]]

@@ -19,9 +19,13 @@ import yaml
 CONFIG = Path(__file__).resolve().parent / "config.yaml"
 
 
-def load_serve_config(path: str | Path, overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the config's first application, its validated and resolved settings with `overrides` applied)."""
+def load_serve_config(path: str | Path, overrides: dict[str, Any], max_batch_size: int | None = None
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the config's first application with `http_options`, its validated and resolved settings with
+    `overrides` applied). The file is checked against Serve's own schema (`serve deploy` would refuse what
+    it refuses); `max_batch_size` replaces both deployments' `user_config.max_batch_size`."""
     from pydantic import ValidationError
+    from ray.serve.schema import DeploymentSchema, ServeDeploySchema
 
     from rayjobs.config import ConfigError
     from serving.settings import ServeSettings
@@ -34,12 +38,29 @@ def load_serve_config(path: str | Path, overrides: dict[str, Any]) -> tuple[dict
         app = raw["applications"][0]
     except (yaml.YAMLError, KeyError, IndexError, TypeError) as e:
         raise ConfigError(f"serve config {p}: expected `applications: [...]` ({type(e).__name__}: {e})") from None
+    try:
+        ServeDeploySchema.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"serve config {p}: not a Serve config: {e}".replace("\n", "; ")) from None
     args = {**(app.get("args") or {}), **{k: v for k, v in overrides.items() if v is not None}}
     try:
         settings = ServeSettings.model_validate(args).resolved()
     except ValidationError as e:
         raise ConfigError(f"serve config {p}: {e}".replace("\n", "; ")) from None
-    return {**app, "http_options": raw.get("http_options") or {}}, settings.model_dump()
+    deployments = [dict(d) for d in app.get("deployments") or []]
+    known = set(DeploymentSchema.model_fields)
+    for d in deployments:  # Serve's schema lets unknown keys through; `serve deploy` would then ignore a typo
+        unknown = sorted(set(d) - known)
+        if unknown or d.get("name") not in ("Ingress", "Scorer"):
+            raise ConfigError(f"serve config {p}: deployment {d.get('name')!r}: "
+                              + (f"unknown field(s) {unknown}" if unknown else "no such deployment (Ingress, Scorer)"))
+    if max_batch_size is not None:
+        for name in ("Ingress", "Scorer"):
+            entry = next((d for d in deployments if d.get("name") == name), None)
+            if entry is None:
+                deployments.append(entry := {"name": name})
+            entry["user_config"] = {**(entry.get("user_config") or {}), "max_batch_size": max_batch_size}
+    return {**app, "deployments": deployments, "http_options": raw.get("http_options") or {}}, settings.model_dump()
 
 
 def direct_ingress_env(port: int) -> dict[str, str]:
@@ -83,20 +104,20 @@ def answering_port(host: str, ports: range, timeout_s: float = 120.0) -> int | N
 def _cmd_serve(args: argparse.Namespace) -> int:
     from rayjobs.config import ConfigError
 
-    overrides: dict[str, Any] = {"max_batch_size": args.max_batch_size}
+    overrides: dict[str, Any] = {}
     db = args.db or os.environ.get("TRANSFERLAB_DB")
     if db:  # the store given here: its checkpoints are next to it unless --results says otherwise
         overrides.update(db=db, results=args.results or str(Path(db).expanduser().resolve().parent))
     elif args.results:
         overrides["results"] = args.results
-    app, settings = load_serve_config(args.config, overrides)
+    app, settings = load_serve_config(args.config, overrides, args.max_batch_size)
     if args.check:
-        print(json.dumps(settings, indent=2))
+        print(json.dumps({**settings, "deployments": app["deployments"]}, indent=2))
         return 0
     import ray
     from ray import serve
 
-    from serving.app import build_app
+    from serving.app import application
 
     http = app["http_options"]
     host, port = args.host or http.get("host", "127.0.0.1"), args.port or http.get("port", 8000)
@@ -118,7 +139,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     name, prefix = app.get("name", "transferlab"), app.get("route_prefix", "/")
     # direct ingress: Ray still starts a proxy on the head node; it gets a free port, the replica gets `port`
     serve.start(http_options={"host": host, "port": free_port(host) if args.direct_ingress else int(port)})
-    serve.run(build_app(settings), name=name, route_prefix=prefix)  # returns once the application is ready
+    serve.run(application(settings, app["deployments"]), name=name, route_prefix=prefix)  # returns once the application is ready
     if args.direct_ingress:
         got = answering_port(host, range(int(port), int(port) + 10))
         if got is None:
@@ -148,7 +169,8 @@ def add_subcommand(sub: Any, default_db: Callable[[], str]) -> None:
     p.add_argument("--config", default=str(CONFIG), help="Serve config file (default: %(default)s)")
     p.add_argument("--host", default=None, help="HTTP host (default: the config's http_options)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, 8000)")
-    p.add_argument("--max-batch-size", type=int, default=None, help="requests per dynamic batch (1 = unbatched)")
+    p.add_argument("--max-batch-size", type=int, default=None,
+                   help="requests per dynamic batch, both deployments' user_config (1 = unbatched)")
     p.add_argument("--direct-ingress", action="store_true",
                    help="no HTTP proxy: the ingress replica listens on --port itself (Ray's experimental direct "
                         "ingress; 1.6-1.7x the throughput of a small model on a 2-core CPU, see bench-serve); "

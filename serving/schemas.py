@@ -8,15 +8,43 @@ logprobs, echo), so OpenAI clients and `rayjobs.blackbox.EndpointBox` talk to th
 
 from __future__ import annotations
 
+import re
+import string
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rayjobs.tasks import Example
 from rayjobs.templates import PromptTemplate
 
+#: a stored run's key as `run:<key>` names it: one path segment under the checkpoints folder, never a path
+RUN_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 
-class _Strict(BaseModel):
+
+def _no_surrogates(value: Any, where: str) -> None:
+    """A lone surrogate code point (JSON `\\ud800`) cannot be encoded as UTF-8: refused here, not a 500 in a
+    tokenizer or in the response encoder."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where}: holds a lone surrogate code point (not valid Unicode text)") from None
+    elif isinstance(value, list):
+        for v in value:
+            _no_surrogates(v, where)
+
+
+class _Request(BaseModel):
+    """Every request body: text fields must be valid Unicode (no lone surrogates)."""
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _text(cls, value: Any, info: Any) -> Any:
+        _no_surrogates(value, info.field_name)
+        return value
+
+
+class _Strict(_Request):
     model_config = ConfigDict(extra="forbid")
 
 
@@ -30,7 +58,19 @@ class TemplateIn(_Strict):
     @model_validator(mode="after")
     def _valid(self) -> TemplateIn:
         self.template()  # the registry's own checks: {input} present, known fields, a valid format string
+        for _, field, spec, conv in string.Formatter().parse(self.input):
+            if field is not None and (spec or conv):
+                raise ValueError(f"template input: only plain placeholders {{input}}, {{options}}, {{options_list}} "
+                                 f"are served; {{{field}{'!' + conv if conv else ''}{':' + spec if spec else ''}}} "
+                                 "has a format spec or conversion (write literal braces as {{ }})")
         return self
+
+    def prompt_chars(self, text: str, choices: list[str]) -> int:
+        """Length of the prompt this template renders for one example, computed without rendering it (plain
+        placeholders only): what bounds a request's cost before any model runs."""
+        sizes = {None: 0, "input": len(text), "options": len(", ".join(choices)),
+                 "options_list": sum(3 + len(c) for c in choices)}
+        return sum(len(lit) + sizes[field] for lit, field, _, _ in string.Formatter().parse(self.input))
 
     def template(self) -> PromptTemplate:
         return PromptTemplate(name=self.name, input=self.input, answer_choices=self.answer_choices)
@@ -49,12 +89,20 @@ class ExampleIn(_Strict):
 
 
 class ScoreRequest(_Strict):
-    model: str = Field(min_length=1, description="builtin:minilm | sentence:<path> | run:<key> | "
-                                                 "a local LM folder or hub id | a listed http(s)://.../v1#model")
+    model: str = Field(min_length=1, max_length=512,
+                       description="builtin:minilm | sentence:<path> | run:<key> | "
+                                   "a local LM folder or hub id | a listed http(s)://.../v1#model")
     template: TemplateIn
     examples: list[ExampleIn] = Field(min_length=1)
     generate: bool = Field(default=False, description="also return greedy generations (pred_text; LMs)")
     perplexity: bool = Field(default=False, description="also return each rendered prompt's perplexity (LMs)")
+
+    @field_validator("model")
+    @classmethod
+    def _run_key(cls, model: str) -> str:
+        if model.startswith("run:") and not RUN_KEY.fullmatch(model[4:]):
+            raise ValueError("run:<key> takes a stored run's key (letters, digits, '-', '_'; no path)")
+        return model
 
 
 class ScoreResult(BaseModel):
@@ -102,7 +150,7 @@ class RankRequest(_Strict):
     setup: str | None = Field(default=None, description="transfer setup ADAPTATION:MODEL (TaskShop, oracle)")
     k: int = Field(default=5, ge=1, le=1000)
     lam: float | None = Field(default=None, ge=0, le=1, description="TaskShop's lambda (default 0.7)")
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**32 - 1, description="seed of the random selector")
 
 
 class RankedSource(BaseModel):
@@ -178,7 +226,7 @@ class RankPromptsResponse(BaseModel):
 
 
 # -- /v1/completions (OpenAI subset) ---------------------------------------------------------------------
-class CompletionRequest(BaseModel):
+class CompletionRequest(_Request):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we have no use for (user, ...)
 
     model: str | None = None

@@ -411,7 +411,8 @@ def test_rayservice_deploys_the_serve_application_of_serving_config_yaml() -> No
         nodes = [(_quantity(t["spec"]["containers"][0]["resources"]["limits"].get("cpu", 0)),
                   _quantity(t["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)))
                  for _, t in _pod_templates(spec)[1:]]
-        assert any(c >= settings.scorer_cpus and g >= settings.scorer_gpus for c, g in nodes), nodes
+        scorer = next(d for d in app.deployments if d.name == "Scorer").ray_actor_options  # the deployments: section
+        assert any(c >= scorer.num_cpus and g >= scorer.num_gpus for c, g in nodes), nodes
     # the ingress checks TRANSFERLAB_API_TOKEN in whichever pod it lands: every pod gets it from the secret
     for group, tpl in _pod_templates(doc["spec"]["rayClusterConfig"]):
         env = {e["name"]: e for e in tpl["spec"]["containers"][0].get("env", [])}

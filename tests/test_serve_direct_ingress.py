@@ -51,7 +51,8 @@ def test_direct_ingress_serves_from_the_replica_batches_and_stops(tmp_path: Path
     from rayjobs.models.loading import resolve_path
 
     config = yaml.safe_load((REPO / "serving" / "config.yaml").read_text())
-    config["applications"][0]["args"]["batch_wait_timeout_s"] = 0.2  # concurrent requests meet in one batch
+    for d in config["applications"][0]["deployments"]:  # concurrent requests meet in one batch
+        d["user_config"]["batch_wait_timeout_s"] = 0.2
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
     port = free_port("127.0.0.1")
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="tl-di-", dir="/tmp"), "TOKENIZERS_PARALLELISM": "false"}

@@ -158,6 +158,10 @@ class Service:
         return r.json()
 
 
+#: the config's `deployments:` section, as serving/config.yaml writes it: a long wait, so concurrent requests meet
+BATCHING = [{"name": d, "user_config": {"max_batch_size": 32, "batch_wait_timeout_s": 0.2}} for d in ("Ingress", "Scorer")]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -172,7 +176,7 @@ def service(trained_source: dict[str, Any], tiny_lm_folder: Path, tmp_path_facto
     import ray
     from ray import serve
 
-    from serving.app import build_app
+    from serving.app import application
 
     root = tmp_path_factory.mktemp("serve")
     db = root / "store.duckdb"
@@ -193,10 +197,11 @@ def service(trained_source: dict[str, Any], tiny_lm_folder: Path, tmp_path_facto
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"db": str(db), "results": str(trained_source["results"]),
+        serve.run(application({"db": str(db), "results": str(trained_source["results"]),
                              "models": ["builtin:minilm", str(tiny_lm_folder)], "completion_model": str(tiny_lm_folder),
-                             "max_examples": 64, "max_prompts": 8, "max_new_tokens": 32, "max_batch_size": 32,
-                             "batch_wait_timeout_s": 0.2, "max_models_per_replica": 3, "request_timeout_s": 60}),
+                             "allow_unlisted_models": True,  # the operator's opt-in: any local folder loads
+                             "max_examples": 64, "max_prompts": 8, "max_new_tokens": 32,
+                             "max_models_per_replica": 3, "request_timeout_s": 60}, BATCHING),
                   name="transferlab", route_prefix="/")
         http = requests.Session()
         http.headers["Authorization"] = f"Bearer {TOKEN}"
