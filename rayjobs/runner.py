@@ -268,8 +268,8 @@ def run_trials(name: str, todo: list[TrialSpec], run: RunSpec, store: Any, *, po
     store.ingest()
     observe.rows_ingested(store.last_ingested)
     if result.blocked:
-        print(f"transferlab: {len(result.blocked)} runs wait for failed or stopped runs they depend on; "
-              "re-run to retry the failed ones", flush=True)
+        print(f"transferlab: {len(result.blocked)} runs wait for failed runs they depend on; re-run to retry",
+              flush=True)
     if result.experiment_path and remote:  # connection options stay out of logs (they may hold secrets)
         from analysis.remote import display
 
