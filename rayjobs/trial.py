@@ -15,7 +15,7 @@ import traceback
 from typing import Any
 
 from analysis.store import ResultStore
-from rayjobs import observe
+from rayjobs import observe, stack
 from rayjobs.plan import TrialSpec
 
 MAX_LOSS_POINTS = 2000
@@ -54,7 +54,8 @@ def inject_fault(spec: TrialSpec, rank: int | None = None) -> None:
 #: executor name -> "module:function(trial, ctx) -> result row"; a job kind that does not train adds one
 EXECUTORS = {"train": "rayjobs.train_loop:train_and_evaluate", "score": "rayjobs.score:score_trial",
              "mtl": "rayjobs.mtl:train_and_evaluate_mtl", "fewshot": "rayjobs.fewshot:score_fewshot",
-             "probe": "rayjobs.embed:probe_trial", "embed": "rayjobs.embed:embed_trial"}
+             "probe": "rayjobs.embed:probe_trial", "embed": "rayjobs.embed:embed_trial",
+             "simulate": "rayjobs.simulate:simulate_trial"}  # benchmark tool (issue 20)
 
 
 def executor(name: str) -> Any:
@@ -108,6 +109,8 @@ def execute(spec: TrialSpec, progress: Any = None) -> dict[str, Any]:
         stride = max(1, len(curve) // MAX_LOSS_POINTS)
         row["metrics"] = {**row["metrics"], "loss_curve": curve[::stride], "loss_curve_stride": stride}
     row["metrics"] = {**(row.get("metrics") or {}), **observe.placement()}
+    # -- issue 21 item 11: the library versions and device that produced the row (rayjobs.stack)
+    row["stack"] = stack.describe()
     store.write_result(row)
     store.push_run(spec.run_key)
     observe.trial_finished(spec, row)
