@@ -55,8 +55,10 @@ def pending(store: ResultStore, con: duckdb.DuckDBPyConnection) -> int:
 
 def compact_if_due(store: ResultStore, min_files: int | None = None) -> int:
     """Compact when at least `min_files` (default COMPACT_MIN_FILES) ingested per-run files wait."""
+    if min_files is None:  # TRANSFERLAB_COMPACT_MIN_FILES: tests compact small studies while they run
+        min_files = int(os.environ.get("TRANSFERLAB_COMPACT_MIN_FILES", COMPACT_MIN_FILES))
     with store.connect() as con:
-        due = pending(store, con) >= (COMPACT_MIN_FILES if min_files is None else min_files)
+        due = pending(store, con) >= min_files
     return compact(store) if due else 0
 
 

@@ -45,8 +45,8 @@ from analysis.schema import (  # noqa: F401 - the schema's names are the store's
 from analysis.views import ANALYSIS_SQL
 
 DB_NAME = "transferlab.duckdb"
-#: files read per ingest transaction (bounds the driver's memory while catching up on many new runs)
-BATCH_FILES = 256
+#: files and bytes read per ingest transaction (bound the driver's memory while catching up on many runs)
+BATCH_FILES, BATCH_BYTES = 256, 64 * 2**20
 #: SQL: is the file `_file` (a name relative to the results folder) a compacted part?
 _IS_PART = "contains(_file, '/part-')"
 #: glob of the compacted parts (analysis.compaction) in `runs/` and (partitioned) in `predictions/`
@@ -253,7 +253,7 @@ class ResultStore:
                         {"root": root, "gone": gone})
             con.execute("COMMIT")
         n = 0
-        for batch in _batches(new, BATCH_FILES):
+        for batch in _batches(new, BATCH_FILES, on_disk):
             table, batch = _read_with_names(self.root, batch, RUN_SCHEMA)
             if table is None:
                 continue
@@ -304,7 +304,7 @@ class ResultStore:
                 {"root": root, "keys": list(single)}).fetchall()}
         take = [n for n in new if n.count("/") > 1 or Path(n).stem in ready]  # the rest: run not stored yet
         rows = 0
-        for batch in _batches(take, BATCH_FILES):
+        for batch in _batches(take, BATCH_FILES, on_disk):
             table, batch = _read_with_names(self.root, batch, PREDICTION_SCHEMA)
             if table is None:
                 continue
@@ -392,9 +392,18 @@ def _dataset(files: list[str], schema: pa.Schema) -> ds.Dataset:
     return ds.dataset(files, schema=schema, format="parquet")
 
 
-def _batches(items: list[str], n: int) -> Iterator[list[str]]:
-    for i in range(0, len(items), n):
-        yield items[i:i + n]
+def _batches(items: list[str], n: int, stats: dict[str, tuple[int, int]]) -> Iterator[list[str]]:
+    """`items` in runs of at most `n` files and about BATCH_BYTES (at least one file each)."""
+    batch: list[str] = []
+    size = 0
+    for it in items:
+        if batch and (len(batch) >= n or size + stats[it][0] > BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(it)
+        size += stats[it][0]
+    if batch:
+        yield batch
 
 
 def _read_with_names(root: Path, names: list[str], schema: pa.Schema) -> tuple[pa.Table | None, list[str]]:
