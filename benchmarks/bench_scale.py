@@ -152,8 +152,8 @@ def taskshop(con: Any, setup: str) -> dict[str, Any]:
     from analysis import selectors as sel
     from analysis.ranking import evaluate_selection
 
-    sel.resolve(con, "random", setup=setup)
-    return evaluate_selection(con, "taskshop-random", setup)
+    f = sel.resolve(con, "random", setup=setup)  # the stored name, e.g. random[seed=0]
+    return evaluate_selection(con, f"taskshop-{f}", setup)
 
 
 def _timed(fn, repeat: int = 1) -> tuple[float, Any]:
@@ -261,7 +261,7 @@ DIRECT_QUERIES = {
     "pvi_tasks": "SELECT * FROM pvi_tasks",
     "per-run accuracy from predictions": "SELECT key, avg(CAST(correct AS DOUBLE)) FROM predictions GROUP BY key",
     "prompt-selection entropies (one task)": """
-        SELECT key, template, avg(-list_sum(list_transform(probs, p -> p * ln(p)))) AS local_e
+        SELECT key, template, avg(-list_sum(list_transform(probs, lambda p: p * ln(p)))) AS local_e
         FROM predictions WHERE task = 'rte' GROUP BY key, template""",
     "one run's predictions": "SELECT * FROM predictions WHERE key = (SELECT max(key) FROM predictions)",
 }
@@ -302,12 +302,13 @@ def direct(args: argparse.Namespace, work: Path) -> dict[str, float]:
             split_part(setup, ':', 1) AS adaptation, source, target, seed, source_run_key, baseline_run_key,
             1000 AS n_train, $n AS n_eval, 'accuracy' AS metric,
             0.55 + 0.35 * (hash(coalesce(target, source)) % 1000) / 1000.0 + 0.02 * (hash(run_key) % 100) / 100.0 AS score,
-            'ok' AS status, 'local' AS provenance, now()::TIMESTAMP AS created_at FROM runs""", {"n": per_run})
-    con.execute(f"COPY runrows TO '{store.runs_dir}' (FORMAT parquet, PARTITION_BY (kind), FILENAME_PATTERN 'part-{{uuid}}', "
+            'ok' AS status, 'local' AS provenance, now()::TIMESTAMP AS created_at, kind AS stage FROM runs""",
+                {"n": per_run})
+    con.execute(f"COPY runrows TO '{store.runs_dir}' (FORMAT parquet, PARTITION_BY (stage), FILENAME_PATTERN 'part-{{uuid}}', "
                 "OVERWRITE_OR_IGNORE)")
-    for d in list(store.runs_dir.glob("kind=*")):  # runs/part-<stage>-*.parquet, flat as the compactor writes them
+    for d in list(store.runs_dir.glob("stage=*")):  # runs/part-<stage>-*.parquet, flat as the compactor writes them
         for p in d.glob("*.parquet"):
-            p.rename(store.runs_dir / f"part-{d.name[5:]}-{p.stem[5:]}.parquet")
+            p.rename(store.runs_dir / f"part-{d.name[6:]}-{p.stem[5:]}.parquet")
         d.rmdir()
     pred = store.predictions_dir
     con.execute(f"""COPY (
@@ -376,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--faults-at", type=int, default=8000, help="the size run with a node replaced and the driver "
                                                                "killed (0: none)")
     ap.add_argument("--nodes", type=int, default=4)
-    ap.add_argument("--slots", type=int, default=8, help="GPU slots per node (trials at once = nodes x slots)")
+    ap.add_argument("--slots", type=int, default=4, help="GPU slots per node (trials at once = nodes x slots; each "
+                                                         "slot keeps a warm worker of ~0.5 GiB)")
     ap.add_argument("--sleep", type=float, default=0.2, help="seconds a simulated trial sleeps")
     ap.add_argument("--examples", type=int, default=100, help="prediction rows per simulated evaluation")
     ap.add_argument("--checkpoint-bytes", type=int, default=4096)
