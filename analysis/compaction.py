@@ -111,7 +111,17 @@ def _compact_stage(store: ResultStore, con: duckdb.DuckDBPyConnection, kind: str
         _write_part(table.sort_by([("key", "ascending")]), store.root / name)
         pred_parts.update(dict.fromkeys(ks, name))
     _crash("after-predictions")
-    run_part = f"runs/part-{quote(kind, safe='')}-{token}.parquet"  # 2. the run rows: the batch's commit
+    # 2. the run rows: the batch's commit. One run part per stage, rewritten with the new rows (run rows are
+    # small: 30,000 are a few MB), so a trial's own look-up (`read_result`) opens a file or two, not hundreds
+    prefix = f"runs/part-{quote(kind, safe='')}-"
+    older = sorted(n for n in store._known(con, "runs") if n.startswith(prefix))
+    if older:
+        rows = pa.concat_tables([rows, *(t for t in [_read_all([store.root / n for n in older], RUN_SCHEMA)] if t)])
+        keys_all = rows["run_key"].to_pylist()
+        first = sorted({k: i for i, k in reversed(list(enumerate(keys_all)))}.values())  # a key once: its newest row
+        rows = rows.take(first).sort_by("run_key")
+        keys = rows["run_key"].to_pylist()
+    run_part = f"{prefix}{token}.parquet"
     _write_part(rows, store.root / run_part)
     _crash("after-runs")
     con.execute("BEGIN")  # 3. the store records where the runs and predictions live now
@@ -134,12 +144,16 @@ def _compact_stage(store: ResultStore, con: duckdb.DuckDBPyConnection, kind: str
 
 
 def remove_covered(store: ResultStore, con: duckdb.DuckDBPyConnection) -> int:
-    """Delete per-run files whose run (or predictions) a committed, recorded part holds."""
+    """Delete per-run files whose run (or predictions) a committed, recorded part holds, and run parts that
+    a newer part replaced (no run maps to them any more)."""
     root = str(store.root)
     names = [r[0] for r in con.execute("""
         SELECT s.name FROM store_files s JOIN run_files r
           ON r.root = s.root AND s.name = 'runs/' || r.run_key || '.parquet'
         WHERE s.root = $root AND contains(r.file, '/part-')
+        UNION ALL
+        SELECT s.name FROM store_files s WHERE s.root = $root AND starts_with(s.name, 'runs/part-')
+          AND s.name NOT IN (SELECT file FROM run_files WHERE root = $root)
         UNION ALL
         SELECT s.name FROM store_files s JOIN prediction_keys p
           ON s.name = 'predictions/' || p.key || '.parquet'

@@ -186,10 +186,13 @@ class ResultStore:
                 continue
         else:
             raise StoreError(f"the files of {self.runs_dir} keep changing while being read")
-        if parts.num_rows and single.num_rows:  # a crash between a part's commit and the files' removal
-            dup = pc.is_in(parts["run_key"], value_set=single["run_key"])
-            parts = parts.filter(pc.invert(dup))
-        return pa.concat_tables([single, parts]).select(columns)
+        both = pa.concat_tables([single, parts])
+        if parts.num_rows:  # a run in its own file and a part, or in two parts (a crash amid compaction): once
+            keys = both["run_key"].to_pylist()
+            if len(set(keys)) < len(keys):
+                first = sorted({k: i for i, k in reversed(list(enumerate(keys)))}.values())
+                both = both.take(first)
+        return both.select(columns)
 
     def write_json(self, name: str, obj: Any) -> None:
         """A small JSON document next to the results (e.g. the driver's plan), written atomically."""

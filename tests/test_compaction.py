@@ -24,9 +24,14 @@ def _key(i: int) -> str:
     return f"{i:04d}{'ab' * 8}"
 
 
-def _build(root: Path) -> ResultStore:
+def _build(root: Path, compacted_half: bool = False) -> ResultStore:
+    """N_RUNS ok runs and a failed one, ingested; with `compacted_half` the first half is compacted already
+    (so a compaction merges new rows into the existing run parts)."""
     store = ResultStore(root)
     for i in range(N_RUNS):
+        if compacted_half and i == N_RUNS // 2:
+            store.ingest(compact=False)
+            assert compaction.compact(store) == N_RUNS // 2
         key = _key(i)
         store.write_predictions(key, [{"example_id": f"train:{j}", "template": "input", "task": f"t{i % 4}",
                                        "split": "eval", "gold": j % 2, "probs": [0.25, 0.75],
@@ -59,9 +64,10 @@ def _check(store: ResultStore) -> None:
     assert sum(st["done"] for st in s["stages"]) == N_RUNS
 
 
+@pytest.mark.parametrize("merge", [False, True], ids=["first", "merge"])
 @pytest.mark.parametrize("point", compaction.CRASH_POINTS)
-def test_compactor_killed_midway_loses_and_duplicates_nothing(tmp_path, point):
-    store = _build(tmp_path / "store")
+def test_compactor_killed_midway_loses_and_duplicates_nothing(tmp_path, point, merge):
+    store = _build(tmp_path / "store", compacted_half=merge)
     env = {**os.environ, compaction.CRASH_ENV: point, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     code = (f"from analysis.store import ResultStore; from analysis.compaction import compact; "
             f"compact(ResultStore({str(store.root)!r}))")
@@ -76,6 +82,7 @@ def test_compactor_killed_midway_loses_and_duplicates_nothing(tmp_path, point):
     assert singles == ["failedrun.parquet"]  # a failed run keeps its file (its retry replaces it)
     assert not list(store.predictions_dir.glob("*.parquet"))
     assert not list(store.root.glob("**/.part-*.tmp"))
+    assert len(list(store.runs_dir.glob("part-*.parquet"))) == len(KINDS)  # one run part per stage, merged
 
 
 def test_parts_are_partitioned_and_prune(tmp_path):
