@@ -94,7 +94,8 @@ def test_two_tasks_sharing_example_ids_keep_both(tmp_path):
 OLD_SQL = (  # the schema before version 3 (no runs.stack, predictions keyed without the task)
     f"CREATE TABLE runs ({', '.join(f'{n} {t}' for n, t, _ in RUN_COLUMNS if n != 'stack')});"
     f"CREATE TABLE predictions ({', '.join(f'{n} {t}' for n, t, _ in PREDICTION_COLUMNS)}, "
-    "PRIMARY KEY (key, example_id, template));")
+    "PRIMARY KEY (key, example_id, template));"
+    "CREATE VIEW old_view AS SELECT key, count(*) AS n FROM predictions GROUP BY key;")  # views over it, as then
 
 
 def test_old_store_is_migrated_once(tmp_path):
