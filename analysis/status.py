@@ -1,11 +1,13 @@
 """`transferlab status`: where an experiment stands, read from its result files (running or finished).
 
 Why from the files and not the DuckDB file: while a job runs its driver holds the DuckDB file open,
-but every finished trial has already written `runs/<key>.parquet` (whole or not at all). The driver
+but every finished trial has already written `runs/<key>.parquet` (whole or not at all; once ingested,
+merged into a few `runs/part-*.parquet`, so a 30,000-run study reads a handful of files). The driver
 records what it planned in `plan.json` (run key -> stage) when it starts, so the summary can say
 what is still to come. Per stage: planned, done (status ok), failed (with the first line of each
 error), remaining; and an ETA = remaining / the rate at which runs finished since the driver started
-(runs finished per second of wall time, so it accounts for trials running in parallel).
+(runs finished per second of wall time, so it accounts for trials running in parallel). It warns
+when the ok runs come from more than one software stack (`runs.stack`, rayjobs.stack).
 """
 
 from __future__ import annotations
