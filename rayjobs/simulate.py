@@ -58,7 +58,7 @@ def simulate_trial(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     wrong = (gold + rng.integers(1, k, n)) % k
     pred = np.where(correct, gold, wrong)
     logits = rng.normal(0.0, 1.0, (n, k))
-    logits[np.arange(n), pred] += 2.0
+    logits[np.arange(n), pred] = logits.max(axis=1) + 0.05 + rng.exponential(1.0, n)  # the prediction is the argmax
     logprobs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
     probs = np.exp(logprobs)
     choices = [f"choice {j}" for j in range(k)]

@@ -91,3 +91,36 @@ def test_node_lost_and_added_and_driver_killed_every_run_once(tmp_path):
         n_pairs = con.execute("SELECT count(*) FROM transfer_scores WHERE provenance = 'local'").fetchone()[0]
     assert n_pairs == len(TASKS) * (len(TASKS) - 1)
     assert any(p.name.startswith("part-") for p in store.runs_dir.iterdir())  # compacted while it ran
+
+
+def test_simulate_executor_writes_realistic_deterministic_rows(tmp_path):
+    """The benchmark's executor: rows shaped like training's, predictions whose accuracy is the row's score,
+    checkpoints for sources, a transfer refused without its source checkpoint; the same run key, the same row."""
+    import numpy as np
+
+    from rayjobs.job import load_job_config
+    from rayjobs.simulate import simulate_trial
+
+    job, cfg = load_job_config(str(_config(tmp_path / "sim.yaml")), [], default_kind="pairwise")
+    store = ResultStore(tmp_path / "results")
+    store.ensure_writable()
+    trials = job.plan(cfg, store).trials
+    assert len(trials) == PLANNED and {t.executor for t in trials} == {"simulate"}
+    source = next(t for t in trials if t.kind == "source")
+    transfer = next(t for t in trials if t.kind == "transfer" and t.source_run_key == source.run_key)
+    try:
+        simulate_trial(transfer)
+        raise AssertionError("a transfer ran without its source checkpoint")
+    except FileNotFoundError as e:
+        assert source.run_key in str(e)
+    row = simulate_trial(source)
+    assert (store.checkpoint_dir(source.run_key) / "adapter.bin").stat().st_size == 256
+    preds = row["predictions"]
+    assert len(preds) == EXAMPLES and row["n_eval"] == EXAMPLES
+    assert row["score"] == np.mean([p["correct"] for p in preds])
+    for p in preds:
+        assert abs(sum(p["probs"]) - 1) < 1e-5 and p["prediction"] == int(np.argmax(p["probs"]))
+        assert p["correct"] == (p["prediction"] == p["gold"]) and len(p["choices"]) == 2
+    again = simulate_trial(transfer)
+    assert again["predictions"] == simulate_trial(transfer)["predictions"]
+    assert again["source_run_key"] == source.run_key and again["kind"] == "transfer"
