@@ -299,7 +299,8 @@ def direct(args: argparse.Namespace, work: Path) -> dict[str, float]:
     per_run = max(1, args.direct_rows // 30000)
     sources, targets = CHOICE_TASKS, CHOICE_TASKS
     con = duckdb.connect()
-    con.execute("SET preserve_insertion_order = false")
+    con.execute("SET memory_limit = '3GB'")  # a shared machine; DuckDB spills what does not fit
+    con.execute(f"SET temp_directory = '{work / 'duckdb-tmp'}'")
     t0 = time.perf_counter()
     con.execute("CREATE TABLE src AS SELECT unnest($s) AS t", {"s": sources})
     con.execute("CREATE TABLE tgt AS SELECT unnest($t) AS t", {"t": targets})
@@ -333,17 +334,22 @@ def direct(args: argparse.Namespace, work: Path) -> dict[str, float]:
             p.rename(store.runs_dir / f"part-{d.name[6:]}-{p.stem[5:]}.parquet")
         d.rmdir()
     pred = store.predictions_dir
-    con.execute(f"""COPY (
-        SELECT r.run_key AS key, 'validation:' || i AS example_id, 'input' AS template, coalesce(r.target, r.source) AS task,
-               'eval' AS split, CAST(hash(r.run_key || i) % 2 AS BIGINT) AS gold, ['yes', 'no'] AS choices,
-               [ln(p), ln(1 - p)] AS logprobs, [ln(p), ln(1 - p)] AS logprobs_mean, [p, 1 - p] AS probs,
-               CAST(p < 0.5 AS BIGINT) AS prediction, (p < 0.5) = (hash(r.run_key || i) % 2 = 1) AS correct,
-               r.experiment, r.kind
-        FROM runs r, range({per_run}) t(i),
-             LATERAL (SELECT 0.02 + 0.96 * ((hash(r.run_key || i || 'p') % 10000) / 10000.0) AS p)
-        ORDER BY r.kind, r.run_key
-    ) TO '{pred}' (FORMAT parquet, PARTITION_BY (experiment, kind), FILENAME_PATTERN 'part-{{uuid}}',
-                   FILE_SIZE_BYTES '48MB', OVERWRITE_OR_IGNORE)""")
+    # one file per chunk of 1,000 runs: a key's rows stay in one part, as the compactor writes them
+    con.execute("CREATE TABLE chunks AS SELECT run_key, kind, experiment, target, source, "
+                "(row_number() OVER (PARTITION BY kind ORDER BY run_key) - 1) // 1000 AS chunk FROM runs")
+    for kind, chunk in con.execute("SELECT DISTINCT kind, chunk FROM chunks ORDER BY ALL").fetchall():
+        dest = pred / "experiment=direct" / f"kind={kind}" / f"part-{chunk:04d}.parquet"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        con.execute(f"""COPY (
+            SELECT r.run_key AS key, 'validation:' || i AS example_id, 'input' AS template,
+                   coalesce(r.target, r.source) AS task, 'eval' AS split, CAST(hash(r.run_key || i) % 2 AS BIGINT) AS gold,
+                   ['yes', 'no'] AS choices, [ln(p), ln(1 - p)] AS logprobs, [ln(p), ln(1 - p)] AS logprobs_mean,
+                   [p, 1 - p] AS probs, CAST(p < 0.5 AS BIGINT) AS prediction,
+                   (p < 0.5) = (hash(r.run_key || i) % 2 = 1) AS correct
+            FROM (SELECT * FROM chunks WHERE kind = '{kind}' AND chunk = {chunk} ORDER BY run_key) r,
+                 range({per_run}) t(i),
+                 LATERAL (SELECT 0.02 + 0.96 * ((hash(r.run_key || i || 'p') % 10000) / 10000.0) AS p)
+        ) TO '{dest}' (FORMAT parquet)""")
     con.close()
     made = time.perf_counter() - t0
     store.write_json("plan.json", {"experiment": "direct", "job": "pairwise", "started_at": time.time() - 3600,
@@ -352,6 +358,8 @@ def direct(args: argparse.Namespace, work: Path) -> dict[str, float]:
     out: dict[str, float] = {}
     with store.connect() as c:
         n_pred = c.execute("SELECT count(*) FROM predictions").fetchone()[0]
+    if n_pred != n_runs * per_run:
+        print(f"ERROR: {n_runs * per_run - n_pred} prediction rows were not ingested", flush=True)
     print(f"-- direct: {n_runs} runs, {n_pred} prediction rows written in {made:.0f} s, ingested into a fresh "
           f"store in {t_ing:.0f} s; store {sum(p.stat().st_size for p in root.rglob('*') if p.is_file()) / 2**30:.2f} GiB",
           flush=True)
