@@ -290,7 +290,8 @@ class ResultStore:
 
     def _ingest_predictions(self, con: duckdb.DuckDBPyConnection) -> int:
         """Prediction files are immutable once their run row exists: each key's rows go in once, when
-        its run is stored ok (the run row is the commit marker), in key order."""
+        its run is stored ok (the run row is the commit marker), in key order. A key's rows live in one
+        file (its own, or the one part the compactor moved them to), which is what makes "once" hold."""
         root = str(self.root)
         on_disk = _listing(self.root, self.predictions_dir, recursive=True)
         if not on_disk:
