@@ -80,8 +80,10 @@ def write_config(path: Path, target: int, sim: dict[str, Any]) -> int:
     cfg = {"job": "pairwise", "name": f"scale-{target}", "data_root": str(REPO / ".." / "shared" / "data"),
            "tasks": {"sources": sources, "targets": targets}, "seeds": SEEDS,
            "sizes": {"target_train": 1000, "eval": sim["examples"]},
+           # setups differ in what enters the run key (learning rate), as real setups differ in their model
            "setups": [{"name": f"sim-{s}", "model": {"name": s.split(":")[1], "path": "builtin:minilm"},
-                       "resources": {"cpu": 0.01, "gpu": 1}, "simulate": sim} for s in SETUPS[:n_setups]],
+                       "train": {"learning_rate": 1e-4 * (i + 1)},
+                       "resources": {"cpu": 0.01, "gpu": 1}, "simulate": sim} for i, s in enumerate(SETUPS[:n_setups])],
            "run": {"max_failures": 3}}
     path.write_text(yaml.safe_dump(cfg))
     return trials_of(sources, targets, n_setups)
