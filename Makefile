@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 CONSTRAINTS ?= constraints.txt
 LOCK_EXCLUDE := ^(torch|torchvision|torchaudio|triton|nvidia-[a-z0-9-]+|pip|setuptools|wheel)==
 
-.PHONY: venv demo test bench bench-budget bench-training bench-serve smoke-configs fute-cpu lint lock clean
+.PHONY: venv demo test bench bench-budget bench-training bench-serve bench-scale bench-scale-full smoke-configs fute-cpu lint lock clean
 
 # deepspeed (in `dev`) is an sdist: its isolated build env gets only setuptools (without torch its
 # setup.py skips op pre-compilation), so no CUDA torch is fetched and no --no-build-isolation is
@@ -47,6 +47,14 @@ bench-training: venv
 # Serving: throughput and p50/p99 latency at concurrency 1/8/32, batched vs unbatched, Serve vs direct scorer.
 bench-serve: venv
 	$(BIN)/python benchmarks/bench_serve.py
+
+# scale (issue 20): the real driver on simulated TaskWeb-shaped studies of 500-8,000 trials on a 4-node
+# cluster on this machine, faults at 8,000, and every analysis query over 30 M prediction rows (~15 min)
+bench-scale: venv
+	$(BIN)/python benchmarks/bench_scale.py
+
+bench-scale-full: venv
+	$(BIN)/python benchmarks/bench_scale.py --sizes 500,2000,8000,30000
 
 # Every config in configs/ end to end with --smoke (tiny models, 3 tasks, a few steps), timed.
 smoke-configs: venv

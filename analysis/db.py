@@ -91,6 +91,8 @@ def _remove_new_store(db: Path, made_dirs: list[Path]) -> None:
 
 # Tables a reading command never writes and that can be large: read in place from the attached file.
 READ_IN_PLACE = ("predictions",)
+#: the store's ingest records (analysis.store): nothing an analysis reads, so not copied
+BOOKKEEPING = ("store_files", "run_files", "prediction_keys")
 
 
 @contextmanager
@@ -131,6 +133,8 @@ def _copy_tables(con: duckdb.DuckDBPyConnection) -> None:
 
     mine = set(tables("memory"))
     for t in tables("store"):
+        if t in BOOKKEEPING:
+            continue
         src = f"store.main.{_ident(t)}"
         dest = f"memory.main.{_ident(t)}"
         if t in READ_IN_PLACE:

@@ -36,6 +36,7 @@ from analysis import analytics as an  # noqa: E402
 from analysis import selectors as sel  # noqa: E402
 from analysis.errors import AnalysisError  # noqa: E402
 from analysis.ranking import TASKWEB_CATEGORIES, _registry_category, evaluate_selection  # noqa: E402
+from analysis.status import mixed_stacks, stack_warning  # noqa: E402
 
 _CAT_COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"]
 _POS, _NEG = "#1f5fbf", "#c0392b"
@@ -277,7 +278,8 @@ def provenance(con: duckdb.DuckDBPyConnection, store_path: str | Path | None) ->
             "n_ok": sum(r[3] for r in runs if r[2] == "ok"),
             "runs": [dict(zip(["provenance", "kind", "status", "n", "latest"], r, strict=True)) for r in runs],
             "imports": [dict(zip(["provenance", "path", "sha256", "n_rows", "n_skipped", "imported_at"], r,
-                                 strict=True)) for r in imports]}
+                                 strict=True)) for r in imports],
+            "stacks": mixed_stacks(con)}
 
 
 def default_selection_setup(con: duckdb.DuckDBPyConnection, drawn: list[str], all_setups: list[str]) -> str:
@@ -342,6 +344,9 @@ def _provenance_html(prov: dict[str, Any], all_setups: list[str]) -> str:
            f"<li>Generated: {html.escape(prov['generated_at'])} by transferlab {html.escape(prov['version'])}</li>"
            f"<li>Runs: {prov['n_runs']} ({prov['n_ok']} ok)</li>"
            f"<li>Setups with transfer scores ({len(all_setups)}): {html.escape(', '.join(all_setups))}</li></ul>")
+    warning = stack_warning(prov.get("stacks", []))
+    if warning:
+        out += f"<p><strong>{html.escape(warning)}</strong></p>"
     if runs:
         out += ("<table><caption>Runs by provenance, kind and status</caption><tr><th>provenance</th><th>kind</th>"
                 f"<th>status</th><th>runs</th><th>latest</th></tr>{runs}</table>")

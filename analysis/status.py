@@ -1,16 +1,19 @@
 """`transferlab status`: where an experiment stands, read from its result files (running or finished).
 
 Why from the files and not the DuckDB file: while a job runs its driver holds the DuckDB file open,
-but every finished trial has already written `runs/<key>.parquet` (whole or not at all). The driver
+but every finished trial has already written `runs/<key>.parquet` (whole or not at all; once ingested,
+merged into a few `runs/part-*.parquet`, so a 30,000-run study reads a handful of files). The driver
 records what it planned in `plan.json` (run key -> stage) when it starts, so the summary can say
 what is still to come. Per stage: planned, done (status ok), failed (with the first line of each
 error), remaining; and an ETA = remaining / the rate at which runs finished since the driver started
-(runs finished per second of wall time, so it accounts for trials running in parallel).
+(runs finished per second of wall time, so it accounts for trials running in parallel). It warns
+when the ok runs come from more than one software stack (`runs.stack`, rayjobs.stack).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 from typing import Any
 
@@ -37,7 +40,7 @@ def summarise(store: ResultStore, now: float | None = None) -> dict[str, Any]:
     """The status of the experiment in `store` as a dict: `stages` (one entry per stage: planned, done,
     failed, remaining), `errors` (run key, stage, first error line), `eta_s` (None when unknown)."""
     plan = store.read_json(PLAN_FILE)
-    runs = store.read_runs(["run_key", "kind", "status", "error", "created_at"])
+    runs = store.read_runs(["run_key", "kind", "status", "error", "created_at", "stack"])
     if plan is None and runs.num_rows == 0:
         raise AnalysisError(f"no transferlab results in {store.root} (no {PLAN_FILE}, no runs/*.parquet)")
     now = time.time() if now is None else now
@@ -62,6 +65,7 @@ def summarise(store: ResultStore, now: float | None = None) -> dict[str, Any]:
             SELECT run_key, stage, split_part(trim(error), chr(10), 1) FROM ({scope})
             WHERE status = 'failed' ORDER BY created_at LIMIT {MAX_ERRORS}""").fetchall()
         since = _utc(started) if started else None
+        stacks = mixed_stacks(con)
         finished_since = con.execute(f"SELECT count(*) FROM ({scope}) WHERE status IS NOT NULL "
                                      "AND created_at >= $since", {"since": since}).fetchone()[0] if since else 0
     finally:
@@ -76,7 +80,30 @@ def summarise(store: ResultStore, now: float | None = None) -> dict[str, Any]:
     return {"results": str(store.root), "experiment": plan.get("experiment") if plan else None,
             "job": plan.get("job") if plan else None, "started_at": started, "stages": out_stages,
             "remaining": remaining, "finished_since_start": finished_since, "eta_s": eta,
-            "errors": [{"run_key": k, "stage": st, "error": e} for k, st, e in errors]}
+            "errors": [{"run_key": k, "stage": st, "error": e} for k, st, e in errors], "stacks": stacks}
+
+
+def mixed_stacks(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    """The software stacks (rayjobs.stack) of the ok runs in `runs`, with their run counts, when there is
+    more than one: only the fields that differ (e.g. {'torch': '2.3.0', 'runs': 120})."""
+    rows = con.execute("SELECT CAST(stack AS VARCHAR), count(*) FROM runs WHERE status = 'ok' AND stack IS NOT NULL "
+                       "GROUP BY 1 ORDER BY 2 DESC, 1").fetchall()
+    if len(rows) < 2:
+        return []
+    stacks = [(json.loads(s), n) for s, n in rows]
+    fields = sorted({k for s, _ in stacks for k in s})
+    differ = [f for f in fields if len({json.dumps(s.get(f)) for s, _ in stacks}) > 1]
+    return [{**{f: s.get(f) for f in differ}, "runs": n} for s, n in stacks]
+
+
+def stack_warning(stacks: list[dict[str, Any]]) -> str | None:
+    """One line saying the store mixes stacks, or None."""
+    if not stacks:
+        return None
+    parts = ["; ".join([", ".join(f"{k} {v}" for k, v in s.items() if k != "runs") + f" ({s['runs']} runs)"])
+             for s in stacks]
+    return (f"WARNING: these runs were produced by {len(stacks)} different software stacks "
+            f"(numbers may not be comparable): {' | '.join(parts)}")
 
 
 def _utc(epoch: float) -> dt.datetime:
@@ -108,4 +135,7 @@ def render(summary: dict[str, Any]) -> list[str]:
         lines.append(f"{summary['remaining']} runs to go, ETA unknown (no run finished since the driver started)")
     for e in summary["errors"]:
         lines.append(f"FAILED {e['stage']} {e['run_key']}: {e['error']}")
+    warning = stack_warning(summary.get("stacks", []))
+    if warning:
+        lines.append(warning)
     return lines

@@ -4,6 +4,13 @@ Why two layers: a trial writes its row atomically next to its checkpoint (no sha
 works from any node that sees the results folder); the driver ingests those files into the DuckDB
 file with INSERT OR REPLACE on the run key. A crash between the two loses nothing (the Parquet file
 is still there) and duplicates nothing (the key is the primary key).
+
+Why the bookkeeping tables (`store_files`, `run_files`, `prediction_keys`): a study of 30,000 runs
+must not re-read 30,000 files at every periodic ingest or resume check. The store records which
+files it has ingested (name, size, mtime) and where each run's row lives, so an ingest reads only
+new files and `finished_keys` lists one folder and answers the rest from the table. Ingested
+per-run files are then merged into a few Parquet parts (`analysis.compaction`), which keeps the
+folders small; every reader takes a run from its own file when there is one, else from a part.
 """
 
 from __future__ import annotations
@@ -19,111 +26,31 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from analysis.compaction import compact_if_due
+from analysis.schema import (  # noqa: F401 - the schema's names are the store's
+    _JSON_COLS,
+    PREDICTION_COLUMNS,
+    PREDICTION_SCHEMA,
+    RUN_COLUMNS,
+    RUN_SCHEMA,
+    SCHEMA_SQL,
+    SCHEMA_VERSION,
+    migrate,
+    registered,
+)
 from analysis.views import ANALYSIS_SQL
 
 DB_NAME = "transferlab.duckdb"
-
-# (column, DuckDB type, Arrow type) -- the one schema of a run row.
-RUN_COLUMNS: list[tuple[str, str, pa.DataType]] = [
-    ("run_key", "VARCHAR PRIMARY KEY", pa.string()),
-    ("experiment", "VARCHAR", pa.string()),
-    ("kind", "VARCHAR", pa.string()),  # source | target | transfer | multitask
-    ("setup", "VARCHAR", pa.string()),
-    ("model", "VARCHAR", pa.string()),
-    ("adaptation", "VARCHAR", pa.string()),
-    ("source", "VARCHAR", pa.string()),
-    ("target", "VARCHAR", pa.string()),
-    ("sources", "VARCHAR[]", pa.list_(pa.string())),  # multi-task source set
-    ("seed", "INTEGER", pa.int64()),
-    ("source_run_key", "VARCHAR", pa.string()),
-    ("baseline_run_key", "VARCHAR", pa.string()),
-    ("n_train", "INTEGER", pa.int64()),
-    ("n_eval", "INTEGER", pa.int64()),
-    ("hparams", "JSON", pa.string()),
-    ("metric", "VARCHAR", pa.string()),
-    ("score", "DOUBLE", pa.float64()),  # the task metric p, a fraction
-    ("metrics", "JSON", pa.string()),
-    ("trainable_params", "BIGINT", pa.int64()),
-    ("total_params", "BIGINT", pa.int64()),
-    ("train_time_s", "DOUBLE", pa.float64()),
-    ("wall_time_s", "DOUBLE", pa.float64()),
-    ("host", "VARCHAR", pa.string()),
-    ("checkpoint", "VARCHAR", pa.string()),
-    ("status", "VARCHAR", pa.string()),  # ok | failed
-    ("error", "VARCHAR", pa.string()),
-    ("provenance", "VARCHAR", pa.string()),  # local | taskweb:<file> | ...
-    ("created_at", "TIMESTAMP", pa.timestamp("us")),
-]
-RUN_SCHEMA = pa.schema([(n, t) for n, _, t in RUN_COLUMNS])
-_JSON_COLS = {"hparams", "metrics"}
-
-# Per-example outputs (DESIGN.md "Predictions"): one row per (run or scoring key, example, template).
-# Every per-example number of the system (PVI, prompt-selection baselines, FUTE soft labels, served
-# predictions) is computed from these rows. Choice tasks fill the list columns in the task's canonical
-# label order; free-text and score answers fill pred_text / pred_value (and gold_text / gold_value).
-PREDICTION_COLUMNS: list[tuple[str, str, pa.DataType]] = [
-    ("key", "VARCHAR", pa.string()),  # run_key of a training run, or the key of a scoring trial
-    ("example_id", "VARCHAR", pa.string()),  # stable id of the example within its task
-    ("template", "VARCHAR", pa.string()),  # prompt template name ('input' = the task's base rendering)
-    ("task", "VARCHAR", pa.string()),
-    ("split", "VARCHAR", pa.string()),  # eval | train | pool (unlabelled probe pool)
-    ("gold", "INTEGER", pa.int64()),  # gold choice index; NULL when unlabelled
-    ("choices", "VARCHAR[]", pa.list_(pa.string())),  # verbalised choices as the model saw them
-    ("logprobs", "DOUBLE[]", pa.list_(pa.float64())),  # summed log-likelihood per choice (encoders: log-softmax)
-    ("logprobs_mean", "DOUBLE[]", pa.list_(pa.float64())),  # length-normalised per choice
-    ("probs", "DOUBLE[]", pa.list_(pa.float64())),  # softmax over the choices of the scores used to predict
-    ("prediction", "INTEGER", pa.int64()),
-    ("correct", "BOOLEAN", pa.bool_()),
-    ("pred_text", "VARCHAR", pa.string()),  # greedy generation (text tasks, or on request)
-    ("gold_text", "VARCHAR", pa.string()),
-    ("pred_value", "DOUBLE", pa.float64()),  # regression answers
-    ("gold_value", "DOUBLE", pa.float64()),
-    ("prompt_ppl", "DOUBLE", pa.float64()),  # perplexity of the rendered prompt (on request)
-]
-PREDICTION_SCHEMA = pa.schema([(n, t) for n, _, t in PREDICTION_COLUMNS])
-
-SCHEMA_SQL = f"""
-CREATE TABLE IF NOT EXISTS runs ({", ".join(f"{n} {t}" for n, t, _ in RUN_COLUMNS)});
-
-CREATE TABLE IF NOT EXISTS predictions (
-    {", ".join(f"{n} {t}" for n, t, _ in PREDICTION_COLUMNS)},
-    PRIMARY KEY (key, example_id, template));
-
--- Aggregated transfer scores imported from a publication (no per-seed baselines released).
-CREATE TABLE IF NOT EXISTS published_transfer_scores (
-    model VARCHAR, adaptation VARCHAR, source VARCHAR, target VARCHAR,
-    pc DOUBLE, pm DOUBLE, provenance VARCHAR,
-    PRIMARY KEY (model, adaptation, source, target, provenance));
-
--- Seed-paired PC / PM (DESIGN.md): each transfer run names the target-only baseline it pairs with.
-CREATE OR REPLACE VIEW transfer_pairs AS
-SELECT x.setup, x.model, x.adaptation, x.source, x.target, x.seed,
-       x.score AS p_transfer, b.score AS p_target,
-       (x.score - b.score) / b.score AS rel_change,
-       CASE WHEN x.score > b.score THEN 1.0 ELSE 0.0 END AS positive,
-       x.run_key, b.run_key AS baseline_run_key, x.experiment
-FROM runs x JOIN runs b ON b.run_key = x.baseline_run_key
-WHERE x.kind = 'transfer' AND x.status = 'ok' AND b.status = 'ok' AND b.score <> 0;
-
-CREATE OR REPLACE VIEW transfer_scores AS
-SELECT model, adaptation, source, target, pc, pm,
-       0.5 * pc + 0.5 * (0.2 * pm - 0.1) AS score, n_seeds, setup, provenance
-FROM (
-    SELECT model, adaptation, source, target, avg(rel_change) AS pc, avg(positive) AS pm,
-           count(*) AS n_seeds, setup, 'local' AS provenance
-    FROM transfer_pairs GROUP BY setup, model, adaptation, source, target
-    UNION ALL
-    SELECT p.model, p.adaptation, p.source, p.target, p.pc, p.pm,
-           coalesce(n.n_seeds, 0) AS n_seeds, p.adaptation || ':' || p.model AS setup, p.provenance
-    FROM published_transfer_scores p
-    LEFT JOIN (SELECT model, adaptation, source, target, provenance, count(*) AS n_seeds FROM runs
-               WHERE kind = 'transfer' AND status = 'ok' GROUP BY ALL) n
-      ON n.model = p.model AND n.adaptation = p.adaptation AND n.source = p.source AND n.target = p.target
-         AND split_part(n.provenance, ':', 1) = split_part(p.provenance, ':', 1)
-);
-"""
+#: files and bytes read per ingest transaction (bound the driver's memory while catching up on many runs)
+BATCH_FILES, BATCH_BYTES = 256, 64 * 2**20
+#: SQL: is the file `_file` (a name relative to the results folder) a compacted part?
+_IS_PART = "contains(_file, '/part-')"
+#: glob of the compacted parts (analysis.compaction) in `runs/` and (partitioned) in `predictions/`
+RUN_PARTS, PREDICTION_PARTS = "part-*.parquet", "**/part-*.parquet"
 
 
 class StoreError(RuntimeError):
@@ -192,6 +119,7 @@ class ResultStore:
         try:
             if not read_only:
                 con.execute(SCHEMA_SQL)
+                migrate(con)
                 if ANALYSIS_SQL.strip():
                     con.execute(ANALYSIS_SQL)
             yield con
@@ -222,21 +150,49 @@ class ResultStore:
         return _write_atomic(table, self.prediction_path(key))
 
     def read_predictions(self, key: str) -> pa.Table | None:
-        p = self.prediction_path(key)
-        return pq.read_table(p) if p.exists() else None
+        """One key's per-example rows, from its own file or, once compacted, from the parts."""
+        try:
+            return pq.read_table(self.prediction_path(key), schema=PREDICTION_SCHEMA)
+        except FileNotFoundError:  # compacted (the part was committed before the file went)
+            pass
+        parts = _files(self.predictions_dir, PREDICTION_PARTS)
+        if not parts:
+            return None
+        t = _dataset(parts, PREDICTION_SCHEMA).to_table(filter=pc.field("key") == key)
+        return t if t.num_rows else None
 
     def read_result(self, run_key: str) -> dict[str, Any] | None:
-        p = self.result_path(run_key)
-        if not p.exists():
+        """A run's row, from its own file or, once compacted, from the parts of `runs/`."""
+        try:
+            return pq.read_table(self.result_path(run_key), schema=RUN_SCHEMA).to_pylist()[0]
+        except FileNotFoundError:
+            pass
+        parts = _files(self.runs_dir, RUN_PARTS)
+        if not parts:
             return None
-        return pq.read_table(p).to_pylist()[0]
+        rows = _dataset(parts, RUN_SCHEMA).to_table(filter=pc.field("run_key") == run_key).to_pylist()
+        return rows[0] if rows else None
 
     def read_runs(self, columns: list[str]) -> pa.Table:
-        """`columns` of every result file (read while trials write: each file is whole or absent)."""
-        import pyarrow.dataset as ds
-
-        files = [str(p) for p in self.runs_dir.glob("*.parquet")] if self.runs_dir.exists() else []
-        return ds.dataset(files, schema=RUN_SCHEMA, format="parquet").to_table(columns=columns)
+        """`columns` of every run of the folder, from the files alone (read while trials write and the
+        compactor merges: each file is whole or absent, a run in a part and its own file counts once)."""
+        cols = list(dict.fromkeys(["run_key", *columns]))
+        for _ in range(5):  # a file listed and then compacted away: list again
+            try:
+                parts = _dataset(_files(self.runs_dir, RUN_PARTS), RUN_SCHEMA).to_table(columns=cols)
+                single = _dataset(_files(self.runs_dir, RUN_SINGLE), RUN_SCHEMA).to_table(columns=cols)
+                break
+            except FileNotFoundError:
+                continue
+        else:
+            raise StoreError(f"the files of {self.runs_dir} keep changing while being read")
+        both = pa.concat_tables([single, parts])
+        if parts.num_rows:  # a run in its own file and a part, or in two parts (a crash amid compaction): once
+            keys = both["run_key"].to_pylist()
+            if len(set(keys)) < len(keys):
+                first = sorted({k: i for i, k in reversed(list(enumerate(keys)))}.values())
+                both = both.take(first)
+        return both.select(columns)
 
     def write_json(self, name: str, obj: Any) -> None:
         """A small JSON document next to the results (e.g. the driver's plan), written atomically."""
@@ -251,52 +207,136 @@ class ResultStore:
         return json.loads(p.read_text()) if p.is_file() else None
 
     def finished_keys(self, statuses: tuple[str, ...] = ("ok", "stopped")) -> set[str]:
-        """Run keys with a decided result file (the source of truth for resuming): finished, or stopped
-        early by the scheduler; `statuses` narrows it."""
+        """Run keys with a decided result (the source of truth for resuming): finished, or stopped early by
+        the scheduler (`statuses` narrows it). From the store's record of ingested files plus only the
+        files that are new since (O(new runs), not O(study)); when another process holds the database,
+        from the files alone."""
         self.sync_down(predictions=False)
-        if not self.runs_dir.exists():
-            return set()
-        files = [str(p) for p in self.runs_dir.glob("*.parquet")]
-        if not files:
-            return set()
-        con = duckdb.connect()
         try:
-            rows = con.execute(
-                "SELECT run_key FROM read_parquet($files) WHERE list_contains($st, status)",
-                {"files": files, "st": list(statuses)}
-            ).fetchall()
-        finally:
-            con.close()
+            with self.connect() as con:
+                self._ingest_runs(con)
+                rows = con.execute("SELECT run_key FROM run_files WHERE root = $root AND list_contains($st, status)",
+                                   {"root": str(self.root), "st": list(statuses)}).fetchall()
+        except StoreError:
+            t = self.read_runs(["run_key", "status"])
+            return {k for k, st in zip(t["run_key"].to_pylist(), t["status"].to_pylist(), strict=True)
+                    if st in statuses}
         return {r[0] for r in rows}
 
-    # -- driver side: idempotent ingest ---------------------------------------------------------
-    def ingest(self) -> int:
-        """Upsert every result file into `runs`, and the prediction files of runs not yet ingested into
-        `predictions`; returns the number of result files read."""
+    # -- driver side: idempotent, incremental ingest ---------------------------------------------
+    def ingest(self, compact: bool = True) -> int:
+        """Upsert the result files not ingested yet into `runs`, and the prediction files of runs stored
+        ok and not ingested yet into `predictions`; then (a local folder, enough ingested per-run files)
+        compact them. Returns the number of result files read."""
         self.sync_down()
-        files = sorted(str(p) for p in self.runs_dir.glob("*.parquet")) if self.runs_dir.exists() else []
         with self.connect() as con:
             before = _counts(con)
-            if files:
-                cols = ", ".join(n for n, _, _ in RUN_COLUMNS)
-                con.execute(f"INSERT OR REPLACE INTO runs ({cols}) SELECT {cols} FROM read_parquet($files)",
-                            {"files": files})
+            n = self._ingest_runs(con)
             self._ingest_predictions(con)
-            self.last_ingested = {t: n - before[t] for t, n in _counts(con).items()}
-        return len(files)
+            self.last_ingested = {t: c - before[t] for t, c in _counts(con).items()}
+        if compact and self.remote is None:
+            compact_if_due(self)
+        return n
+
+    def _known(self, con: duckdb.DuckDBPyConnection, folder: str) -> dict[str, tuple[int, int]]:
+        rows = con.execute("SELECT name, size, mtime_ns FROM store_files WHERE root = $root AND "
+                           "starts_with(name, $folder)", {"root": str(self.root), "folder": folder + "/"}).fetchall()
+        return {n: (s, m) for n, s, m in rows}
+
+    def _ingest_runs(self, con: duckdb.DuckDBPyConnection) -> int:
+        """Result files (own or parts) new or changed since the last ingest; a part's runs map to it."""
+        root = str(self.root)
+        known = self._known(con, "runs")
+        on_disk = _listing(self.root, self.runs_dir, recursive=False)
+        gone = [n for n in known if n not in on_disk]
+        new = sorted(n for n, st in on_disk.items() if known.get(n) != st)
+        if gone:  # a result file removed by hand: its run is no longer stored (a re-run trains it again)
+            con.execute("BEGIN")
+            con.execute("DELETE FROM run_files WHERE root = $root AND list_contains($gone, file)",
+                        {"root": root, "gone": gone})
+            con.execute("DELETE FROM store_files WHERE root = $root AND list_contains($gone, name)",
+                        {"root": root, "gone": gone})
+            con.execute("COMMIT")
+        n = 0
+        for batch in _batches(new, BATCH_FILES, on_disk):
+            table, batch = _read_with_names(self.root, batch, RUN_SCHEMA)
+            if table is None:
+                continue
+            n += len(batch)
+            cols = ", ".join(RUN_SCHEMA.names)
+            con.execute("BEGIN")
+            try:
+                with registered(con, "_incoming", table):
+                    # a run in a part and in its own file (crash before the files' removal): the part wins
+                    con.execute(f"""CREATE OR REPLACE TEMP TABLE _new AS SELECT * FROM _incoming
+                        QUALIFY row_number() OVER (PARTITION BY run_key ORDER BY {_IS_PART} DESC, _file) = 1""")
+                con.execute(f"INSERT OR REPLACE INTO runs ({cols}) SELECT {cols} FROM _new")
+                con.execute("INSERT OR REPLACE INTO run_files SELECT $root, run_key, status, kind, _file FROM _new",
+                            {"root": root})
+                self._record_files(con, batch, on_disk)
+                con.execute("DROP TABLE _new")
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        return n
+
+    def _record_files(self, con: duckdb.DuckDBPyConnection, names: list[str],
+                      stats: dict[str, tuple[int, int]]) -> None:
+        files = pa.table({"root": pa.array([str(self.root)] * len(names), pa.string()),
+                          "name": pa.array(names, pa.string()),
+                          "size": pa.array([stats[n][0] for n in names], pa.int64()),
+                          "mtime_ns": pa.array([stats[n][1] for n in names], pa.int64())})
+        with registered(con, "_files", files):
+            con.execute("INSERT OR REPLACE INTO store_files SELECT root, name, size, mtime_ns FROM _files")
 
     def _ingest_predictions(self, con: duckdb.DuckDBPyConnection) -> int:
-        """Prediction files are immutable once their run row exists: ingest each key once."""
-        if not self.predictions_dir.exists():
+        """Prediction files are immutable once their run row exists: each key's rows go in once, when
+        its run is stored ok (the run row is the commit marker), in key order. A key's rows live in one
+        file (its own, or the one part the compactor moved them to), which is what makes "once" hold."""
+        root = str(self.root)
+        on_disk = _listing(self.root, self.predictions_dir, recursive=True)
+        if not on_disk:
             return 0
-        have = {r[0] for r in con.execute("SELECT DISTINCT key FROM predictions").fetchall()}
-        files = sorted(str(p) for p in self.predictions_dir.glob("*.parquet") if p.stem not in have)
-        if not files:
+        known = self._known(con, "predictions")
+        new = sorted(n for n, st in on_disk.items() if known.get(n) != st)
+        if not new:
             return 0
-        cols = ", ".join(n for n, _, _ in PREDICTION_COLUMNS)
-        con.execute(f"INSERT OR REPLACE INTO predictions ({cols}) SELECT {cols} FROM read_parquet($files, "
-                    "union_by_name = true)", {"files": files})
-        return len(files)
+        single = {Path(n).stem: n for n in new if n.count("/") == 1}
+        ready: set[str] = set()
+        if single:
+            ready = {r[0] for r in con.execute(
+                "SELECT run_key FROM run_files WHERE root = $root AND status = 'ok' AND list_contains($keys, run_key)",
+                {"root": root, "keys": list(single)}).fetchall()}
+        take = [n for n in new if n.count("/") > 1 or Path(n).stem in ready]  # the rest: run not stored yet
+        rows = 0
+        for batch in _batches(take, BATCH_FILES, on_disk):
+            table, batch = _read_with_names(self.root, batch, PREDICTION_SCHEMA)
+            if table is None:
+                continue
+            cols = ", ".join(PREDICTION_SCHEMA.names)
+            con.execute("BEGIN")
+            try:
+                with registered(con, "_incoming", table):
+                    con.execute(f"""CREATE OR REPLACE TEMP TABLE _new AS
+                        WITH src AS (SELECT key, arg_max(_file, {_IS_PART}) AS _file
+                                     FROM (SELECT DISTINCT key, _file FROM _incoming) GROUP BY key)
+                        SELECT i.* FROM _incoming i JOIN src USING (key, _file)""")
+                rows += con.execute(f"""INSERT INTO predictions ({cols}) SELECT {cols} FROM _new
+                    WHERE key NOT IN (SELECT key FROM prediction_keys) ORDER BY key""").fetchone()[0]
+                # keys new to the store, and keys whose rows a part now holds (compaction, or its recovery)
+                con.execute(f"""INSERT INTO prediction_keys
+                    SELECT key, $root, count(*), any_value(_file) FROM _new GROUP BY key
+                    ON CONFLICT (key) DO UPDATE SET root = excluded.root, file = excluded.file
+                    WHERE prediction_keys.file IS NULL OR NOT {_IS_PART.replace('_file', 'prediction_keys.file')}""",
+                            {"root": root})
+                con.execute("DROP TABLE _new")
+                self._record_files(con, batch, on_disk)
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        return rows
 
     def insert_rows(self, rows: Iterable[dict[str, Any]], con: duckdb.DuckDBPyConnection) -> int:
         """Upsert rows given in memory (imports), through Arrow so it is vectorised."""
@@ -312,6 +352,78 @@ class ResultStore:
         finally:
             con.unregister("_incoming")
         return table.num_rows
+
+
+def _listing(root: Path, folder: Path, recursive: bool) -> dict[str, tuple[int, int]]:
+    """Parquet files under `folder` (names relative to `root`) -> (size, mtime_ns); temp files left out."""
+    out: dict[str, tuple[int, int]] = {}
+    if not folder.is_dir():
+        return out
+    base = folder.relative_to(root).as_posix()
+    stack = [(folder, base)]
+    while stack:
+        d, rel = stack.pop()
+        try:
+            entries = list(os.scandir(d))
+        except FileNotFoundError:
+            continue
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if e.is_dir(follow_symlinks=False):
+                if recursive:
+                    stack.append((Path(e.path), f"{rel}/{e.name}"))
+            elif e.name.endswith(".parquet"):
+                try:
+                    st = e.stat()
+                except FileNotFoundError:  # compacted away since the listing
+                    continue
+                out[f"{rel}/{e.name}"] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def _files(folder: Path, pattern: str) -> list[str]:
+    """The parts (`pattern` = RUN_PARTS / PREDICTION_PARTS) or, for RUN_SINGLE, the per-run files."""
+    if not folder.is_dir():
+        return []
+    if pattern == RUN_SINGLE:
+        return sorted(str(p) for p in folder.glob("*.parquet") if not p.name.startswith(("part-", ".")))
+    return sorted(str(p) for p in folder.glob(pattern))
+
+
+RUN_SINGLE = "single"
+
+
+def _dataset(files: list[str], schema: pa.Schema) -> ds.Dataset:
+    return ds.dataset(files, schema=schema, format="parquet")
+
+
+def _batches(items: list[str], n: int, stats: dict[str, tuple[int, int]]) -> Iterator[list[str]]:
+    """`items` in runs of at most `n` files and about BATCH_BYTES (at least one file each)."""
+    batch: list[str] = []
+    size = 0
+    for it in items:
+        if batch and (len(batch) >= n or size + stats[it][0] > BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(it)
+        size += stats[it][0]
+    if batch:
+        yield batch
+
+
+def _read_with_names(root: Path, names: list[str], schema: pa.Schema) -> tuple[pa.Table | None, list[str]]:
+    """The files `names` (relative to `root`) as one table with a `_file` column; files gone since the
+    listing (compacted) are left out, and so are their names from the list returned."""
+    tables, read = [], []
+    for n in names:
+        try:
+            t = pq.read_table(root / n, schema=schema, partitioning=None)
+        except FileNotFoundError:
+            continue
+        tables.append(t.append_column("_file", pa.array([n] * t.num_rows, pa.string())))
+        read.append(n)
+    return (pa.concat_tables(tables) if tables else None), read
 
 
 def _counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:

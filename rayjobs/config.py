@@ -155,6 +155,17 @@ class PromptSpec(_Strict):
     eval: str = "default"
 
 
+class SimulateSpec(_Strict):
+    """A benchmark tool (rayjobs.simulate, benchmarks/bench_scale.py): the setup's trials do not train but
+    sleep and write realistic rows, predictions and checkpoints. Part of the run key, so simulated runs
+    never pass for trained ones."""
+
+    sleep_s: float = Field(default=0.1, ge=0, description="seconds each trial sleeps (stands in for training)")
+    examples: int = Field(default=1000, gt=0, description="prediction rows per evaluation")
+    choices: int = Field(default=2, ge=2, description="answer choices per example")
+    checkpoint_bytes: int = Field(default=4096, ge=0, description="size of a stored checkpoint")
+
+
 class SetupSpec(_Strict):
     """One training setup: a model with an adaptation method and its hyperparameters."""
 
@@ -166,6 +177,7 @@ class SetupSpec(_Strict):
     resources: ResourceSpec = ResourceSpec()
     deepspeed: DeepSpeedSpec | None = None
     prompts: PromptSpec = PromptSpec()
+    simulate: SimulateSpec | None = Field(default=None, description="benchmark tool: simulated trials")
 
     @property
     def key(self) -> str:

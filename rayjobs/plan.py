@@ -111,6 +111,8 @@ def _setup_identity(setup: SetupSpec, hparams: TrainSpec) -> dict[str, Any]:
     }
     if setup.deepspeed is not None:  # numerics, not placement, change results
         ident["precision"] = setup.deepspeed.precision
+    if setup.simulate is not None:  # a benchmark's simulated runs (rayjobs.simulate) are other runs
+        ident["simulate"] = setup.simulate.model_dump()
     return ident
 
 
@@ -185,4 +187,5 @@ def expand_pairwise(cfg: ExperimentConfig, registry: TaskRegistry, results_dir: 
                                                source_seed=src_seed, n_train=sz.target_train,
                                                source_run_key=init, baseline_run_key=base_keys[t, seed],
                                                **common))
-    return sources + baselines + transfers
+    trials = sources + baselines + transfers  # a setup with `simulate:` runs the benchmark's executor
+    return [t.model_copy(update={"executor": "simulate"}) if t.setup.simulate else t for t in trials]

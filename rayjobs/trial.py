@@ -15,7 +15,7 @@ import traceback
 from typing import Any
 
 from analysis.store import ResultStore
-from rayjobs import observe
+from rayjobs import observe, stack
 from rayjobs.plan import TrialSpec
 
 MAX_LOSS_POINTS = 2000
@@ -64,7 +64,8 @@ def inject_fault(spec: TrialSpec, rank: int | None = None) -> None:
 EXECUTORS = {"train": "rayjobs.train_loop:train_and_evaluate", "score": "rayjobs.score:score_trial",
              "mtl": "rayjobs.mtl:train_and_evaluate_mtl", "fewshot": "rayjobs.fewshot:score_fewshot",
              "probe": "rayjobs.embed:probe_trial", "embed": "rayjobs.embed:embed_trial",
-             "self_select": "rayjobs.self_select:self_select_trial"}
+             "self_select": "rayjobs.self_select:self_select_trial",
+             "simulate": "rayjobs.simulate:simulate_trial"}  # simulate: a benchmark tool (issue 20)
 
 
 def executor(name: str) -> Any:
@@ -123,6 +124,8 @@ def execute(spec: TrialSpec, progress: Any = None, report: Any = None) -> dict[s
         stride = max(1, len(curve) // MAX_LOSS_POINTS)
         row["metrics"] = {**row["metrics"], "loss_curve": curve[::stride], "loss_curve_stride": stride}
     row["metrics"] = {**(row.get("metrics") or {}), **observe.placement()}
+    # -- issue 21 item 11: the library versions and device that produced the row (rayjobs.stack)
+    row["stack"] = stack.describe()
     store.write_result(row)
     store.push_run(spec.run_key)
     observe.trial_finished(spec, row)
@@ -138,7 +141,7 @@ def _row_identity(spec: TrialSpec) -> dict[str, Any]:
         "run_key": spec.run_key, "experiment": spec.experiment, "kind": spec.kind, "setup": spec.setup.key,
         "model": spec.setup.model.name, "adaptation": spec.setup.adaptation.method, "source": spec.source,
         "target": spec.target, "sources": spec.sources, "seed": spec.seed, "source_run_key": spec.source_run_key,
-        "baseline_run_key": spec.baseline_run_key}
+        "baseline_run_key": spec.baseline_run_key, "stack": stack.describe()}
 
 
 def stopped_row(spec: TrialSpec, last: dict[str, Any], wall: float) -> dict[str, Any]:
@@ -152,10 +155,5 @@ def stopped_row(spec: TrialSpec, last: dict[str, Any], wall: float) -> dict[str,
 
 def failed_row(spec: TrialSpec, err: BaseException, wall: float) -> dict[str, Any]:
     tb = traceback.format_exception(type(err), err, err.__traceback__)
-    return {
-        "run_key": spec.run_key, "experiment": spec.experiment, "kind": spec.kind, "setup": spec.setup.key,
-        "model": spec.setup.model.name, "adaptation": spec.setup.adaptation.method, "source": spec.source,
-        "target": spec.target, "sources": spec.sources, "seed": spec.seed, "source_run_key": spec.source_run_key,
-        "baseline_run_key": spec.baseline_run_key, "status": "failed", "wall_time_s": wall,
-        "error": f"{type(err).__name__}: {err}\n{''.join(tb[-3:])}"[:4000],
-    }
+    return {**_row_identity(spec), "status": "failed", "wall_time_s": wall,
+            "error": f"{type(err).__name__}: {err}\n{''.join(tb[-3:])}"[:4000]}
