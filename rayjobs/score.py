@@ -122,6 +122,16 @@ def _self_select_trials(cfg: ScoreConfig, m: BlackBoxSpec, setup: SetupSpec, tas
     return out
 
 
+def split_examples(trial: TrialSpec) -> tuple[Any, list[Any]]:
+    """The task data and the examples a scoring trial reads: its task's eval split, or its training pool (`split` other than
+    eval), drawn with the trial's seeds like a training trial's."""
+    registry = TaskRegistry.load(trial.task_files, trial.data_root)
+    split = trial.params["split"]
+    data = registry.load_data(trial.eval_task, trial.n_train if split != "eval" else 0, trial.n_eval,
+                              seed=trial.seed, eval_fraction=trial.eval_fraction, split_seed=trial.split_seed)
+    return data, list(data.eval if split == "eval" else data.train)
+
+
 def score_trial(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     """Executor of one score trial: load the black box, score the split, return the run row + predictions."""
     from rayjobs import metrics
@@ -132,10 +142,7 @@ def score_trial(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     t0 = time.time()
     p = trial.params
     seed_everything(trial.seed)
-    registry = TaskRegistry.load(trial.task_files, trial.data_root)
-    data = registry.load_data(trial.eval_task, trial.n_train if p["split"] != "eval" else 0, trial.n_eval,
-                              seed=trial.seed, eval_fraction=trial.eval_fraction, split_seed=trial.split_seed)
-    examples = list(data.eval if p["split"] == "eval" else data.train)
+    data, examples = split_examples(trial)
     template = PromptTemplate.model_validate(p["template"])
     box = open_black_box(p["ref"], results=trial.results_dir, temperature=p.get("temperature"),
                          max_length=p.get("max_length", 512)).to(trial_device(trial, ctx or TrainContext()))

@@ -61,16 +61,13 @@ def self_select_rows(box: Any, candidates: Sequence[PromptTemplate], examples: S
 def self_select_trial(trial: Any, ctx: Any = None) -> dict[str, Any]:
     """Executor (rayjobs.trial.EXECUTORS['self_select']): one model's meta-prompts over one task's split."""
     from rayjobs.blackbox import open_black_box
-    from rayjobs.tasks import TaskRegistry
+    from rayjobs.score import split_examples
     from rayjobs.train_loop import TrainContext, seed_everything, trial_device
 
     t0 = time.time()
     p = trial.params
     seed_everything(trial.seed)
-    registry = TaskRegistry.load(trial.task_files, trial.data_root)
-    data = registry.load_data(trial.eval_task, trial.n_train if p["split"] != "eval" else 0, trial.n_eval,
-                              seed=trial.seed, eval_fraction=trial.eval_fraction, split_seed=trial.split_seed)
-    examples = list(data.eval if p["split"] == "eval" else data.train)
+    data, examples = split_examples(trial)
     candidates = [PromptTemplate.model_validate(t) for t in p["templates"]]
     box = open_black_box(p["ref"], results=trial.results_dir, temperature=p.get("temperature"),
                          max_length=p.get("max_length", 512)).to(trial_device(trial, ctx or TrainContext()))

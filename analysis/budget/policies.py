@@ -144,23 +144,13 @@ class Policy:
                 self.finished = True
                 return FINISHED
         out, self.queue = self.queue[:n], self.queue[n:]
-        for s, t, k in out:
-            self.spent["transfers"] += 1
-            if (t, k) not in self.baselines_done:
-                self.baselines_done.add((t, k))
-                self.spent["baselines"] += 1
-            if (s, k) not in self.sources_done:
-                self.sources_done.add((s, k))
-                self.spent["sources"] += 1
-            self.pending.add((s, t, k))
+        for run in out:
+            self._spend(run)
+            self.pending.add(run)
         return out
 
-    def record(self, run: Run, score: float | None) -> None:
-        """A run stored before this policy was built (a re-run of the job): spent and observed, as if
-        this policy had proposed it."""
-        run = (run[0], run[1], int(run[2]))
-        if run in self.observations:
-            return
+    def _spend(self, run: Run) -> None:
+        """A run costs 1, plus its (target, seed) baseline and (source, seed) training the first time."""
         s, t, k = run
         self.spent["transfers"] += 1
         if (t, k) not in self.baselines_done:
@@ -169,6 +159,14 @@ class Policy:
         if (s, k) not in self.sources_done:
             self.sources_done.add((s, k))
             self.spent["sources"] += 1
+
+    def record(self, run: Run, score: float | None) -> None:
+        """A run stored before this policy was built (a re-run of the job): spent and observed, as if
+        this policy had proposed it."""
+        run = (run[0], run[1], int(run[2]))
+        if run in self.observations:
+            return
+        self._spend(run)
         self.observe(run, score)
 
     def observe(self, run: Run, score: float | None) -> None:
