@@ -116,8 +116,14 @@ class TrialWorker:
                 if self.stop_event.is_set():
                     raise TrialStopped(metrics)
 
-            worker = threading.Thread(target=lambda: events.put({"type": "done", **self._run(trial, report)}),
-                                      daemon=True)
+            def work() -> None:  # the outcome always comes back, or the stream would wait forever
+                try:
+                    out = self._run(trial, report)
+                except BaseException as e:  # noqa: BLE001 - _run catches trial errors; this is the worker's own
+                    out = {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]}
+                events.put({"type": "done", **out})
+
+            worker = threading.Thread(target=work, daemon=True)
             worker.start()
             while True:
                 event = events.get()

@@ -431,11 +431,8 @@ def _stored_error(spec: TrialSpec) -> str:
     from analysis.store import ResultStore
 
     row = ResultStore(spec.results_dir).read_result(spec.run_key)
-    if row is None or row["status"] not in ("failed",):
-        if row is not None and row["status"] in ("ok", "stopped"):
-            return ""
-        out = tuning.lost_worker_outcome(spec, observe.TrialLost("the Tune trial process died"), 0.0)
-        return out.get("error", "")
+    if row is None:
+        return tuning.lost_worker_outcome(spec, observe.TrialLost("the Tune trial process died"), 0.0)["error"]
     return row.get("error") or ""
 
 
