@@ -105,11 +105,11 @@ class WorkerBroker:
             info = await handle.ready.remote()
         except Exception as e:  # noqa: BLE001 - its node was lost, or it cannot start at all
             async with self.cond:
-                self.workers.pop(wid, None)
-                self.failed_starts[s] += 1
-                alive = any(w["shape"] == s and w["name"] for w in self.workers.values())
-                if self.failed_starts[s] >= MAX_START_FAILURES and not alive:
-                    self.start_errors[s] = f"{type(e).__name__}: {e}"[:2000]
+                if self.workers.pop(wid, None) is not None:  # not ended on purpose (room for a group)
+                    self.failed_starts[s] += 1
+                    alive = any(w["shape"] == s and w["name"] for w in self.workers.values())
+                    if self.failed_starts[s] >= MAX_START_FAILURES and not alive:
+                        self.start_errors[s] = f"{type(e).__name__}: {e}"[:2000]
                 self.cond.notify_all()
             return
         async with self.cond:
