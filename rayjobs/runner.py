@@ -311,7 +311,7 @@ def schedule(name: str, trials: list[TrialSpec], run: RunSpec, done: set[str], *
     hooks = [ProgressLines(result, run.verbose), TrialMetrics(), *callbacks]
     t0 = time.time()
     searcher = tuning.make_searcher(trials, set(done), pool.name, own_pool, gate=gate)
-    adapter = _TuneHooks(result, hooks, searcher, {t.run_key: t for t in trials}, t0)
+    adapter = _TuneHooks(result, hooks, searcher, searcher.specs, t0)
     try:
         grid = _fit(name, experiment, run, searcher, adapter, caps, storage, storage_fs, len(trials))
         result.experiment_path = grid.experiment_path
@@ -319,7 +319,7 @@ def schedule(name: str, trials: list[TrialSpec], run: RunSpec, done: set[str], *
     finally:
         if own_pool:
             pool.close()
-    result.blocked = list(searcher.blocked)
+    result.blocked = [searcher.specs[u].run_key for u in searcher.blocked]
     if gate is not None:  # never proposed: left out by the budget, not missing
         result.skipped = [t.run_key for t in trials if t.run_key not in gate.admitted]
     result.seconds = time.time() - t0
@@ -347,7 +347,7 @@ def _fit(name: str, experiment: str, run: RunSpec, searcher: Any, adapter: Any, 
             search_alg=searcher, scheduler=tuning.make_scheduler(run), num_samples=-1,
             max_concurrent_trials=slots, reuse_actors=True,
             trial_name_creator=lambda t: f"{t.config['label']}",
-            trial_dirname_creator=lambda t: f"{t.config['run_key']}"),
+            trial_dirname_creator=lambda t: f"{t.config['uid']}"),
         run_config=tune.RunConfig(
             name=experiment, storage_path=storage, storage_filesystem=storage_fs, verbose=0,
             callbacks=[adapter, *tuning.make_callbacks(run, tracking, name)],
@@ -374,12 +374,12 @@ class _TuneHooks:
                 return time.time() - self.t0
 
             def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-                key = trial.config["run_key"]
-                spec = self.specs[key]
-                self.attempts[key] += 1
-                released = self.searcher.released_at.get(key, self.t0) - self.t0
-                rec = TrialRecord(key, spec.label, spec.experiment, spec.kind, self.attempts[key], released,
-                                  self.now())
+                uid = trial.config["uid"]
+                spec = self.specs[uid]
+                self.attempts[uid] += 1
+                released = self.searcher.released_at.get(uid, self.t0) - self.t0
+                rec = TrialRecord(spec.run_key, spec.label, spec.experiment, spec.kind, self.attempts[uid],
+                                  released, self.now())
                 self.records[trial.trial_id] = rec
                 self.result.records.append(rec)
                 for h in self.hooks:
@@ -387,7 +387,7 @@ class _TuneHooks:
 
             def _finish(self, trial: Any, status: str) -> TrialRecord:
                 rec = self.records[trial.trial_id]
-                done_at = self.searcher.completed_at.get(rec.run_key)  # before it released any dependent
+                done_at = self.searcher.completed_at.get(trial.config["uid"])  # before it released any dependent
                 rec.finished_s = done_at - self.t0 if done_at and status != "failed" else self.now()
                 rec.status = status
                 last = trial.last_result or {}
@@ -411,13 +411,13 @@ class _TuneHooks:
 
             def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
                 rec = self._finish(trial, "failed")
-                rec.error = _stored_error(self.specs[rec.run_key])
+                rec.error = _stored_error(self.specs[trial.config["uid"]])
                 for h in self.hooks:
                     h.on_trial_retry(rec)
 
             def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
                 rec = self._finish(trial, "failed")
-                rec.error = _stored_error(self.specs[rec.run_key])
+                rec.error = _stored_error(self.specs[trial.config["uid"]])
                 self.result.failed.append(rec.run_key)
                 for h in self.hooks:
                     h.on_trial_end(rec)

@@ -421,8 +421,12 @@ def make_searcher(trials: list[TrialSpec], done: set[str], broker_name: str, own
 
         def __init__(self) -> None:
             super().__init__()
-            self.specs = {t.run_key: t for t in trials}
-            self.order = [t.run_key for t in trials]
+            # a trial's id is its run key; trials of one run that share a key (the same run in several
+            # results folders: tests, benchmarks) get an index too. Dependencies resolve within a folder.
+            counts = Counter(t.run_key for t in trials)
+            self.order = [t.run_key if counts[t.run_key] == 1 else f"{t.run_key}@{i}" for i, t in enumerate(trials)]
+            self.specs = dict(zip(self.order, trials, strict=True))
+            self.place = {(t.results_dir, t.run_key): u for u, t in self.specs.items()}
             self.done, self.failed, self.stopped = set(done), set(), set()
             self.blocked: list[str] = []
             self.waiting = deque(self.order)
@@ -446,7 +450,7 @@ def make_searcher(trials: list[TrialSpec], done: set[str], broker_name: str, own
                 key = self.ready.popleft()
                 self.live[trial_id] = key
                 t = self.specs[key]
-                return {"trial": t.model_dump(mode="json"), "run_key": key, "label": t.label,
+                return {"trial": t.model_dump(mode="json"), "run_key": t.run_key, "uid": key, "label": t.label,
                         "broker": broker_name}
             if not self.waiting and not self.live:
                 return Searcher.FINISHED
@@ -464,7 +468,8 @@ def make_searcher(trials: list[TrialSpec], done: set[str], broker_name: str, own
                 return
             self.completed_at[key] = time.time()
             if gate is not None:
-                gate.complete(key, result, ok=not error and bool(result and result.get("status") == "ok"))
+                gate.complete(self.specs[key].run_key, result,
+                              ok=not error and bool(result and result.get("status") == "ok"))
             if error:
                 self.failed.add(key)
             elif result and result.get("final") and result.get("status") == "ok":
@@ -497,16 +502,18 @@ def make_searcher(trials: list[TrialSpec], done: set[str], broker_name: str, own
             self.ready.clear()
 
         def _admitted_waiting(self) -> bool:
-            return any(k in gate.admitted for k in self.waiting)
+            return any(self.specs[k].run_key in gate.admitted for k in self.waiting)
 
         def _release(self) -> None:
             now = time.time()
             still: deque[str] = deque()
             for key in self.waiting:
-                if gate is not None and key not in gate.admitted:
+                t = self.specs[key]
+                if gate is not None and t.run_key not in gate.admitted:
                     still.append(key)
                     continue
-                deps = [*self.specs[key].depends_on, *(gate.extra_deps(key) if gate is not None else [])]
+                deps = [self.place.get((t.results_dir, d), d) for d in
+                        [*t.depends_on, *(gate.extra_deps(t.run_key) if gate is not None else [])]]
                 if all(d in self.done for d in deps):
                     self.ready.append(key)
                     self.released_at[key] = now
