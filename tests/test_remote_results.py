@@ -74,7 +74,7 @@ def test_results_in_s3_without_a_shared_folder_resume_from_the_bucket(s3: tuple[
     assert "results at s3://tl-results/exp;" in r.stdout and "endpoint_override" not in r.stdout  # no options in logs
     stored = _keys(fs, "tl-results/exp")
     rows = [k for k in stored if k.startswith("runs/")]
-    assert len(rows) == 6  # 2 sources, 2 baselines, 2 transfers
+    assert len(rows) == 6, (stored, r.stdout[-3000:])  # 2 sources, 2 baselines, 2 transfers
     assert {k.split("/")[1] for k in stored if k.startswith("checkpoints/")}  # the sources' checkpoints
     assert len([k for k in stored if k.startswith("predictions/")]) == 6
     # the driver: database and mirror of rows / predictions local, no checkpoint
