@@ -267,7 +267,7 @@ def test_sizes_and_cost_are_bounded_before_any_model_runs(svc: Svc) -> None:
 
     r = svc.http.post(svc.url + "/v1/score", data=chunks(), headers={"Content-Type": "application/json"}, timeout=60)
     _error(r, 413, "max_body_bytes")
-    _error(svc.post("/v1/completions", {"model": svc.lm, "prompt": "p" * 2001, "max_tokens": 0}), 413,
+    _error(svc.post("/v1/completions", {"model": svc.lm, "prompt": "p" * 2001, "max_tokens": 1}), 413,
            "max_prompt_chars")
 
 
@@ -319,7 +319,7 @@ def test_bad_values_are_4xx_not_500(svc: Svc) -> None:
            b'"examples": [{"input": "x\\ud800y"}]}')
     r = svc.http.post(svc.url + "/v1/score", data=raw, headers={"Content-Type": "application/json"}, timeout=60)
     _error(r, 422, "lone surrogate")
-    r = svc.http.post(svc.url + "/v1/completions", data=b'{"prompt": "\\udfff", "max_tokens": 0}',
+    r = svc.http.post(svc.url + "/v1/completions", data=b'{"prompt": "\\udfff", "max_tokens": 1}',
                       headers={"Content-Type": "application/json"}, timeout=60)
     _error(r, 422, "lone surrogate")
     deep = b'{"model": "builtin:minilm", "template": ' + b"[" * 30_000 + b"]" * 30_000 + b"}"
