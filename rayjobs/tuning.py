@@ -54,7 +54,6 @@ class WorkerBroker:
         self.cond = asyncio.Condition()
         self.started = 0  # worker processes started (cold starts)
         self.start_s: list[float] = []
-        self.group_active = 0  # distributed trials running: their Ray Train workers need the CPUs
         self.waiters: Counter = Counter()  # acquirers waiting, per shape
         self.failed_starts: Counter = Counter()
         self.start_errors: dict[Shape, str] = {}
@@ -180,14 +179,9 @@ class WorkerBroker:
     async def group_start(self) -> None:
         """A distributed trial starts its Ray Train group: idle warm workers give their CPUs back."""
         async with self.cond:
-            self.group_active += 1
             for wid, w in list(self.workers.items()):
                 if not w["busy"] and not w["shape"].coordinator:
                     self._end(wid)
-
-    async def group_end(self) -> None:
-        async with self.cond:
-            self.group_active -= 1
 
     async def keep(self, shapes: list[dict[str, Any]]) -> None:
         """End idle workers of shapes no remaining trial needs (they hold resources, and cluster nodes)."""
@@ -356,8 +350,6 @@ def _run_group(spec: TrialSpec, broker: Any) -> None:
         row = execute(spec)
     except Exception as e:
         raise TrialFailed(f"{type(e).__name__}: {e}"[:2000]) from e
-    finally:
-        ray.get(broker.group_end.remote())
     tune.report({"final": True, "status": row.get("status", "ok"), "score": row.get("score"), "worker": "",
                  "warm": False, "handed_at": t0, "busy_s": time.time() - t0, "trainable_pid": os.getpid(),
                  "steps": None})
@@ -379,14 +371,14 @@ def lost_worker_outcome(trial: TrialSpec, err: BaseException, wall: float) -> di
     store = ResultStore(trial.results_dir)
     stored = store.read_result(trial.run_key)
     if stored is not None and stored["status"] in DECIDED:
-        return {"status": stored["status"], "lost": True}
+        return {"status": stored["status"]}
     if isinstance(err, RayActorError):
         lost: Exception = observe.TrialLost("trial process died without writing a result (killed, out of memory "
                                             f"or node lost): {type(err).__name__}: {err}"[:2000])
     else:
         lost = RuntimeError(f"trial worker failed: {type(err).__name__}: {err}"[:2000])
     store.write_result(failed_row(trial, lost, wall))
-    return {"status": "failed", "error": str(lost), "lost": True}
+    return {"status": "failed", "error": str(lost)}
 
 
 #: the broker's Ray namespace (named actors are looked up by name from Tune's trial processes)
