@@ -58,7 +58,7 @@ bench-scale-full: venv
 
 # Every config in configs/ end to end with --smoke (tiny models, 3 tasks, a few steps), timed.
 smoke-configs: venv
-	$(BIN)/python -m rayjobs.smoke
+	$(BIN)/python -m rayjobs.engine.smoke
 
 # FUTE (paper 004) on a CPU: embeddings, selection evaluations and the report with figures (reports/fute_cpu/).
 fute-cpu: venv

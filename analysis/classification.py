@@ -1,5 +1,5 @@
-"""F1 of a classification task: the one definition the task metric (`rayjobs.metrics`) and the store's
-view `mtl_member_scores` (`analysis.views`) both follow.
+"""F1 of a classification task: the one definition the task metric (`rayjobs.tasks.metrics`) and the store's
+view `mtl_member_scores` (`analysis.store.views`) both follow.
 
 The papers' definition, as their code computes it (TaskWeb's runs score cb with Hugging Face's
 `super_glue/cb` metric and mrpc/qqp with `glue/mrpc|qqp`; paper 003 reports macro-F1 for every task):

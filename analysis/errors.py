@@ -1,10 +1,12 @@
-"""The one error type of the analyses.
+"""The error types of the store and the analyses, at the bottom of the package so every module can raise them.
 
-A subclass of `StoreError` so the `transferlab` CLI reports it as `transferlab: error: ...` (exit 2)
-without knowing about the analysis modules.
+`AnalysisError` is a `StoreError`, so the `transferlab` CLI reports either as `transferlab: error: ...`
+(exit 2) without knowing about the analysis modules.
 """
 
-from analysis.store import StoreError
+
+class StoreError(RuntimeError):
+    """The results location cannot be used (missing, not writable, corrupt)."""
 
 
 class AnalysisError(StoreError):

@@ -1,5 +1,5 @@
 """Timings of the vectorised analyses against plain-Python loop implementations of the same formulas
-(`analysis.loop_reference`), in the same run, on the published TaskWeb release and on a synthetic
+(`loop_reference`), in the same run, on the published TaskWeb release and on a synthetic
 larger web.
 
     .venv/bin/python benchmarks/bench_analysis.py [--data ../shared/data] [--tasks 60] [--repeat 3]
@@ -26,13 +26,14 @@ import pyarrow as pa
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from analysis import analytics as an  # noqa: E402
-from analysis import loop_reference as ref  # noqa: E402
-from analysis import selectors as sel  # noqa: E402
-from analysis.db import open_store, registered  # noqa: E402
-from analysis.ranking import evaluate_selection  # noqa: E402
-from analysis.store import ResultStore  # noqa: E402
-from analysis.taskweb_import import import_taskweb  # noqa: E402
+import loop_reference as ref  # noqa: E402
+
+from analysis import transfer as an  # noqa: E402
+from analysis.importers.taskweb import import_taskweb  # noqa: E402
+from analysis.ranking.evaluate import evaluate_selection  # noqa: E402
+from analysis.selection import selectors as sel  # noqa: E402
+from analysis.store.duck import open_store, registered  # noqa: E402
+from analysis.store.results import ResultStore  # noqa: E402
 
 THRESHOLDS = [0.0, 0.01, 0.02, 0.03, 0.04, 0.05]
 

@@ -4,7 +4,7 @@
         [--source-train 96] [--target-train 32] [--eval 32] [--epochs 1] [--slow-factor 8]
 
 A 3-source x 3-target x 1-seed grid, two 1-CPU trials at a time. All arms run in this one process, on
-one local Ray started once, with one pool of warm workers (`rayjobs.tuning.WorkerPool`) warmed up by two
+one local Ray started once, with one pool of warm workers (`rayjobs.engine.tuning.WorkerPool`) warmed up by two
 untimed trials, each arm in its own temporary results folder so nothing is reused. Every arm runs
 through Ray Tune (one Tuner per `run_trials` call, the dependency searcher, thin Tune trials on the
 warm workers), as `transferlab run` does:
@@ -50,12 +50,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from analysis.store import ResultStore  # noqa: E402
+from analysis.store.results import ResultStore  # noqa: E402
 from rayjobs.config import ExperimentConfig, RunSpec, load_config  # noqa: E402
+from rayjobs.engine.runner import QUIET, StageResult, init_ray, run_trials  # noqa: E402
+from rayjobs.engine.tuning import WorkerPool  # noqa: E402
 from rayjobs.plan import TrialSpec, expand_pairwise, run_key  # noqa: E402
-from rayjobs.runner import QUIET, StageResult, init_ray, run_trials  # noqa: E402
-from rayjobs.tasks import TaskRegistry  # noqa: E402
-from rayjobs.tuning import WorkerPool  # noqa: E402
+from rayjobs.tasks.registry import TaskRegistry  # noqa: E402
 
 SLOTS = 2  # trials at a time
 
@@ -135,10 +135,10 @@ def run_all(name: str, trials: list[TrialSpec], run: RunSpec, results: Path, poo
 
 
 def run_direct(trials: list[TrialSpec]) -> int:
-    """The same trials without Ray: `rayjobs.trial.execute` in this process, one torch thread."""
+    """The same trials without Ray: `rayjobs.engine.trial.execute` in this process, one torch thread."""
     import torch
 
-    from rayjobs.trial import execute
+    from rayjobs.engine.trial import execute
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what Ray gives a 1-CPU worker (OMP_NUM_THREADS=1)

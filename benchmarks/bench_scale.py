@@ -6,8 +6,8 @@
 
 Sweep: per size, a pairwise config with TaskWeb's structure (its 22 sources and 21 targets from
 configs/taskweb_t5b_finetune.yaml, 8 seeds, 1-8 setups) whose setups carry a `simulate:` block
-(rayjobs.simulate: each trial sleeps, writes a run row, N prediction rows and, for sources, a small
-checkpoint). It runs through `python -m rayjobs.pairwise` (rayjobs.driver.run_job, whatever scheduler is
+(rayjobs.engine.simulate: each trial sleeps, writes a run row, N prediction rows and, for sources, a small
+checkpoint). It runs through `python -m rayjobs.pairwise` (rayjobs.engine.driver.run_job, whatever scheduler is
 behind it) against a multi-node cluster on this machine: `ray.cluster_utils.Cluster`, NODES nodes of SLOTS
 GPU slots each (Ray's GPU count stands in for GPUs; trials ask 0.01 CPU and 1 GPU, so NODES x SLOTS run at
 once on 2 cores). At the largest default size a worker node is removed and another added, and the driver is
@@ -45,9 +45,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from analysis import compaction, status  # noqa: E402
-from analysis.db import read_store  # noqa: E402
-from analysis.store import ResultStore  # noqa: E402
+from analysis.store import compaction, status  # noqa: E402
+from analysis.store.duck import read_store  # noqa: E402
+from analysis.store.results import ResultStore  # noqa: E402
 
 TASKWEB = yaml.safe_load((REPO / "configs" / "taskweb_t5b_finetune.yaml").read_text())
 SEEDS = TASKWEB["seeds"]
@@ -159,8 +159,8 @@ def run_driver(cfg: Path, results: Path, cluster: Cluster, log: Path, faults: bo
 
 def taskshop(con: Any, setup: str) -> dict[str, Any]:
     """TaskShop (paper 000) with the `random` few-shot selector as F, evaluated leave-one-out (NDCG, Regret@5)."""
-    from analysis import selectors as sel
-    from analysis.ranking import evaluate_selection
+    from analysis.ranking.evaluate import evaluate_selection
+    from analysis.selection import selectors as sel
 
     f = sel.resolve(con, "random", setup=setup)  # the stored name, e.g. random[seed=0]
     return evaluate_selection(con, f"taskshop-{f}", setup)

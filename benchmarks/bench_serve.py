@@ -126,7 +126,7 @@ def direct(model: str, concurrency: int, n_requests: int, n_examples: int, threa
     """The scorer without Serve, in this process: single requests at c=1, c-request batches above."""
     import torch
 
-    from rayjobs.blackbox import open_black_box
+    from rayjobs.scoring.blackbox import open_black_box
     from serving.batching import ScoreJob, score_jobs
     from serving.schemas import ScoreRequest
 
@@ -154,7 +154,7 @@ direct.boxes = {}  # type: ignore[attr-defined]
 
 
 def tokens_per_request(model: str, n_examples: int) -> float:
-    from rayjobs.blackbox import open_black_box
+    from rayjobs.scoring.blackbox import open_black_box
 
     box = direct.boxes.setdefault(model, open_black_box(model))  # type: ignore[attr-defined]
     tok = getattr(box.tm, "tokenizer", None) or box.tm.encoder.tokenizer

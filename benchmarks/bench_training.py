@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from rayjobs.config import ExperimentConfig, SetupSpec, load_config  # noqa: E402
-from rayjobs.smoke import TINY  # noqa: E402
+from rayjobs.engine.smoke import TINY  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 MINILM = {"name": "minilm", "path": "builtin:minilm", "family": "encoder", "max_length": 64}
@@ -92,7 +92,7 @@ def experiment(setup: dict[str, Any], task: str, steps: int, data_root: str | No
 def run_one(payload: dict[str, Any]) -> dict[str, Any]:
     """In the child process: train one setup's source trial, return throughput and memory."""
     from rayjobs.plan import expand_pairwise
-    from rayjobs.tasks import TaskRegistry
+    from rayjobs.tasks.registry import TaskRegistry
 
     cfg = ExperimentConfig.model_validate(payload["config"])
     trial = next(t for t in expand_pairwise(cfg, TaskRegistry.load(data_root=cfg.data_root), payload["results"])
@@ -101,7 +101,7 @@ def run_one(payload: dict[str, Any]) -> dict[str, Any]:
     if setup.deepspeed is not None or setup.resources.workers > 1:
         import ray
 
-        from rayjobs.distributed import train_distributed
+        from rayjobs.engine.distributed import train_distributed
 
         need = setup.resources.cpu * setup.resources.workers
         ray.init(num_cpus=max(int(need + 0.999), os.cpu_count() or 1), include_dashboard=False,
@@ -113,7 +113,7 @@ def run_one(payload: dict[str, Any]) -> dict[str, Any]:
     else:
         import torch
 
-        from rayjobs.train_loop import TrainContext, train_and_evaluate
+        from rayjobs.train.loop import TrainContext, train_and_evaluate
 
         row = train_and_evaluate(trial, TrainContext())
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -4,7 +4,7 @@ O((k_p + k_D) c), against the prompt-selection baselines, O(k_p k_D c), and wher
     python benchmarks/fute_cost.py --db results/fute_cpu/transferlab.duckdb --experiment fute-cpu \\
         --k-p 6 --k-d 4 --what-if 0.5 2
 
-Unit costs are the experiment's measured wall times (analysis.fute_cost); `--what-if` repeats the
+Unit costs are the experiment's measured wall times (analysis.selection.fute_cost); `--what-if` repeats the
 break-even with a slower black box (seconds per call, e.g. an LLM behind Serve) and the same surrogate.
 """
 
@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds per black-box call to repeat the break-even with (default: 0.5 2)")
     args = ap.parse_args(argv)
 
-    from analysis.db import open_store
-    from analysis.fute_cost import cost_report
+    from analysis.selection.fute_cost import cost_report
+    from analysis.store.duck import open_store
 
     with open_store(args.db) as con:
         rep = cost_report(con, args.experiment, args.k_p, args.k_d, args.what_if)

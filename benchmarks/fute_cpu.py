@@ -10,7 +10,7 @@
 2. `transferlab embed configs/fute_taskweb.yaml`: few-shot DTEs of the TaskWeb tasks (32 prompted examples);
 3. the TaskWeb release imported into the same store (published transfers, RoE, LLM-similarity);
 4. reports/fute_cpu/report.md with retrieval.png, projection.png, taskshop.png, prompts.png and the cost
-   count (analysis.fute_report, analysis.fute_cost). Both jobs resume: re-running redoes nothing stored.
+   count (analysis.reports.fute, analysis.selection.fute_cost). Both jobs resume: re-running redoes nothing stored.
 """
 
 from __future__ import annotations
@@ -50,11 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         times["fute_cpu.yaml"] = run_job("configs/fute_cpu.yaml", results)
         times["fute_taskweb.yaml"] = run_job("configs/fute_taskweb.yaml", results)
 
-    from analysis.db import open_store
-    from analysis.fute_cost import cost_report
-    from analysis.fute_report import write_fute_report
-    from analysis.ranking import set_category_source
-    from analysis.taskweb_import import import_taskweb
+    from analysis.importers.taskweb import import_taskweb
+    from analysis.ranking.evaluate import set_category_source
+    from analysis.reports.fute import write_fute_report
+    from analysis.selection.fute_cost import cost_report
+    from analysis.store.duck import open_store
     from rayjobs.cli import _registry_categories
 
     set_category_source(_registry_categories)

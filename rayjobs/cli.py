@@ -10,13 +10,10 @@ import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from analysis.store import DB_NAME, ResultStore, StoreError
-from analysis.textout import print_table
-from rayjobs.config import ConfigError
-from rayjobs.models.loading import ModelError
-from rayjobs.tasks import TaskError
+from analysis.reports.textout import print_table
+from analysis.store.results import DB_NAME, ResultStore
+from rayjobs.errors import guarded
 
 DEFAULT_RESULTS = os.environ.get("TRANSFERLAB_RESULTS", "results")
 
@@ -36,19 +33,19 @@ def default_db() -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from rayjobs.driver import run_from_args
+    from rayjobs.engine.driver import run_from_args
 
     return run_from_args(args)
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from rayjobs.driver import run_from_args
+    from rayjobs.engine.driver import run_from_args
 
     return run_from_args(args, expect="embed")
 
 
 def _cmd_sql(args: argparse.Namespace) -> int:
-    from analysis.sql_guard import open_guarded, run_guarded
+    from analysis.store.sql_guard import open_guarded, run_guarded
 
     with open_guarded(args.db) as con:
         cols, rows = run_guarded(con, args.query, timeout_s=args.timeout or None, memory_limit=args.memory_limit)
@@ -60,7 +57,7 @@ def _cmd_sql(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_peft(args: argparse.Namespace) -> int:
-    from rayjobs.peft_export import export_peft
+    from rayjobs.models.peft_export import export_peft
 
     out = export_peft(args.run_key, args.results, args.out)
     print(f"transferlab: run {out['run_key']} exported to {out['out']} ({', '.join(out['files'])}; base model "
@@ -69,7 +66,7 @@ def _cmd_export_peft(args: argparse.Namespace) -> int:
 
 
 def _sql_description() -> str:
-    from analysis.sql_guard import store_relations
+    from analysis.store.sql_guard import store_relations
 
     rel = store_relations()
     return ("Run one read-only SQL query (DuckDB dialect) over the results store and print the rows.\n\n"
@@ -77,13 +74,13 @@ def _sql_description() -> str:
             "the store is opened read-only and file, network and extension access are disabled.\n\n"
             + textwrap.fill("Tables: " + ", ".join(rel["table"]), 100) + "\n"
             + textwrap.fill("Views: " + ", ".join(rel["view"]), 100) + "\n"
-            "(analysis/store.py and analysis/views.py define them.)\n\n"
+            "(analysis/store/results.py and analysis/store/views.py define them.)\n\n"
             'Example: transferlab sql "SELECT source, target, score FROM transfer_scores ORDER BY score DESC LIMIT 5"')
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from analysis.remote import is_uri, node_mirror
-    from analysis.status import PLAN_FILE, render, summarise
+    from analysis.store.remote import is_uri, node_mirror
+    from analysis.store.status import PLAN_FILE, render, summarise
 
     if is_uri(args.results):  # a remote results location: read it through this machine's mirror
         store = ResultStore(node_mirror(args.results), remote=args.results)
@@ -101,7 +98,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _registry_categories() -> dict[str, str]:
-    from rayjobs.tasks import TaskRegistry
+    from rayjobs.tasks.registry import TaskRegistry
 
     reg = TaskRegistry.load()
     return {name: reg.get(name).category or "other" for name in reg.names}
@@ -119,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    from rayjobs.driver import add_job_arguments
+    from rayjobs.engine.driver import add_job_arguments
     from rayjobs.job import job_kinds
 
     run_help = (f"run a job config on Ray (any kind: {', '.join(job_kinds())}; the config's `job:` names it); "
@@ -159,34 +156,27 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="print the summary as JSON")
     st.set_defaults(func=_cmd_status)
 
-    from analysis.commands import register
-
-    register(sub, default_db)
-    from serving.cli import add_subcommand as add_serve
-
-    add_serve(sub, default_db)  # transferlab serve
+    for register in command_groups():
+        register(sub, default_db)
     return p
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, TaskError, StoreError, ModelError,
-                                                FileNotFoundError, PermissionError)
+#: the entry-point group through which packages add `transferlab` subcommands (pyproject.toml): the CLI
+#: composes them without importing the packages above it (`serving`) or beside it (`analysis.cli`)
+COMMAND_GROUP = "transferlab.commands"
 
 
-def guarded(fn: Callable[..., int | None], *args: Any) -> int:
-    """Run a command; a user error becomes one clear line on stderr and exit code 2."""
-    try:
-        return int(fn(*args) or 0)
-    except USER_ERRORS as e:
-        msg = str(e).strip() or type(e).__name__
-        print(f"transferlab: error: {msg}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("transferlab: interrupted; finished runs are stored, re-run to resume", file=sys.stderr)
-        return 130
+def command_groups() -> list[Callable[..., None]]:
+    """Every installed package's `register(subparsers, default_db)`, in entry-point name order."""
+    found = sorted(importlib.metadata.entry_points(group=COMMAND_GROUP), key=lambda ep: ep.name)
+    if not found:
+        raise SystemExit(f"transferlab: error: no command groups are installed (entry points {COMMAND_GROUP!r}); "
+                         "install the package: pip install -e .")
+    return [ep.load() for ep in found]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from analysis.ranking import set_category_source
+    from analysis.ranking.evaluate import set_category_source
 
     set_category_source(_registry_categories)  # analysis knows no task registry; the CLI composes the two
     args = build_parser().parse_args(argv)

@@ -144,7 +144,7 @@ class ResourceSpec(_Strict):
 
 
 class PromptSpec(_Strict):
-    """Which prompt templates (rayjobs/templates.py) render the tasks for training and for evaluation.
+    """Which prompt templates (rayjobs/tasks/templates.py) render the tasks for training and for evaluation.
 
     `default`: the base rendering for encoders, the task's first template for seq2seq/causal models;
     `all`: train on a seeded template per example, evaluate as the mean over all templates;
@@ -156,7 +156,7 @@ class PromptSpec(_Strict):
 
 
 class SimulateSpec(_Strict):
-    """A benchmark tool (rayjobs.simulate, benchmarks/bench_scale.py): the setup's trials do not train but
+    """A benchmark tool (rayjobs.engine.simulate, benchmarks/bench_scale.py): the setup's trials do not train but
     sleep and write realistic rows, predictions and checkpoints. Part of the run key, so simulated runs
     never pass for trained ones."""
 
@@ -352,7 +352,7 @@ class ExperimentConfig(JobConfig):
         default=False, description="also keep the target-only baselines' trained parameters (the target's own "
         "soft prompt for prompt-similarity selectors); a baseline stored without one is not retrained")
     budget: BudgetConfig | None = Field(
-        default=None, description="train only what a budget policy proposes (rayjobs.budget); default: the full grid")
+        default=None, description="train only what a budget policy proposes (rayjobs.engine.budget); default: the full grid")
 
     @field_validator("seeds")
     @classmethod

@@ -33,15 +33,15 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from analysis.store import ResultStore
+from analysis.store.results import ResultStore
 from rayjobs.config import ConfigError, JobConfig, ModelSpec, ResourceSpec, SetupSpec, _Strict
-from rayjobs.embeddings import LOSS, SpaceSpec
-from rayjobs.fute_data import DatasetRef, PoolSpec, ProbePool, build_pool
 from rayjobs.job import Job, Plan
 from rayjobs.plan import TrialSpec, run_key
 from rayjobs.score import BlackBoxSpec
-from rayjobs.tasks import TaskError, TaskRegistry
-from rayjobs.templates import IDENTITY, PromptTemplate, coerce_templates, task_templates
+from rayjobs.scoring.fute_data import DatasetRef, PoolSpec, ProbePool, build_pool
+from rayjobs.scoring.fute_embeddings import LOSS, SpaceSpec
+from rayjobs.tasks.registry import TaskError, TaskRegistry
+from rayjobs.tasks.templates import IDENTITY, PromptTemplate, coerce_templates, task_templates
 
 EMBEDDINGS_DIR = "embeddings"
 
@@ -162,12 +162,12 @@ def _pairwise(cfg: EmbedConfig, store: ResultStore) -> tuple[list[TrialSpec], li
     if ref is None:
         return [], [], []
     from rayjobs.config import load_config
+    from rayjobs.engine.preflight import check_setups
     from rayjobs.plan import expand_pairwise
-    from rayjobs.preflight import check_setups
 
     pcfg = load_config(ref.config)
     if ref.smoke:
-        from rayjobs.smoke import smoke_pairwise
+        from rayjobs.engine.smoke import smoke_pairwise
 
         pcfg = smoke_pairwise(pcfg)
     registry = TaskRegistry.load(pcfg.task_files, pcfg.data_root)
@@ -242,7 +242,7 @@ def _check_tasks(cfg: EmbedConfig, registry: TaskRegistry) -> list[str]:
                               "(use dte.prompted_tasks for it)")
     prompted: list[str] = []
     if cfg.dte.prompted_tasks:
-        from rayjobs.fute_data import read_prompted
+        from rayjobs.scoring.fute_data import read_prompted
 
         try:
             have = read_prompted(cfg.dte.prompted_file)
@@ -351,7 +351,7 @@ def expand_embed(cfg: EmbedConfig, store: ResultStore) -> tuple[list[TrialSpec],
 
 
 def _prompted_origin(path: str | None) -> str:
-    from rayjobs.fute_data import _prompted_file, file_digest
+    from rayjobs.scoring.fute_data import _prompted_file, file_digest
 
     p = _prompted_file(path)
     return f"{p.name}#{file_digest(p)}"
@@ -385,8 +385,8 @@ def _pool_for(trial: TrialSpec) -> ProbePool:
 def probe_trial(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     """A black box labels the probe pool: one `predictions` row per probe input (split 'pool', no gold),
     `probs` in the task's canonical label order (the template's verbalisers are in that order)."""
-    from rayjobs.blackbox import open_black_box
-    from rayjobs.train_loop import TrainContext, prediction_rows, seed_everything, trial_device
+    from rayjobs.scoring.blackbox import open_black_box
+    from rayjobs.train.loop import TrainContext, prediction_rows, seed_everything, trial_device
 
     t0 = time.time()
     p = trial.params
@@ -421,9 +421,14 @@ def probe_trial(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
 def embed_trial(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     """One task embedding: train the space's surrogate on the data (one-hot labels for a DTE, the probe
     trial's stored soft labels for an MTE), compute the method's vector, write it, return the run row."""
-    from rayjobs.embeddings import SoftLabelModel, build_surrogate, choice_task, compute_embedding
-    from rayjobs.fute_data import mte_examples, one_hot, prompted_examples, registry_examples
-    from rayjobs.train_loop import TrainContext, fit, seed_everything, trial_device
+    from rayjobs.scoring.fute_data import mte_examples, one_hot, prompted_examples, registry_examples
+    from rayjobs.scoring.fute_embeddings import (
+        SoftLabelModel,
+        build_surrogate,
+        choice_task,
+        compute_embedding,
+    )
+    from rayjobs.train.loop import TrainContext, fit, seed_everything, trial_device
 
     t0 = time.time()
     ctx = ctx or TrainContext()
@@ -498,7 +503,7 @@ class EmbedJob(Job):
         return Plan(trials, summary=summary, view="task_embeddings", before_run=[_write_pool(pool)])
 
     def report(self, cfg: EmbedConfig, store: ResultStore) -> list[str]:
-        from analysis.task_embeddings import own_task_retrieval
+        from analysis.selection.fute import own_task_retrieval
 
         with store.connect(read_only=True) as con:
             rows = con.execute("""SELECT space_name, space, kind, count(*), any_value(dims) FROM task_embeddings
@@ -520,12 +525,12 @@ JOB = EmbedJob()
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rayjobs.driver import module_main
+    from rayjobs.engine.driver import module_main
 
     return module_main("embed", argv)
 
 
 if __name__ == "__main__":
-    from rayjobs.driver import guarded_module_main
+    from rayjobs.engine.driver import guarded_module_main
 
     guarded_module_main("embed")

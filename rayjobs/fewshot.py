@@ -23,15 +23,15 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from analysis.store import ResultStore
+from analysis.store.results import ResultStore
 from rayjobs.config import ConfigError, JobConfig
+from rayjobs.engine.preflight import check_setup
 from rayjobs.job import Job, Plan, check_choice_tasks
 from rayjobs.models.loading import ModelError
 from rayjobs.plan import TrialSpec, prompt_identity, trial_key
-from rayjobs.preflight import check_setup
 from rayjobs.pvi import TaskSizes
-from rayjobs.tasks import Example, TaskError, TaskRegistry, TaskSpec
-from rayjobs.templates import PromptTemplate
+from rayjobs.tasks.registry import Example, TaskError, TaskRegistry, TaskSpec
+from rayjobs.tasks.templates import PromptTemplate
 
 Shots = int | Literal["classes"]
 
@@ -130,15 +130,15 @@ def expand_fewshot(cfg: FewshotConfig, registry: TaskRegistry, results_dir: str)
     return trials
 
 
-# -- the trial's executor (rayjobs/trial.py EXECUTORS) ------------------------------------------------------
+# -- the trial's executor (rayjobs/engine/trial.py EXECUTORS) ------------------------------------------------------
 def score_fewshot(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     """Build the model, score the held-out pool k-shot under every evaluation template; nothing is trained."""
     import torch
 
     from rayjobs.config import AdaptationSpec
     from rayjobs.models import build_task_model
-    from rayjobs.templates import resolve
-    from rayjobs.train_loop import (
+    from rayjobs.tasks.templates import resolve
+    from rayjobs.train.loop import (
         EvalResult,
         FitResult,
         TrainContext,
@@ -179,11 +179,11 @@ def score_fewshot(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
 
 
 def accuracy_and_macro_f1(rows: list[dict[str, Any]], n_classes: int) -> dict[str, float]:
-    """Paper 003 reports both for every task (Tables 7-8): accuracy and macro-F1 (`rayjobs.metrics.f1`) over
+    """Paper 003 reports both for every task (Tables 7-8): accuracy and macro-F1 (`rayjobs.tasks.metrics.f1`) over
     the labelled held-out rows, per template and then averaged over the templates."""
     import numpy as np
 
-    from rayjobs import metrics
+    from rayjobs.tasks import metrics
 
     by_tpl: dict[str, list[tuple[int, int]]] = {}
     for r in rows:
@@ -231,12 +231,12 @@ JOB = FewshotJob()
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rayjobs.driver import module_main
+    from rayjobs.engine.driver import module_main
 
     return module_main("fewshot", argv)
 
 
 if __name__ == "__main__":
-    from rayjobs.driver import guarded_module_main
+    from rayjobs.engine.driver import guarded_module_main
 
     guarded_module_main("fewshot")

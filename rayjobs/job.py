@@ -3,7 +3,7 @@
 A job kind is one module under `rayjobs/` that defines a typed config (a `JobConfig` subclass whose
 `job` field names the kind), `plan` (the config expanded into trials with run keys, after every check
 that can fail before Ray starts), and `report` (the lines printed after the run). The driver
-(`rayjobs/driver.py`) does the rest for every kind: flags, overrides, smoke shrinking, skipping stored
+(`rayjobs/engine/driver.py`) does the rest for every kind: flags, overrides, smoke shrinking, skipping stored
 run keys, running trials on Ray as their dependencies are stored, ingest, and the closing lines.
 
 Adding a kind: write the module, subclass `Job`, and add one line to `JOB_MODULES`.
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from rayjobs.config import ConfigError, JobConfig, load_typed, load_yaml
 
 if TYPE_CHECKING:
-    from analysis.store import ResultStore
+    from analysis.store.results import ResultStore
     from rayjobs.plan import TrialSpec
 
 #: job kind -> module defining it (imported on first use, so `--help` stays fast)
@@ -37,7 +37,7 @@ JOB_MODULES: dict[str, str] = {
 
 def task_spec(registry: Any, task: str, where: str, field: str = "tasks") -> Any:
     """A task a config names, known to the registry with its data; errors name the file and the field."""
-    from rayjobs.tasks import TaskError
+    from rayjobs.tasks.registry import TaskError
 
     try:
         spec = registry.get(task)
@@ -67,7 +67,7 @@ class Plan:
     summary: str = ""  # e.g. "12 runs" or "40 (choice, target) cells -> 12 distinct runs"
     view: str = "runs"  # the SQL view the closing lines point at
     before_run: list[Callable[[ResultStore], None]] = field(default_factory=list)  # e.g. record selections
-    gate: Any = None  # what the searcher may release (rayjobs.budget.BudgetGate); None: every trial
+    gate: Any = None  # what the searcher may release (rayjobs.engine.budget.BudgetGate); None: every trial
 
 
 class Job(ABC):

@@ -34,14 +34,14 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from analysis.store import ResultStore
+from analysis.store.results import ResultStore
 from rayjobs.config import ConfigError, JobConfig, SetupSpec
+from rayjobs.engine.preflight import check_setup
 from rayjobs.job import Job, Plan, task_spec
 from rayjobs.models.loading import ModelError
 from rayjobs.plan import TrialSpec, prompt_identity, trial_key
-from rayjobs.preflight import check_setup
 from rayjobs.pvi import TaskSizes
-from rayjobs.tasks import Example, TaskError, TaskRegistry
+from rayjobs.tasks.registry import Example, TaskError, TaskRegistry
 
 GROUPINGS = ("pvi", "dissimilar", "all", "random", "single", "embedding")
 Grouping = Literal["pvi", "dissimilar", "all", "random", "single", "embedding"]
@@ -193,7 +193,7 @@ def record_groups(store: ResultStore, rows: list[dict]) -> None:
         return
     import pyarrow as pa
 
-    from analysis.db import registered
+    from analysis.store.duck import registered
 
     cols = ", ".join(MTL_GROUP_COLUMNS)
     table = pa.Table.from_pylist(rows, schema=pa.schema([("experiment", pa.string()), ("grouping", pa.string()),
@@ -204,7 +204,7 @@ def record_groups(store: ResultStore, rows: list[dict]) -> None:
                     f"(SELECT DISTINCT {cols} FROM _groups EXCEPT SELECT {cols} FROM mtl_groups)")
 
 
-# -- the trial's executor (rayjobs/trial.py EXECUTORS) ------------------------------------------------------
+# -- the trial's executor (rayjobs/engine/trial.py EXECUTORS) ------------------------------------------------------
 def train_and_evaluate_mtl(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     """Train the shared encoder and every member's head with `fit`; evaluate each member on its held-out pool."""
     from dataclasses import replace
@@ -213,8 +213,8 @@ def train_and_evaluate_mtl(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
 
     from rayjobs.models.adaptation import apply_adaptation
     from rayjobs.models.multihead import MultiHeadModel, tag
-    from rayjobs.templates import render_train, resolve
-    from rayjobs.train_loop import (
+    from rayjobs.tasks.templates import render_train, resolve
+    from rayjobs.train.loop import (
         EvalResult,
         TrainContext,
         TrialData,
@@ -287,7 +287,7 @@ def member_lines(store: ResultStore, cfg: MtlConfig) -> list[str]:
     """Paper 003 Tables 3-6: each member's accuracy and macro-F1 (mean over seeds +- 95% CI) next to its
     single-task baseline (the `mtl_comparison` view)."""
     from analysis.errors import AnalysisError
-    from analysis.pvi_grouping import comparison_table
+    from analysis.pvi.grouping import comparison_table
 
     with store.connect() as con:
         try:
@@ -329,12 +329,12 @@ JOB = MtlJob()
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rayjobs.driver import module_main
+    from rayjobs.engine.driver import module_main
 
     return module_main("mtl", argv)
 
 
 if __name__ == "__main__":
-    from rayjobs.driver import guarded_module_main
+    from rayjobs.engine.driver import guarded_module_main
 
     guarded_module_main("mtl")

@@ -22,16 +22,23 @@ from typing import Any
 
 import yaml
 
-from analysis.store import ResultStore
+from analysis.store.results import ResultStore
 from rayjobs.config import SetupSpec
+from rayjobs.engine.preflight import check_setup
 from rayjobs.job import Job, Plan
 from rayjobs.models.loading import ModelError
 from rayjobs.multitask_config import MultitaskConfig, load_multitask_config
-from rayjobs.multitask_sets import SourceSet, _fail, _need_task, candidate_pool, choose_sets, selection_store
+from rayjobs.multitask_sources import (
+    SourceSet,
+    _fail,
+    _need_task,
+    candidate_pool,
+    choose_sets,
+    selection_store,
+)
 from rayjobs.plan import TrialSpec, prompt_identity, trial_key
-from rayjobs.preflight import check_setup
-from rayjobs.tasks import TaskError, TaskRegistry
-from rayjobs.templates import task_templates
+from rayjobs.tasks.registry import TaskError, TaskRegistry
+from rayjobs.tasks.templates import task_templates
 
 __all__ = ["MultitaskJob", "candidate_pool", "choose_sets", "load_multitask_config", "plan"]
 
@@ -189,7 +196,7 @@ def record_selections(store: ResultStore, rows: list[dict]) -> None:
         return
     import pyarrow as pa
 
-    from analysis.db import registered
+    from analysis.store.duck import registered
 
     cols = ["experiment", "setup", "target", "selection", "seed", "method", "selector", "selection_setup",
             "k", "replaced", "sources", "run_key"]
@@ -243,12 +250,12 @@ JOB = MultitaskJob()
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rayjobs.driver import module_main
+    from rayjobs.engine.driver import module_main
 
     return module_main("multitask", argv)
 
 
 if __name__ == "__main__":
-    from rayjobs.driver import guarded_module_main
+    from rayjobs.engine.driver import guarded_module_main
 
     guarded_module_main("multitask")

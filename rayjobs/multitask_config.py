@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from rayjobs.config import JobConfig, SetupSpec, SizeSpec, _Strict, load_typed
-from rayjobs.templates import PromptTemplate
+from rayjobs.tasks.templates import PromptTemplate
 
 ChoiceKind = Literal["top", "bottom", "random", "all", "most_similar", "mix"]
 RANKED_KINDS = ("top", "bottom", "random", "mix")

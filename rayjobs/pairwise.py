@@ -11,12 +11,12 @@ resumes it.
 
 from __future__ import annotations
 
-from analysis.store import ResultStore
+from analysis.store.results import ResultStore
 from rayjobs.config import ExperimentConfig
+from rayjobs.engine.preflight import check_setups
 from rayjobs.job import Job, Plan
 from rayjobs.plan import TrialSpec, expand_pairwise
-from rayjobs.preflight import check_setups
-from rayjobs.tasks import TaskRegistry
+from rayjobs.tasks.registry import TaskRegistry
 
 
 def plan(cfg: ExperimentConfig, results_dir: str) -> tuple[ResultStore, list[TrialSpec]]:
@@ -54,7 +54,7 @@ class PairwiseJob(Job):
     description = __doc__ or ""
 
     def plan(self, cfg: ExperimentConfig, store: ResultStore) -> Plan:
-        from rayjobs.budget import budget_gate
+        from rayjobs.engine.budget import budget_gate
 
         registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
         check_setups(cfg, registry)
@@ -72,12 +72,12 @@ JOB = PairwiseJob()
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rayjobs.driver import module_main
+    from rayjobs.engine.driver import module_main
 
     return module_main("pairwise", argv)
 
 
 if __name__ == "__main__":
-    from rayjobs.driver import guarded_module_main
+    from rayjobs.engine.driver import guarded_module_main
 
     guarded_module_main("pairwise")

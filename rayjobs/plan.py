@@ -15,8 +15,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from rayjobs.config import AdaptationSpec, ExperimentConfig, ModelSpec, SetupSpec, TrainSpec
-from rayjobs.tasks import TaskRegistry, TaskSpec
-from rayjobs.templates import identity, resolve
+from rayjobs.tasks.registry import TaskRegistry, TaskSpec
+from rayjobs.tasks.templates import identity, resolve
 
 # Bump when the training/evaluation semantics change so old results are not reused.
 RUN_KEY_VERSION = 2
@@ -51,11 +51,11 @@ class TrialSpec(BaseModel):
     baseline_run_key: str | None = None
     save_checkpoint: bool = False
     results_dir: str
-    #: a remote results location (s3://..., analysis.remote): `results_dir` is then the driver's mirror
+    #: a remote results location (s3://..., analysis.store.remote): `results_dir` is then the driver's mirror
     #: and each trial works in its node's own; not part of the run's identity
     results_uri: str | None = None
     after: list[str] = []  # run keys this trial needs besides its source (not part of its identity)
-    executor: str = "train"  # what runs the trial (rayjobs.trial.EXECUTORS): train | score | ...
+    executor: str = "train"  # what runs the trial (rayjobs.engine.trial.EXECUTORS): train | score | ...
     params: dict[str, Any] = {}  # the executor's own inputs (a score trial's model reference and template)
 
     @property
@@ -111,7 +111,7 @@ def _setup_identity(setup: SetupSpec, hparams: TrainSpec) -> dict[str, Any]:
     }
     if setup.deepspeed is not None:  # numerics, not placement, change results
         ident["precision"] = setup.deepspeed.precision
-    if setup.simulate is not None:  # a benchmark's simulated runs (rayjobs.simulate) are other runs
+    if setup.simulate is not None:  # a benchmark's simulated runs (rayjobs.engine.simulate) are other runs
         ident["simulate"] = setup.simulate.model_dump()
     return ident
 

@@ -5,7 +5,7 @@
 
 Per (setup, task, seed) two runs with the same base model, hyperparameters and training sample:
 g' (kind `pvi_x`) fine-tuned on (x, y), and g (kind `pvi_null`) fine-tuned on (null, y), the input
-replaced by the null template (rayjobs/templates.py: the whole input, both segments of a pair, becomes
+replaced by the null template (rayjobs/tasks/templates.py: the whole input, both segments of a pair, becomes
 one fixed text; the answer choices stay). Both score the task's held-out evaluation pool (split
 `eval`: fixed by `sizes.split_seed`, never in any training sample), so
 PVI(x -> y) = -log2 g[null](y) + log2 g'[x](y) is read from their stored `predictions` (probs of the
@@ -19,14 +19,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from analysis.store import ResultStore
+from analysis.store.results import ResultStore
 from rayjobs.config import ConfigError, JobConfig, PromptSpec, SetupSpec
+from rayjobs.engine.preflight import check_setup
 from rayjobs.job import Job, Plan, check_choice_tasks
 from rayjobs.models.loading import ModelError
 from rayjobs.plan import TrialSpec, prompt_identity, trial_key
-from rayjobs.preflight import check_setup
-from rayjobs.tasks import TaskError, TaskRegistry
-from rayjobs.templates import NULL
+from rayjobs.tasks.registry import TaskError, TaskRegistry
+from rayjobs.tasks.templates import NULL
 
 
 class TaskSizes(BaseModel):
@@ -144,12 +144,12 @@ JOB = PviJob()
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rayjobs.driver import module_main
+    from rayjobs.engine.driver import module_main
 
     return module_main("pvi", argv)
 
 
 if __name__ == "__main__":
-    from rayjobs.driver import guarded_module_main
+    from rayjobs.engine.driver import guarded_module_main
 
     guarded_module_main("pvi")

@@ -20,16 +20,16 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from analysis.store import ResultStore
+from analysis.store.results import ResultStore
 from rayjobs.config import JobConfig, ModelSpec, ResourceSpec, SetupSpec, _Strict
 from rayjobs.job import Job, Plan
 from rayjobs.plan import TrialSpec, run_key
-from rayjobs.tasks import TaskRegistry
-from rayjobs.templates import BASE, IDENTITY, PromptTemplate, coerce_templates, task_templates
+from rayjobs.tasks.registry import TaskRegistry
+from rayjobs.tasks.templates import BASE, IDENTITY, PromptTemplate, coerce_templates, task_templates
 
 
 class BlackBoxSpec(_Strict):
-    """A model to score with; see rayjobs/blackbox.py for the reference forms."""
+    """A model to score with; see rayjobs/scoring/blackbox.py for the reference forms."""
 
     name: str = Field(description="name in results (runs.model)")
     ref: str = Field(description="builtin:minilm | sentence:<path> | run:<key> | http(s)://.../v1#model | hub id/folder")
@@ -48,7 +48,7 @@ class ScoreConfig(JobConfig):
     generate: bool = Field(default=False, description="also store greedy generations (pred_text)")
     perplexity: bool = Field(default=False, description="also store each rendered prompt's perplexity (SPELL)")
     self_select: bool = Field(default=False, description="also ask each model through a meta-prompt which of the "
-                                                         "templates to use (Self-Select, rayjobs/self_select.py)")
+                                                         "templates to use (Self-Select, rayjobs/scoring/self_select.py)")
     results_store: str | None = Field(default=None, description="results folder holding run:<key> checkpoints "
                                                                 "(default: this job's results folder)")
     resources: ResourceSpec = ResourceSpec()
@@ -105,7 +105,7 @@ def expand_score(cfg: ScoreConfig, registry: TaskRegistry, results_dir: str) -> 
 
 def _self_select_trials(cfg: ScoreConfig, m: BlackBoxSpec, setup: SetupSpec, task: str, origin: Any,
                         templates: list[PromptTemplate], store: str) -> list[TrialSpec]:
-    """One Self-Select trial per seed: the model picks among all the task's templates (rayjobs.self_select)."""
+    """One Self-Select trial per seed: the model picks among all the task's templates (rayjobs.scoring.self_select)."""
     sz = cfg.sizes
     params = {"ref": m.ref, "temperature": m.temperature, "max_length": m.max_length,
               "templates": [t.model_dump() for t in templates], "split": cfg.split, "n": cfg.n}
@@ -134,10 +134,10 @@ def split_examples(trial: TrialSpec) -> tuple[Any, list[Any]]:
 
 def score_trial(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     """Executor of one score trial: load the black box, score the split, return the run row + predictions."""
-    from rayjobs import metrics
-    from rayjobs.blackbox import open_black_box
     from rayjobs.models.base import answer
-    from rayjobs.train_loop import TrainContext, prediction_rows, seed_everything, trial_device
+    from rayjobs.scoring.blackbox import open_black_box
+    from rayjobs.tasks import metrics
+    from rayjobs.train.loop import TrainContext, prediction_rows, seed_everything, trial_device
 
     t0 = time.time()
     p = trial.params
@@ -172,7 +172,7 @@ class ScoreJob(Job):
 
     def plan(self, cfg: ScoreConfig, store: ResultStore) -> Plan:
         from rayjobs.config import ConfigError
-        from rayjobs.tasks import TaskError
+        from rayjobs.tasks.registry import TaskError
 
         registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
         for i, t in enumerate(cfg.tasks):
@@ -216,12 +216,12 @@ JOB = ScoreJob()
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rayjobs.driver import module_main
+    from rayjobs.engine.driver import module_main
 
     return module_main("score", argv)
 
 
 if __name__ == "__main__":
-    from rayjobs.driver import guarded_module_main
+    from rayjobs.engine.driver import guarded_module_main
 
     guarded_module_main("score")

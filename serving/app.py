@@ -338,7 +338,7 @@ class Ingress:
     @api.get("/v1/models", response_model=ModelList, responses=ERRORS, dependencies=AUTH)
     async def models(self) -> ModelList:
         """The configured models, then every stored run with a checkpoint (as run:<key>)."""
-        from serving.ranking import stored_runs
+        from serving.store_queries import stored_runs
 
         cards = [ModelCard(id=m) for m in self.settings.models]
         db = self.settings.db
@@ -351,7 +351,7 @@ class Ingress:
     async def rank_sources(self, body: RankRequest) -> RankResponse:
         """Top-k source tasks for a target by a selector (TaskShop, RoE, LLM-similarity, measured transfer:
         `oracle`), computed over the store read-only."""
-        from serving.ranking import rank_sources
+        from serving.store_queries import rank_sources
 
         if not self.settings.db:
             raise ApiError(503, "no results store configured (args.db or TRANSFERLAB_DB)", "service_unavailable")
@@ -363,7 +363,7 @@ class Ingress:
     async def rank_models(self, body: RankModelsRequest) -> RankModelsResponse:
         """FUTE (paper 004): top-k black boxes (fine-tuned models, model + prompt) for a target by
         cos(MTE, DTE(target)), from the stored task embeddings of one space."""
-        from serving.ranking import rank_models
+        from serving.store_queries import rank_models
 
         out = await self._store(rank_models, self._db(), body.target, body.space, body.k, body.data, body.models)
         return RankModelsResponse(**out)
@@ -372,7 +372,7 @@ class Ingress:
     async def rank_prompts(self, body: RankPromptsRequest) -> RankPromptsResponse:
         """FUTE (paper 004): one model's prompts for a task ranked by cos(MTE(model + prompt), DTE(task)),
         from stored embeddings: no black-box call at query time."""
-        from serving.ranking import rank_prompts
+        from serving.store_queries import rank_prompts
 
         out = await self._store(rank_prompts, self._db(), body.task, body.model, body.space, body.k, body.data)
         return RankPromptsResponse(**out)
@@ -386,8 +386,8 @@ class Ingress:
         """A read of the store in a worker thread: at most `max_store_queries` at once (a request waits up
         to `store_timeout_s` for a slot, then 503), each cancelled after `store_timeout_s` (504)."""
         from analysis.errors import AnalysisError
-        from analysis.store import StoreError
-        from serving.ranking import StoreTimeout
+        from analysis.store.results import StoreError
+        from serving.store_queries import StoreTimeout
 
         timeout = self.settings.store_timeout_s
         try:

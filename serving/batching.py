@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rayjobs.blackbox import BlackBox, adhoc_task, render
 from rayjobs.models.loading import ModelError
-from rayjobs.tasks import Example
-from rayjobs.templates import PromptTemplate
+from rayjobs.scoring.blackbox import BlackBox, adhoc_task, render
+from rayjobs.tasks.registry import Example
+from rayjobs.tasks.templates import PromptTemplate
 
 log = logging.getLogger("ray.serve")
 

@@ -1,9 +1,9 @@
 """Request and response models of the HTTP API (they are the OpenAPI schema at /docs).
 
 The score request uses the task registry's template fields (`input` with `{input}`, optional
-`answer_choices`), so a template copied from `rayjobs/task_registry.yaml` works as is. The completions
+`answer_choices`), so a template copied from `rayjobs/tasks/registry.yaml` works as is. The completions
 models are the subset of OpenAI's legacy `POST /v1/completions` that scoring needs (prompt, max_tokens,
-logprobs, echo), so OpenAI clients and `rayjobs.blackbox.EndpointBox` talk to this app unchanged.
+logprobs, echo), so OpenAI clients and `rayjobs.scoring.blackbox.EndpointBox` talk to this app unchanged.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from rayjobs.tasks import Example
-from rayjobs.templates import PromptTemplate
+from rayjobs.tasks.registry import Example
+from rayjobs.tasks.templates import PromptTemplate
 
 #: a stored run's key as `run:<key>` names it: one path segment under the checkpoints folder, never a path
 RUN_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")

@@ -32,9 +32,9 @@ from typing import Any
 
 from ray import serve
 
-from rayjobs import observe
-from rayjobs.blackbox import BlackBox, UnknownModelError, open_black_box, split_as
+from rayjobs.engine import observe
 from rayjobs.models.loading import ModelError
+from rayjobs.scoring.blackbox import BlackBox, UnknownModelError, open_black_box, split_as
 from serving.batching import Failure, ScoreJob, internal_error, request_failure, score_jobs
 from serving.settings import ServeSettings
 

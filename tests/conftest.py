@@ -69,7 +69,7 @@ def cli(*args: str, timeout: int = 600, env: dict[str, str] | None = None, cwd: 
 
 @pytest.fixture(scope="session")
 def registry() -> Any:
-    from rayjobs.tasks import TaskRegistry
+    from rayjobs.tasks.registry import TaskRegistry
 
     return TaskRegistry.load(data_root=DATA)
 
@@ -78,11 +78,11 @@ def registry() -> Any:
 def trained_source(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One source run of a tiny bert on snli, trained in this process (no Ray): results folder, run key,
     its stored row and predictions. Session-scoped: several test files score and serve it."""
-    from analysis.store import ResultStore
+    from analysis.store.results import ResultStore
     from rayjobs.config import ExperimentConfig
+    from rayjobs.engine.trial import execute
     from rayjobs.plan import expand_pairwise
-    from rayjobs.tasks import TaskRegistry
-    from rayjobs.trial import execute
+    from rayjobs.tasks.registry import TaskRegistry
 
     results = tmp_path_factory.mktemp("trained")
     cfg = ExperimentConfig.model_validate({

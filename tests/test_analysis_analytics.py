@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 
+import loop_reference as ref
 import pytest
 from analysis_support import TASKWEB, needs_taskweb, taskweb_db
 
-from analysis import analytics as an
-from analysis import loop_reference as ref
-from analysis.db import open_store
+from analysis import transfer as an
 from analysis.errors import AnalysisError
+from analysis.store.duck import open_store
 
 
 def _publish(con, setup: str, scores: dict[tuple[str, str], float]) -> None:

@@ -8,7 +8,7 @@ import json
 import pytest
 from analysis_support import TASKWEB, copy_db, needs_taskweb, taskweb_db
 
-from analysis.store import ResultStore
+from analysis.store.results import ResultStore
 from rayjobs.cli import main
 
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 from analysis_support import TASKWEB, needs_taskweb, taskweb_db
+from loop_reference import run_metric
 
-from analysis.db import open_store
 from analysis.errors import AnalysisError
-from analysis.loop_reference import run_metric
-from analysis.taskweb_import import import_task_sizes, import_taskweb
+from analysis.importers.taskweb import import_task_sizes, import_taskweb
+from analysis.store.duck import open_store
 
 
 @needs_taskweb

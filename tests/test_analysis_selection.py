@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import math
 
+import loop_reference as ref
 import pyarrow as pa
 import pytest
 from analysis_support import DATA, TASKWEB, copy_db, needs_taskweb, taskweb_db
 
-from analysis import loop_reference as ref
-from analysis import selectors as sel
-from analysis.db import open_store
 from analysis.errors import AnalysisError
-from analysis.multitask_sets import select_sources
-from analysis.ranking import evaluate_selection, tune_lambda
-from analysis.store import ResultStore
-from analysis.taskweb_import import import_task_sizes
+from analysis.importers.taskweb import import_task_sizes
+from analysis.ranking.evaluate import evaluate_selection, tune_lambda
+from analysis.selection import selectors as sel
+from analysis.selection.source_sets import select_sources
+from analysis.store.duck import open_store
+from analysis.store.results import ResultStore
 
 CATS = ["nli", "paraphrase", "commonsense", "sentiment", "qa", "semantics"]
 # Paper 000, Table 2 (percent): per category in CATS order, then the mean over the 20 targets.

@@ -68,7 +68,7 @@ def test_setups_without_published_pc_get_estimated_baselines():
 
 def test_numpy_metrics_equal_the_sql_family():
     from analysis.budget import metrics as M
-    from analysis.metric_families import taskweb_metrics
+    from analysis.ranking.families import taskweb_metrics
 
     g = _grid("finetune:t5l")
     all8 = np.ones(8, bool)
@@ -112,8 +112,8 @@ def test_local_store_uses_its_baseline_runs_and_predicts_untrained_pairs():
 
     from analysis.budget.replay import load_grid
     from analysis.budget.store import predict_setup, write_predictions
-    from analysis.store import SCHEMA_SQL
-    from analysis.views import ANALYSIS_SQL
+    from analysis.store.results import SCHEMA_SQL
+    from analysis.store.views import ANALYSIS_SQL
 
     con = duckdb.connect()
     con.execute(SCHEMA_SQL)

@@ -10,7 +10,7 @@ import importlib.metadata
 import duckdb
 import pytest
 
-from analysis.store import ResultStore
+from analysis.store.results import ResultStore
 from rayjobs.cli import build_parser, main
 
 # the subcommands this part of the CLI owns (`run` and `multitask` are documented with the jobs)

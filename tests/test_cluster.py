@@ -17,8 +17,8 @@ from pathlib import Path
 import duckdb
 import psutil
 import pytest
-
 from tests.cluster_support import LocalCluster
+
 from tests.conftest import REPO, needs_data, tiny_grid
 
 pytestmark = [needs_data, pytest.mark.integration]
@@ -156,7 +156,7 @@ def test_run_without_ray_address_starts_its_own_ray(cluster: LocalCluster) -> No
     """Ray's own default would join the cluster this machine started last ($RAY_TMPDIR/ray/ray_current_cluster)."""
     env = {k: v for k, v in cluster.env.items() if k != "RAY_ADDRESS"}
     assert (Path(env["RAY_TMPDIR"]) / "ray" / "ray_current_cluster").is_file()  # the trap is set
-    code = ("import json, ray; from rayjobs.config import RunSpec; from rayjobs.runner import init_ray; "
+    code = ("import json, ray; from rayjobs.config import RunSpec; from rayjobs.engine.runner import init_ray; "
             "init_ray(RunSpec()); print(json.dumps({'gcs': ray.get_runtime_context().gcs_address, "
             "'nodes': len(ray.nodes())})); ray.shutdown()")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

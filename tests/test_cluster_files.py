@@ -230,7 +230,7 @@ def test_runtime_env_upload_leaves_out_venv_and_results(tmp_path: Path) -> None:
     from ray._private.runtime_env.packaging import create_package
 
     tree = tmp_path / "repo"
-    for rel in ["rayjobs/pairwise.py", "rayjobs/task_registry.yaml", "configs/quickstart.yaml", "analysis/store.py",
+    for rel in ["rayjobs/pairwise.py", "rayjobs/tasks/registry.yaml", "configs/quickstart.yaml", "analysis/store/results.py",
                 ".venv/lib/python3.11/site-packages/torch/__init__.py", ".venv/bin/python",
                 "results/quickstart/transferlab.duckdb", "results/quickstart/checkpoints/k/model.safetensors",
                 "results/quickstart/runs/k.parquet", "rayjobs/__pycache__/pairwise.cpython-311.pyc",
@@ -240,7 +240,7 @@ def test_runtime_env_upload_leaves_out_venv_and_results(tmp_path: Path) -> None:
     pkg = tmp_path / "pkg.zip"
     create_package(str(tree), pkg, include_gitignore=False, excludes=_runtime_env()["excludes"])
     names = set(zipfile.ZipFile(pkg).namelist())
-    assert {"rayjobs/pairwise.py", "rayjobs/task_registry.yaml", "configs/quickstart.yaml", "analysis/store.py"} <= names
+    assert {"rayjobs/pairwise.py", "rayjobs/tasks/registry.yaml", "configs/quickstart.yaml", "analysis/store/results.py"} <= names
     leaked = sorted(n for n in names if n.startswith((".venv/", ".git/")) or "results/" in n or "__pycache__" in n)
     assert not leaked, f"would upload: {leaked}"
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
-from analysis import compaction, status
-from analysis.store import ResultStore
+from analysis.store import compaction, status
+from analysis.store.results import ResultStore
 
 N_RUNS, N_EX = 60, 5
 KINDS = ("source", "target", "transfer")
@@ -69,7 +69,7 @@ def _check(store: ResultStore) -> None:
 def test_compactor_killed_midway_loses_and_duplicates_nothing(tmp_path, point, merge):
     store = _build(tmp_path / "store", compacted_half=merge)
     env = {**os.environ, compaction.CRASH_ENV: point, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    code = (f"from analysis.store import ResultStore; from analysis.compaction import compact; "
+    code = (f"from analysis.store.results import ResultStore; from analysis.store.compaction import compact; "
             f"compact(ResultStore({str(store.root)!r}))")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr

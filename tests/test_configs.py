@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from rayjobs.config import load_config
+from rayjobs.engine.preflight import check_setups
+from rayjobs.engine.smoke import config_kind, smoke_variant
 from rayjobs.plan import expand_pairwise
-from rayjobs.preflight import check_setups
-from rayjobs.smoke import config_kind, smoke_variant
-from rayjobs.tasks import TaskRegistry
+from rayjobs.tasks.registry import TaskRegistry
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"

@@ -9,7 +9,7 @@ import torch
 
 from rayjobs.config import ModelSpec, ResourceSpec, SetupSpec, TrainSpec
 from rayjobs.plan import TrialSpec
-from rayjobs.train_loop import TrainContext, trial_device
+from rayjobs.train.loop import TrainContext, trial_device
 
 
 def _trial(gpu: float) -> TrialSpec:

@@ -20,14 +20,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from analysis.store import ResultStore
+from analysis.store.results import ResultStore
 from rayjobs.config import ExperimentConfig, RunSpec, SetupSpec
-from rayjobs.deepspeed_backend import build_config
+from rayjobs.engine.preflight import check_distributed
 from rayjobs.models.base import CKPT_META, CKPT_WEIGHTS
 from rayjobs.models.loading import ModelError
 from rayjobs.plan import TrialSpec, expand_pairwise
-from rayjobs.preflight import check_distributed
-from rayjobs.tasks import TaskRegistry
+from rayjobs.tasks.registry import TaskRegistry
+from rayjobs.train.deepspeed_backend import build_config
 from tests.conftest import DATA, REPO, local_ray
 
 needs_data = pytest.mark.skipif(not (DATA / "tasks").is_dir(), reason="../shared/data not present")
@@ -93,7 +93,7 @@ def save_pretrained(config: dict[str, Any], folder: Path, seed: int = 0) -> Path
 def sources(ray_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Each setup's source trial, all in one run; each setup has its own results folder
     (ZeRO stage and worker count are placement, not part of the run key)."""
-    from rayjobs.runner import run_stage
+    from rayjobs.engine.runner import run_stage
 
     root = tmp_path_factory.mktemp("dist")
     pretrained = str(save_pretrained(TINY, root / "tiny-pretrained"))
@@ -148,7 +148,7 @@ def test_zero2_zero3_two_workers_train_like_one_process(sources: dict[str, Any])
 def test_zero3_source_checkpoint_reloads_into_transfer_stage(sources: dict[str, Any]) -> None:
     """Both ways a ZeRO-3 model is built (whole, then partitioned by DeepSpeed; or partitioned from the
     start by zero.Init) save an ordinary checkpoint, which the transfer stage loads into the same build."""
-    from rayjobs.runner import run_stage
+    from rayjobs.engine.runner import run_stage
 
     transfers = []
     for name, zero_init in (("zero3", False), ("pre_zero3", True)):
@@ -263,7 +263,7 @@ def trial_of(setup: SetupSpec, results_dir: str = os.devnull) -> TrialSpec:
 
 def test_distributed_trial_reserves_no_cpu_for_its_coordinator() -> None:
     """The trial's worker must not take CPU the Ray Train workers need (2 workers x 1 CPU on a 2-CPU machine)."""
-    from rayjobs.pool import worker_shape
+    from rayjobs.engine.pool import worker_shape
 
     shape = worker_shape(trial_of(setup_with()))
     assert shape.coordinator and shape.cpu == 0 and shape.gpu == 0 and shape.options()["num_cpus"] == 0
@@ -275,7 +275,7 @@ def test_stage_fails_before_training_when_a_worker_group_exceeds_the_local_clust
         ray_cluster: Any, tmp_path: Path) -> None:
     """Preflight runs before Ray starts; the runner re-checks against the cluster it started, where
     Ray Train would otherwise retry starting a 4-worker group on 2 CPUs forever."""
-    from rayjobs.runner import run_stage
+    from rayjobs.engine.runner import run_stage
 
     too_big = trial_of(setup_with(resources={"cpu": 1, "workers": 4}), str(tmp_path / "r"))
     with pytest.raises(ModelError, match="4 workers x 1 CPU = 4 CPU, but the Ray cluster has 2 CPU"):
@@ -285,7 +285,7 @@ def test_stage_fails_before_training_when_a_worker_group_exceeds_the_local_clust
 
 def test_deepspeed_is_imported_only_by_the_backend() -> None:
     """deepspeed is an optional extra: configs, preflight and the coordinator must import without it."""
-    code = ("import sys, rayjobs.deepspeed_backend, rayjobs.distributed, rayjobs.preflight, rayjobs.runner; "
+    code = ("import sys, rayjobs.train.deepspeed_backend, rayjobs.engine.distributed, rayjobs.engine.preflight, rayjobs.engine.runner; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'deepspeed'))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
@@ -294,8 +294,8 @@ def test_deepspeed_is_imported_only_by_the_backend() -> None:
 @needs_data
 def test_smoke_shrinks_distributed_configs_to_a_cpu_run() -> None:
     from rayjobs.config import load_config
-    from rayjobs.preflight import check_setups
-    from rayjobs.smoke import smoke_variant
+    from rayjobs.engine.preflight import check_setups
+    from rayjobs.engine.smoke import smoke_variant
 
     cfg = load_config(REPO / "configs" / "llama2_70b_lora.yaml")
     cfg = cfg.model_copy(update={"data_root": str(DATA)})
@@ -343,8 +343,8 @@ def _construction_memory(config: dict[str, Any]) -> list[list[dict[str, Any]]] |
     import ray.train
     import torch.distributed as dist
 
-    from rayjobs.deepspeed_backend import is_partitioned, local_param_bytes
-    from rayjobs.train_loop import TrainContext, prepare_data, prepare_model
+    from rayjobs.train.deepspeed_backend import is_partitioned, local_param_bytes
+    from rayjobs.train.loop import TrainContext, prepare_data, prepare_model
 
     # a fixed mmap threshold: freed tensors go back to the OS, so RSS shows the live ones
     ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD

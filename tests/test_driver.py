@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from analysis.db import open_store
-from analysis.store import ResultStore
+from analysis.store.duck import open_store
+from analysis.store.results import ResultStore
 from rayjobs.config import ConfigError
+from rayjobs.engine.smoke import config_kind, smoke_variant
 from rayjobs.job import load_job_config
-from rayjobs.smoke import config_kind, smoke_variant
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -26,7 +26,7 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 @pytest.fixture(scope="module")
 def taskweb_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from analysis.taskweb_import import import_taskweb
+    from analysis.importers.taskweb import import_taskweb
 
     db = tmp_path_factory.mktemp("tw") / "taskweb.duckdb"
     with open_store(db, create=True) as con:

@@ -14,7 +14,11 @@ import torch
 from torch import nn
 
 from rayjobs.config import AdaptationSpec, ModelSpec, TrainSpec
-from rayjobs.embeddings import (
+from rayjobs.models import build_task_model
+from rayjobs.models.base import TaskModel
+from rayjobs.models.loading import ModelError
+from rayjobs.scoring.fute_data import PoolSpec, build_pool, mte_examples, one_hot, prompted_examples
+from rayjobs.scoring.fute_embeddings import (
     SoftLabelModel,
     SpaceSpec,
     build_surrogate,
@@ -24,11 +28,7 @@ from rayjobs.embeddings import (
     soft_cross_entropy,
     tupate_embedding,
 )
-from rayjobs.fute_data import PoolSpec, build_pool, mte_examples, one_hot, prompted_examples
-from rayjobs.models import build_task_model
-from rayjobs.models.base import TaskModel
-from rayjobs.models.loading import ModelError
-from rayjobs.tasks import Example, TaskError
+from rayjobs.tasks.registry import Example, TaskError
 from tests.conftest import TINY_BERT, TINY_T5, needs_data
 
 
@@ -167,7 +167,7 @@ def test_surrogate_distribution_is_the_scoring_paths_probs_in_canonical_order(fa
 def test_soft_label_model_trains_through_the_loop_toward_the_targets() -> None:
     from rayjobs.config import SetupSpec
     from rayjobs.plan import TrialSpec
-    from rayjobs.train_loop import TrainContext, fit
+    from rayjobs.train.loop import TrainContext, fit
 
     space = _space(train=TrainSpec(epochs=60, batch_size=3, learning_rate=2e-2), trainable=[r"encoder\."])
     tm = build_surrogate(space, choice_task("t", ["yes", "no", "maybe"]), seed=0)
@@ -254,7 +254,7 @@ def test_probe_pool_is_disjoint_from_targets_seeded_and_described(registry: Any)
 
 
 def test_mte_examples_show_the_surrogate_the_probe_text_and_canonical_choices_only() -> None:
-    from rayjobs.fute_data import ProbePool
+    from rayjobs.scoring.fute_data import ProbePool
 
     pool = ProbePool((Example("probe one", (), -1, uid="p:1"), Example("probe two", (), -1, uid="p:2")),
                      {"digest": "d"})

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis import selectors as sel
-from analysis import task_embeddings as te
-from analysis.db import open_store
 from analysis.errors import AnalysisError
-from analysis.store import ResultStore
+from analysis.selection import fute as te
+from analysis.selection import selectors as sel
+from analysis.store.duck import open_store
+from analysis.store.results import ResultStore
 
 
 def put(store: ResultStore, key: str, space: str, kind: str, task: str, vec: list[float], *, model: str | None = None,

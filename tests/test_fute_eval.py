@@ -7,18 +7,18 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import loop_reference as ref
 import numpy as np
 import pyarrow as pa
 import pytest
-
-from analysis import fute_cost as fc
-from analysis import fute_eval as fe
-from analysis import loop_reference as ref
-from analysis import selectors as sel
-from analysis import task_embeddings as te
-from analysis.db import open_store
-from analysis.store import ResultStore
 from tests.analysis_support import TASKWEB, copy_db, needs_taskweb, taskweb_db
+
+from analysis.selection import fute as te
+from analysis.selection import fute_cost as fc
+from analysis.selection import fute_eval as fe
+from analysis.selection import selectors as sel
+from analysis.store.duck import open_store
+from analysis.store.results import ResultStore
 from tests.test_fute_embeddings import cos, put
 
 
@@ -162,7 +162,7 @@ def test_fute_as_taskshops_f_on_the_taskweb_release(tmp_path: Path) -> None:
 
 
 def test_report_writes_the_numbers_and_figures_it_computes(tmp_path: Path) -> None:
-    from analysis.fute_report import write_fute_report
+    from analysis.reports.fute import write_fute_report
 
     st = _prompt_store(tmp_path)
     with open_store(st.db_path) as con:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from analysis.db import open_store
+from analysis.store.duck import open_store
 from tests.conftest import DATA, TINY_BERT, cli, needs_data
 
 pytestmark = needs_data
@@ -64,7 +64,7 @@ def test_embed_job_runs_on_ray_stores_vectors_and_resumes(tmp_path: Path) -> Non
         assert probe[0][4] == ["entailment", "neutral", "contradiction"]
         comp = json.loads(con.execute("SELECT any_value(pool)::VARCHAR FROM embedding_spaces").fetchone()[0])
         assert comp["counts"] == {"prompted/imdb": 4, "prompted/rte": 4} and "cb" in comp["excluded_targets"]
-        from analysis.task_embeddings import rank_prompts
+        from analysis.selection.fute import rank_prompts
 
         ranked = rank_prompts(con, "tiny", "cb", "minilm-zs")["ranking"]
         # a duplicated prompt gives the same soft labels, the same surrogate run and the same embedding

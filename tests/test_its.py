@@ -7,18 +7,18 @@ import csv
 import json
 import math
 
+import loop_reference as ref
 import pyarrow as pa
 import pytest
 from analysis_support import DATA
 
-from analysis import loop_reference as ref
-from analysis import selectors as sel
-from analysis.db import open_store
 from analysis.errors import AnalysisError
-from analysis.its_import import import_its
-from analysis.multitask_sets import select_sources
-from analysis.ranking import evaluate_selection
-from analysis.store import ResultStore
+from analysis.importers.its import import_its
+from analysis.ranking.evaluate import evaluate_selection
+from analysis.selection import selectors as sel
+from analysis.selection.source_sets import select_sources
+from analysis.store.duck import open_store
+from analysis.store.results import ResultStore
 from rayjobs.cli import main
 
 ITS = DATA / "its"
@@ -287,8 +287,8 @@ def test_every_selector_in_one_table_by_family_with_seed_spread(tmp_path, capsys
     with open_store(db) as con:  # 'anti' ranks c > b > a, the reverse of 'pred'
         sel.store_scores(con, "anti", "test", {}, pa.table({"source": ["a", "b", "c"], "target": ["t"] * 3,
                                                              "score": [0.1, 0.5, 0.9]}))
-    from analysis.db import read_store
-    from analysis.selector_comparison import compare_all, winner_sentences
+    from analysis.ranking.comparison import compare_all, winner_sentences
+    from analysis.store.duck import read_store
 
     with read_store(db) as con:
         res = compare_all(con, "pt:m", ["lin-per-seed", "taskweb"], k=1, selectors=["pred", "anti", "feature", "oracle"])
@@ -323,7 +323,7 @@ def test_every_selector_in_one_table_by_family_with_seed_spread(tmp_path, capsys
 
 
 def test_the_winner_margin_is_over_the_best_lower_score_and_ties_are_named():
-    from analysis.selector_comparison import winner
+    from analysis.ranking.comparison import winner
 
     def row(name, ndcg):
         return {"selector": name, "lin": {"ndcg": ndcg, "regret": 0.0, "seed_ndcg": {}}}

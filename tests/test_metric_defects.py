@@ -19,15 +19,15 @@ import pytest
 from scipy import stats
 from sklearn.metrics import f1_score
 
-from analysis import fute_eval as fe
-from analysis import selectors as sel
 from analysis.classification import binary_f1, macro_f1
-from analysis.db import open_store
-from analysis.metric_families import FAMILIES, get_family
-from analysis.ranking import evaluate_selection
-from rayjobs import metrics
+from analysis.ranking.evaluate import evaluate_selection
+from analysis.ranking.families import FAMILIES, get_family
+from analysis.selection import fute_eval as fe
+from analysis.selection import selectors as sel
+from analysis.store.duck import open_store
 from rayjobs.cli import main
-from rayjobs.tasks import TaskSpec
+from rayjobs.tasks import metrics
+from rayjobs.tasks.registry import TaskSpec
 from tests.test_its import _tiny_store
 from tests.test_pvi_grouping import _store, add_mtl_run
 
@@ -141,7 +141,7 @@ def test_fute_tables_report_vu_and_taskweb_beside_it(tmp_path):
     assert row["taskweb"]["k"] == 5 and row["taskweb"]["rho"] == 1.0 and row["taskweb"]["ndcg"] == pytest.approx(tw)
     assert "error" in rows[1]
     # the report's table: FUTE's metrics first, TaskWeb's beside them; an error row keeps the width
-    from analysis.fute_report import _selection_rows
+    from analysis.reports.fute import _selection_rows
 
     cols, cells = _selection_rows(rows, taskweb=True)
     assert cols[2:7] == ["NDCG (vu)", "rho (vu)", "NDCG (taskweb)", "Regret@5 (taskweb)", "rho (taskweb)"]
@@ -195,7 +195,7 @@ def test_lin_candidates_are_the_setups_transfers_and_float_ties_tie(tmp_path):
     """A run from a source without a transfer score (TaskWeb's roberta runs from sst2) is no candidate, and
     two sources whose mean scores differ only by float noise (0.1 + 0.2 vs 0.15 + 0.15) are equally best:
     rho is the better placed one."""
-    from analysis.store import ResultStore
+    from analysis.store.results import ResultStore
 
     db = tmp_path / "s.duckdb"
     store = ResultStore(tmp_path, db_path=db)

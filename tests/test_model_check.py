@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from rayjobs.model_check import check_model_available, in_hf_cache
+from rayjobs.models.check import check_model_available, in_hf_cache
 from rayjobs.models.loading import ModelError
 
 

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from rayjobs.config import AdaptationSpec, ModelSpec, SetupSpec
+from rayjobs.engine.preflight import check_setup
+from rayjobs.engine.smoke import TINY
 from rayjobs.models import ModelError, build_task_model
 from rayjobs.models.text_to_text import CausalModel, Seq2SeqModel
-from rayjobs.preflight import check_setup
-from rayjobs.smoke import TINY
-from rayjobs.tasks import Example, TaskRegistry, TaskSpec
-from rayjobs.templates import PromptTemplate, render_train, resolve
+from rayjobs.tasks.registry import Example, TaskRegistry, TaskSpec
+from rayjobs.tasks.templates import PromptTemplate, render_train, resolve
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 pytestmark = pytest.mark.skipif(not (DATA / "tasks").is_dir(), reason="../shared/data not present")
@@ -241,7 +241,7 @@ def test_training_loop_with_gradient_checkpointing_trains_lora(tmp_path: Path, f
 
     from rayjobs.config import ExperimentConfig
     from rayjobs.plan import expand_pairwise
-    from rayjobs.train_loop import train_and_evaluate
+    from rayjobs.train.loop import train_and_evaluate
 
     cfg = ExperimentConfig.model_validate({
         "name": "gc", "data_root": str(DATA), "tasks": {"sources": ["copa"], "targets": ["cb"]}, "seeds": [1],

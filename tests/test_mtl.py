@@ -13,15 +13,15 @@ import duckdb
 import pytest
 import torch
 
-from analysis.store import ResultStore
-from rayjobs.backend import TorchBackend
+from analysis.store.results import ResultStore
 from rayjobs.config import AdaptationSpec, ConfigError, ModelSpec, TrainSpec
 from rayjobs.job import load_job_config
 from rayjobs.models.adaptation import apply_adaptation
 from rayjobs.models.loading import ModelError
 from rayjobs.models.multihead import MultiHeadModel, TaskExample, tag
 from rayjobs.mtl import TaskBatcher
-from rayjobs.tasks import TaskRegistry
+from rayjobs.tasks.registry import TaskRegistry
+from rayjobs.train.backend import TorchBackend
 from tests.conftest import DATA, TINY_BERT, cli, needs_data
 
 pytestmark = needs_data
@@ -202,7 +202,7 @@ def test_mtl_job_on_ray_stores_runs_member_predictions_and_groups(tmp_path: Path
             acc = sum(c for t, *_, c in rows if t == "scitail") / 12
             assert _rest[5]["member_scores"]["scitail"] == pytest.approx(acc)
             view = con.execute("SELECT accuracy, n_eval FROM mtl_member_scores WHERE run_key = ? AND task = 'scitail'",
-                               [key]).fetchall()  # analysis/views.py reads the rows this job writes
+                               [key]).fetchall()  # analysis/store/views.py reads the rows this job writes
             assert view == [(pytest.approx(acc), 12)]
         assert _rest[4] == pytest.approx(sum(_rest[5]["member_scores"].values()) / len(members))
 

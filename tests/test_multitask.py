@@ -20,17 +20,17 @@ import pytest
 import yaml
 from analysis_support import TASKWEB, needs_taskweb, taskweb_db
 
-from analysis.db import open_store
-from analysis.selectors import store_scores
-from analysis.store import ResultStore
+from analysis.selection.selectors import store_scores
+from analysis.store.duck import open_store
+from analysis.store.results import ResultStore
 from rayjobs.cli import main as cli_main
 from rayjobs.config import ConfigError
-from rayjobs.mixture import load_mixture
+from rayjobs.engine.smoke import smoke_variant
 from rayjobs.multitask import candidate_pool, choose_sets, plan
 from rayjobs.multitask_config import load_multitask_config
-from rayjobs.smoke import smoke_variant
-from rayjobs.tasks import TaskError, TaskRegistry
-from rayjobs.templates import render_train, resolve
+from rayjobs.tasks.registry import TaskError, TaskRegistry
+from rayjobs.tasks.templates import render_train, resolve
+from rayjobs.train.mixture import load_mixture
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from analysis.status import render, summarise, write_plan
-from analysis.store import ResultStore
-from rayjobs import observe
+from analysis.store.results import ResultStore
+from analysis.store.status import render, summarise, write_plan
+from rayjobs.engine import observe
 from tests.conftest import REPO, cli, needs_data, tiny_grid
 
 # -- throughput -------------------------------------------------------------------------------------------
@@ -129,7 +129,7 @@ def test_job_metrics_reach_the_prometheus_endpoint(tmp_path: Path) -> None:
     import ray
 
     from rayjobs.config import load_config
-    from rayjobs.driver import run_job
+    from rayjobs.engine.driver import run_job
     from rayjobs.job import get_job
 
     cfg_path = tmp_path / "grid.yaml"

@@ -37,7 +37,7 @@ def test_the_wheel_holds_every_subpackage_and_each_imports_from_it(tmp_path: Pat
     assert "rayjobs.models" in want
     missing = [m for m in want if f"{m.replace('.', '/')}/__init__.py" not in names]
     assert not missing, f"not in the wheel: {missing}"
-    assert {"rayjobs/task_registry.yaml", "serving/config.yaml"} <= names
+    assert {"rayjobs/tasks/registry.yaml", "serving/config.yaml"} <= names
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "transferlab = rayjobs.cli:main" in (site / entry).read_text()
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from analysis.store import ResultStore
+from analysis.store.results import ResultStore
 from rayjobs.config import ConfigError, load_config
 from rayjobs.plan import expand_pairwise
-from rayjobs.tasks import TaskError, TaskRegistry
+from rayjobs.tasks.registry import TaskError, TaskRegistry
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA / "tasks").is_dir(), reason="../shared/data not present")

@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from analysis import prompt_selection as ps
 from analysis.errors import AnalysisError
-from analysis.store import ResultStore
+from analysis.prompts import selection as ps
+from analysis.store.results import ResultStore
 
 LN2 = math.log(2.0)
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from analysis import prompt_similarity as ps
-from analysis.db import open_store
 from analysis.errors import AnalysisError
-from analysis.ranking import evaluate_selection
-from analysis.selectors import resolve
-from analysis.store import ResultStore
+from analysis.ranking.evaluate import evaluate_selection
+from analysis.selection import prompt_similarity as ps
+from analysis.selection.selectors import resolve
+from analysis.store.duck import open_store
+from analysis.store.results import ResultStore
 
 R2 = math.sqrt(2)
 
@@ -232,7 +232,7 @@ def test_seq2seq_prompt_keeps_the_encoder_rows_peft_trains(tmp_path) -> None:
     the prompt the model reads."""
     from rayjobs.config import AdaptationSpec, ModelSpec, SetupSpec
     from rayjobs.models import build_task_model
-    from rayjobs.tasks import LocalSource, TaskSpec
+    from rayjobs.tasks.registry import LocalSource, TaskSpec
     from tests.conftest import TINY_T5
 
     setup = SetupSpec(model=ModelSpec(name="t5", config=dict(TINY_T5), family="seq2seq"),

@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 import torch
 
-from rayjobs import checkpoint
 from rayjobs.config import ConfigError, ExperimentConfig, TrainSpec, load_config
+from rayjobs.engine.trial import execute
+from rayjobs.models import checkpoint
 from rayjobs.plan import TrialSpec, expand_pairwise, identity_dump
-from rayjobs.tasks import Example, TaskRegistry
-from rayjobs.train_loop import TrainContext, evaluate, fit, prepare_data, prepare_model, validation_split
-from rayjobs.trial import execute
+from rayjobs.tasks.registry import Example, TaskRegistry
+from rayjobs.train.loop import TrainContext, evaluate, fit, prepare_data, prepare_model, validation_split
 from tests.conftest import DATA, REPO, TINY_BERT, TINY_T5, needs_data
 
 PROMPT = "prompt_encoder.default.embedding.weight"
@@ -73,7 +73,7 @@ def test_transfer_starts_from_the_source_prompt_and_a_fresh_head(tmp_path: Path,
     assert (x_row["seed"], x_row["hparams"]["source_seed"], src_row["seed"]) == (7, 5, 5)
     assert x_row["baseline_run_key"] == b_row["run_key"] and b_row["seed"] == 7
     assert b_row["checkpoint"] and _prompt_name(checkpoint.read_state(b_row["checkpoint"]))
-    from analysis.prompt_similarity import load_soft_prompt
+    from analysis.selection.prompt_similarity import load_soft_prompt
 
     assert load_soft_prompt(b_row["checkpoint"]).shape[0] == 4  # the selectors read the target's own prompt
     assert src_row["metrics"]["best_step"] in (2, 3) and [s for s, _ in src_row["metrics"]["validation_curve"]] == [2, 3]
@@ -204,7 +204,7 @@ def test_adafactor_first_step_is_lr_times_sign_and_it_trains(tmp_path: Path) -> 
     and parameter scaling would multiply by RMS(p)."""
     from transformers.optimization import Adafactor
 
-    from rayjobs.backend import make_optimizer
+    from rayjobs.train.backend import make_optimizer
 
     lr = 0.3
     trial = _trial("scitail", {"optimizer": "adafactor", "learning_rate": lr}, tmp_path)

@@ -13,7 +13,7 @@ from sklearn.metrics import f1_score
 
 from rayjobs.fewshot import accuracy_and_macro_f1
 from rayjobs.job import load_job_config
-from rayjobs.tasks import TaskRegistry
+from rayjobs.tasks.registry import TaskRegistry
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"

@@ -15,9 +15,8 @@ import yaml
 from scipy import stats
 from sklearn.metrics import f1_score
 
-from analysis.db import open_store
 from analysis.errors import AnalysisError
-from analysis.pvi_grouping import (
+from analysis.pvi.grouping import (
     PviDistribution,
     PviTest,
     ci_half_width,
@@ -31,7 +30,8 @@ from analysis.pvi_grouping import (
     run_tests,
     verdict,
 )
-from analysis.store import ResultStore
+from analysis.store.duck import open_store
+from analysis.store.results import ResultStore
 
 ROOT = Path(__file__).resolve().parent.parent
 SETUP = "full:minilm"

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.store import ResultStore
+from analysis.store.results import ResultStore
 from rayjobs.config import AdaptationSpec, ConfigError, ModelSpec
 from rayjobs.fewshot import fewshot_template, pick_demos
 from rayjobs.job import load_job_config
 from rayjobs.models import build_task_model
-from rayjobs.tasks import Example, TaskError, TaskRegistry
-from rayjobs.templates import IDENTITY, NullTemplate, PromptTemplate, identity, resolve
-from rayjobs.train_loop import evaluate_template
+from rayjobs.tasks.registry import Example, TaskError, TaskRegistry
+from rayjobs.tasks.templates import IDENTITY, NullTemplate, PromptTemplate, identity, resolve
+from rayjobs.train.loop import evaluate_template
 from tests.conftest import DATA, TINY_BERT, cli, needs_data
 
 pytestmark = needs_data
@@ -105,7 +105,7 @@ def test_pvi_from_stored_predictions_equals_the_formula(tmp_path: Path, registry
     _store_pair(store, x_rows, n_rows, "scitail")
     with store.connect(read_only=True) as con:
         got = con.execute(PVI_SQL).fetchall()
-        view = dict(con.execute("SELECT example_id, pvi FROM pvi").fetchall())  # analysis/views.py
+        view = dict(con.execute("SELECT example_id, pvi FROM pvi").fetchall())  # analysis/store/views.py
     assert view == pytest.approx({uid: v for _, uid, _, v in got}, abs=1e-12)
     gold = {e.uid: e.label for e in data.eval}
     assert len(got) == 8 and {g for _, _, g, _ in got} == {0, 1}
@@ -249,9 +249,9 @@ def test_fewshot_prompt_shows_each_demonstration_with_its_verbalised_answer() ->
 
 def test_fewshot_run_ranks_choices_by_their_log_likelihood_after_the_demonstrations(tmp_path: Path,
                                                                                   registry: TaskRegistry) -> None:
+    from rayjobs.engine.trial import execute
     from rayjobs.fewshot import FewshotJob
-    from rayjobs.train_loop import seed_everything
-    from rayjobs.trial import execute
+    from rayjobs.train.loop import seed_everything
 
     cfg = tmp_path / "fs.yaml"
     cfg.write_text(FEWSHOT_CFG.format(data=DATA))

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from analysis.pvi_grouping import PviTest, group_tasks, random_grouping
+from analysis.pvi.grouping import PviTest, group_tasks, random_grouping
 
 ROOT = Path(__file__).resolve().parent.parent
 

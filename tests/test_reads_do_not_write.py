@@ -12,7 +12,7 @@ import duckdb
 import pytest
 from analysis_support import TASKWEB, copy_db, needs_taskweb, pristine_taskweb_db
 
-from analysis.db import read_store
+from analysis.store.duck import read_store
 from rayjobs.cli import main
 
 READS = [

@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 from analysis_support import TASKWEB, copy_db, needs_taskweb, taskweb_db
 
-from analysis import analytics as an
-from analysis.db import read_store
-from analysis.reports import graph_edges, offdiag_range, write_report
+from analysis import transfer as an
+from analysis.reports.experiment import graph_edges, offdiag_range, write_report
+from analysis.store.duck import read_store
 from rayjobs.cli import main
 
 # Paper 000, Table 2 (percent): per category NDCG and Regret@5, then the mean over the 20 targets.
@@ -131,7 +131,7 @@ def test_one_setup_is_not_called_a_mean(tmp_path, capsys):
 
 def test_a_store_with_one_transfer_still_reports(tmp_path, capsys):
     """One measured pair: heatmap and graph, and a sentence (not an empty figure) for the rest."""
-    from analysis.store import ResultStore
+    from analysis.store.results import ResultStore
 
     db = tmp_path / "tl.duckdb"
     store = ResultStore(tmp_path, db_path=db)

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import yaml
-
-from analysis.store import ResultStore
 from tests.cluster_support import REPO, LocalCluster
+
+from analysis.store.results import ResultStore
 from tests.conftest import DATA
 
 TASKS = ["snli", "mrpc", "rte", "cb", "boolq", "copa"]
@@ -98,8 +98,8 @@ def test_simulate_executor_writes_realistic_deterministic_rows(tmp_path):
     checkpoints for sources, a transfer refused without its source checkpoint; the same run key, the same row."""
     import numpy as np
 
+    from rayjobs.engine.simulate import simulate_trial
     from rayjobs.job import load_job_config
-    from rayjobs.simulate import simulate_trial
 
     job, cfg = load_job_config(str(_config(tmp_path / "sim.yaml")), [], default_kind="pairwise")
     store = ResultStore(tmp_path / "results")

@@ -11,11 +11,11 @@ import duckdb
 import pytest
 import torch
 
-from analysis.store import ResultStore
-from rayjobs.blackbox import UnknownModelError, open_black_box
+from analysis.store.results import ResultStore
 from rayjobs.models.loading import ModelError
-from rayjobs.tasks import Example
-from rayjobs.templates import PromptTemplate
+from rayjobs.scoring.blackbox import UnknownModelError, open_black_box
+from rayjobs.tasks.registry import Example
+from rayjobs.tasks.templates import PromptTemplate
 from tests.conftest import DATA, TINY_GPT2, cli, needs_data
 
 pytestmark = needs_data

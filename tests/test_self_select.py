@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from test_prompt_selection import _prompts, _store
 
-from analysis import prompt_selection as ps
 from analysis.errors import AnalysisError
-from rayjobs.self_select import SELF_SELECT, meta_examples, self_select_rows
-from rayjobs.tasks import Example
-from rayjobs.templates import PromptTemplate
+from analysis.prompts import selection as ps
+from rayjobs.scoring.self_select import SELF_SELECT, meta_examples, self_select_rows
+from rayjobs.tasks.registry import Example
+from rayjobs.tasks.templates import PromptTemplate
 
 ROOT = Path(__file__).resolve().parent.parent
 CANDIDATES = [PromptTemplate(name="good", input="Is this review positive? {input}", answer_choices=["no", "yes"]),
@@ -39,7 +39,7 @@ def test_meta_prompts_list_every_instruction_in_a_rotating_order() -> None:
 
 
 def test_meta_prompt_rows_through_a_black_box() -> None:
-    from rayjobs.blackbox import open_black_box
+    from rayjobs.scoring.blackbox import open_black_box
 
     box = open_black_box("builtin:minilm")
     exs = [Example("a fine, moving film", ("n", "p"), 1, uid="a"), Example("dull", ("n", "p"), 0, uid="b")]

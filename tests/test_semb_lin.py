@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from analysis.errors import AnalysisError
-from analysis.prompt_similarity import SEMB_LIN_MODEL, dataset_texts
+from analysis.selection.prompt_similarity import SEMB_LIN_MODEL, dataset_texts
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = {"cats": ["The cat sat on the mat.", "A kitten chased a ball of yarn.", "Cats sleep most of the day."],

@@ -27,10 +27,10 @@ import requests
 import torch
 from test_scoring import tiny_lm_folder  # noqa: F401 - the module-scoped fixture, shared
 
-from analysis.store import DB_NAME
-from rayjobs.blackbox import open_black_box
-from rayjobs.tasks import Example
-from rayjobs.templates import PromptTemplate
+from analysis.store.results import DB_NAME
+from rayjobs.scoring.blackbox import open_black_box
+from rayjobs.tasks.registry import Example
+from rayjobs.tasks.templates import PromptTemplate
 from serving.app import TOKEN_ENV
 from tests.conftest import REPO, needs_data
 
@@ -186,7 +186,7 @@ def test_a_500_body_holds_a_request_id_and_the_traceback_goes_to_the_log(caplog:
 
 
 def test_store_queries_are_cancelled_at_their_deadline(tmp_path: Path) -> None:
-    from serving.ranking import StoreTimeout, read_only_store
+    from serving.store_queries import StoreTimeout, read_only_store
 
     db = tmp_path / "s.duckdb"
     duckdb.connect(str(db)).close()

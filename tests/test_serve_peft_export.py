@@ -21,11 +21,11 @@ pytestmark = [needs_data]
 def lora_run(tiny_lm_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  # noqa: F811
     """One LoRA source run of the tiny GPT-2 folder on snli (base rendering, so the prompt is the example's
     text), trained in this process; its key, results folder and stored predictions."""
-    from analysis.store import ResultStore
+    from analysis.store.results import ResultStore
     from rayjobs.config import ExperimentConfig
+    from rayjobs.engine.trial import execute
     from rayjobs.plan import expand_pairwise
-    from rayjobs.tasks import TaskRegistry
-    from rayjobs.trial import execute
+    from rayjobs.tasks.registry import TaskRegistry
 
     results = tmp_path_factory.mktemp("lora")
     cfg = ExperimentConfig.model_validate({

@@ -31,10 +31,10 @@ from test_analysis_selection import TABLE6, TABLE7
 from test_fute_embeddings import V, cos, put
 from test_scoring import tiny_lm_folder  # noqa: F401 - the module-scoped fixture, shared
 
-from analysis.store import ResultStore
-from rayjobs.blackbox import open_black_box
-from rayjobs.tasks import Example
-from rayjobs.templates import PromptTemplate
+from analysis.store.results import ResultStore
+from rayjobs.scoring.blackbox import open_black_box
+from rayjobs.tasks.registry import Example
+from rayjobs.tasks.templates import PromptTemplate
 from serving.app import TOKEN_ENV
 from tests.conftest import REPO, cli, needs_data
 
@@ -107,7 +107,7 @@ def test_batched_scoring_equals_each_request_alone_and_isolates_a_bad_one(traine
 
 
 def test_read_only_store_computes_taskshop_without_writing() -> None:
-    from serving.ranking import rank_sources, read_only_store
+    from serving.store_queries import rank_sources, read_only_store
 
     db = pristine_taskweb_db()
     before = hashlib.sha256(db.read_bytes()).hexdigest()

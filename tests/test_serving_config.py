@@ -22,7 +22,7 @@ import requests
 import torch
 import yaml
 
-from analysis.store import ResultStore
+from analysis.store.results import ResultStore
 from serving.cli import free_port
 from tests.conftest import REPO, needs_data
 

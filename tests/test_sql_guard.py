@@ -13,8 +13,8 @@ import duckdb
 import pytest
 from analysis_support import copy_db, needs_taskweb, taskweb_db
 
-from analysis.sql_guard import SqlRefused, open_guarded, run_guarded
-from analysis.store import ResultStore
+from analysis.store.results import ResultStore
+from analysis.store.sql_guard import SqlRefused, open_guarded, run_guarded
 from rayjobs.cli import main
 
 

@@ -8,9 +8,9 @@ import json
 import duckdb
 import pytest
 
-from analysis import status
-from analysis.schema import PREDICTION_COLUMNS, RUN_COLUMNS, SCHEMA_VERSION
-from analysis.store import ResultStore
+from analysis.store import status
+from analysis.store.results import ResultStore
+from analysis.store.schema import PREDICTION_COLUMNS, RUN_COLUMNS, SCHEMA_VERSION
 
 
 def _write_run(store: ResultStore, key: str, n_examples: int = 3, task: str = "rte", status_: str = "ok",
@@ -35,7 +35,7 @@ def test_ingest_reads_only_new_files(tmp_path, monkeypatch):
     assert store.ingest(compact=False) == 5
     assert store.ingest(compact=False) == 0  # nothing new: nothing read
     read: list[list[str]] = []
-    import analysis.store as st
+    import analysis.store.results as st
 
     real = st._read_with_names
 
@@ -132,7 +132,7 @@ def test_old_store_is_migrated_once(tmp_path):
 
 
 def test_stack_recorded_and_mixed_stacks_warned(tmp_path):
-    from rayjobs import stack as stk
+    from rayjobs.engine import stack as stk
 
     described = stk.describe()
     assert set(described) == {"python", "torch", "transformers", "peft", "deepspeed", "ray", "device"}
@@ -155,8 +155,8 @@ def test_stack_recorded_and_mixed_stacks_warned(tmp_path):
     stored = _db_rows(store, "SELECT run_key, stack FROM runs ORDER BY run_key")
     assert json.loads(stored[2][1])["torch"] == "0.0.1-other"
 
-    from analysis.db import read_store
-    from analysis.reports import provenance
+    from analysis.reports.experiment import provenance
+    from analysis.store.duck import read_store
 
     with read_store(store.db_path) as con:
         assert provenance(con, store.db_path)["stacks"] == s["stacks"]

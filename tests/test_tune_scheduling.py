@@ -16,10 +16,10 @@ from typing import Any
 import duckdb
 import pytest
 
-from analysis.store import ResultStore
+from analysis.store.results import ResultStore
 from rayjobs.config import ExperimentConfig
 from rayjobs.plan import expand_pairwise
-from rayjobs.tasks import TaskRegistry
+from rayjobs.tasks.registry import TaskRegistry
 from tests.conftest import DATA, REPO, cli, needs_data, tiny_grid
 
 
@@ -34,7 +34,7 @@ def grid_trials(tmp: Path) -> list[Any]:
 def test_searcher_releases_each_trial_when_its_dependencies_are_stored(tmp_path: Path) -> None:
     from ray.tune.search import Searcher
 
-    from rayjobs.tuning import make_searcher
+    from rayjobs.engine.tuning import make_searcher
 
     trials = grid_trials(tmp_path)  # 2 sources, 2 baselines, 2 transfers (each from one source)
     by = {(t.kind, t.source or t.target): t for t in trials}
@@ -72,7 +72,7 @@ def test_searcher_releases_each_trial_when_its_dependencies_are_stored(tmp_path:
 
 @needs_data
 def test_searcher_blocks_dependents_of_a_stopped_run_and_never_suggests_a_stored_one(tmp_path: Path) -> None:
-    from rayjobs.tuning import make_searcher
+    from rayjobs.engine.tuning import make_searcher
 
     trials = grid_trials(tmp_path)
     stored = {t.run_key for t in trials if t.kind == "target"}
@@ -100,7 +100,7 @@ def test_a_run_is_one_tune_experiment_that_tune_opens_with_its_logger_files(tmp_
     r = cli("run", str(cfg), "run.callbacks=[csv,json,tensorboard]", "--results", str(tmp_path / "res"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     exp = experiment_dir(tmp_path / "res")
-    assert f"ray.tune.ExperimentAnalysis('{exp}')" in r.stdout and f"rayjobs.tuning restore {exp}" in r.stdout
+    assert f"ray.tune.ExperimentAnalysis('{exp}')" in r.stdout and f"rayjobs.engine.tuning restore {exp}" in r.stdout
     code = ("import json, sys; from ray.tune import ExperimentAnalysis; a = ExperimentAnalysis(sys.argv[1]); "
             "print(json.dumps({t.config['run_key']: t.last_result.get('status') for t in a.trials}))")
     out = subprocess.run([sys.executable, "-c", code, str(exp)], capture_output=True, text=True, timeout=300,
@@ -196,7 +196,7 @@ def test_tuner_restore_resumes_an_experiment_whose_driver_was_killed(tmp_path: P
     before = {p.name: p.stat().st_mtime_ns for p in store.runs_dir.glob("*.parquet")}
     assert 2 <= len(before) < 6
     exp = experiment_dir(results)
-    r = subprocess.run([sys.executable, "-m", "rayjobs.tuning", "restore", str(exp)], cwd=REPO,
+    r = subprocess.run([sys.executable, "-m", "rayjobs.engine.tuning", "restore", str(exp)], cwd=REPO,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for name, m in before.items():  # what was stored before the kill is not trained again

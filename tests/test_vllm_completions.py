@@ -28,10 +28,10 @@ import pytest
 import requests
 from test_scoring import tiny_lm_folder  # noqa: F401 - the module-scoped fixture, shared
 
-from rayjobs.blackbox import EndpointBox, open_black_box
 from rayjobs.models.loading import ModelError
-from rayjobs.tasks import Example
-from rayjobs.templates import PromptTemplate
+from rayjobs.scoring.blackbox import EndpointBox, open_black_box
+from rayjobs.tasks.registry import Example
+from rayjobs.tasks.templates import PromptTemplate
 
 MAX_LOGPROBS = 20
 TPL = PromptTemplate(name="s", input="Review: {input} Sentiment?", answer_choices=["negative", "positive"])

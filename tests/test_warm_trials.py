@@ -22,11 +22,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from analysis.store import ResultStore
-from rayjobs import train_loop
+from analysis.store.results import ResultStore
 from rayjobs.config import ExperimentConfig, RunSpec
 from rayjobs.plan import TrialSpec, expand_pairwise
-from rayjobs.tasks import TaskRegistry
+from rayjobs.tasks.registry import TaskRegistry
+from rayjobs.train import loop as train_loop
 from tests.conftest import DATA, REPO, local_ray
 
 needs_data = pytest.mark.skipif(not (DATA / "tasks").is_dir(), reason="../shared/data not present")
@@ -55,7 +55,7 @@ def one(trials: list[TrialSpec], kind: str, task: str) -> TrialSpec:
 def ray_cluster() -> Any:
     with local_ray(TRANSFORMERS_VERBOSITY="error", TRANSFERLAB_FAULT=FAULTS) as ray:
         yield ray
-    from rayjobs import observe
+    from rayjobs.engine import observe
 
     observe.COUNTS.counts.clear()  # the driver's trial-state gauges of these runs end with this cluster
 
@@ -93,7 +93,7 @@ def test_seeding_resets_every_generator_a_trial_draws_from() -> None:
 def cold_runs(trials: list[TrialSpec]) -> None:
     """Each trial in a fresh Python process (side by side) with one torch thread, what Ray gives a
     1-CPU worker."""
-    code = ("import sys; from rayjobs.plan import TrialSpec; from rayjobs.trial import execute; "
+    code = ("import sys; from rayjobs.plan import TrialSpec; from rayjobs.engine.trial import execute; "
             "execute(TrialSpec.model_validate_json(sys.argv[1]))")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TRANSFORMERS_VERBOSITY": "error"}
     logs = [tempfile.TemporaryFile("w+") for _ in trials]  # not pipes: a full pipe would stall its process
@@ -120,7 +120,7 @@ def stored(trial: TrialSpec) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 @needs_data
 @pytest.mark.integration
 def test_two_trials_in_one_warm_worker_equal_two_cold_runs(ray_cluster: Any, tmp_path: Path) -> None:
-    from rayjobs.runner import run_stage
+    from rayjobs.engine.runner import run_stage
 
     a = one(plan(tmp_path / "warm", seed=7), "source", "snli")
     b = one(plan(tmp_path / "warm", seed=11), "target", "mrpc")
@@ -145,7 +145,7 @@ def test_two_trials_in_one_warm_worker_equal_two_cold_runs(ray_cluster: Any, tmp
 @pytest.mark.integration
 def test_transfer_starts_once_its_own_source_is_stored(ray_cluster: Any, tmp_path: Path) -> None:
     """snli's source is small, mrpc's large: snli's transfer runs while mrpc's source still trains."""
-    from rayjobs.runner import run_stage
+    from rayjobs.engine.runner import run_stage
 
     small = plan(tmp_path / "r", seed=3)
     slow_src = one(plan(tmp_path / "r", seed=3, source_train=1200), "source", "mrpc")
@@ -165,7 +165,7 @@ def test_transfer_starts_once_its_own_source_is_stored(ray_cluster: Any, tmp_pat
 @needs_data
 @pytest.mark.integration
 def test_failures_are_stored_dependents_blocked_dead_workers_replaced(ray_cluster: Any, tmp_path: Path) -> None:
-    from rayjobs.runner import run_trials
+    from rayjobs.engine.runner import run_trials
 
     trials = plan(tmp_path / "r", seed=5, name="boom")
     store = ResultStore(tmp_path / "r")

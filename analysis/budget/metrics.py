@@ -1,6 +1,6 @@
 """TaskWeb's NDCG and Regret@k in numpy, batched over rankings (the replay scores thousands).
 
-Same definitions as `analysis.metric_families.taskweb_metrics` (tested equal on the release):
+Same definitions as `analysis.ranking.families.taskweb_metrics` (tested equal on the release):
 candidates of a target are the sources with a pair in the grid; gold order by the gold score
 descending, predicted order by the predicted score descending, ties by source name (the arrays
 hold sources in name order and the sorts are stable); relevance of a source = n - its 0-based gold

@@ -216,9 +216,9 @@ def _single_metric(runs: Any, name: str, target: str, si: dict[str, int], ki: di
 
 def taskweb_store(directory: str | Path) -> duckdb.DuckDBPyConnection:
     """An in-memory store holding the TaskWeb release (the same import as `transferlab import taskweb`)."""
-    from analysis.store import SCHEMA_SQL
-    from analysis.taskweb_import import import_taskweb
-    from analysis.views import ANALYSIS_SQL
+    from analysis.importers.taskweb import import_taskweb
+    from analysis.store.results import SCHEMA_SQL
+    from analysis.store.views import ANALYSIS_SQL
 
     con = duckdb.connect()
     con.execute(SCHEMA_SQL)

@@ -15,8 +15,8 @@ import pyarrow as pa
 
 from analysis.budget.predictor import TransferPredictor
 from analysis.budget.replay import load_grid
-from analysis.db import registered
 from analysis.errors import AnalysisError
+from analysis.store.duck import registered
 
 PREDICTED_SUFFIX = "@predicted"
 

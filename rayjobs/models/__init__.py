@@ -6,7 +6,7 @@ from rayjobs.config import AdaptationSpec, ModelSpec
 from rayjobs.models.adaptation import apply_adaptation
 from rayjobs.models.base import TaskModel
 from rayjobs.models.loading import ModelError
-from rayjobs.tasks import TaskSpec
+from rayjobs.tasks.registry import TaskSpec
 
 __all__ = ["ModelError", "TaskModel", "build_task_model", "encoder_head"]
 

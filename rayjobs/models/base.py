@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from rayjobs import checkpoint
-from rayjobs.tasks import Example
+from rayjobs.models import checkpoint
+from rayjobs.tasks.registry import Example
 
 CKPT_WEIGHTS = checkpoint.WEIGHTS
 CKPT_META = checkpoint.META

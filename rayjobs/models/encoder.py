@@ -14,7 +14,7 @@ import torch
 from rayjobs.config import ModelSpec
 from rayjobs.models.base import TaskModel, choice_record
 from rayjobs.models.loading import ModelError, from_pretrained_or_config, load_tokenizer
-from rayjobs.tasks import Example, TaskSpec
+from rayjobs.tasks.registry import Example, TaskSpec
 
 
 def _head_prefixes(module: torch.nn.Module) -> tuple[str, ...]:

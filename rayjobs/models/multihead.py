@@ -19,7 +19,7 @@ from torch import nn
 from rayjobs.config import ModelSpec
 from rayjobs.models.base import TaskModel, choice_record
 from rayjobs.models.loading import ModelError, from_pretrained_or_config, load_tokenizer
-from rayjobs.tasks import Example, TaskSpec
+from rayjobs.tasks.registry import Example, TaskSpec
 
 HEADS = "heads"
 

@@ -16,7 +16,7 @@ import torch
 
 from rayjobs.models.base import TaskModel, choice_record
 from rayjobs.models.loading import ModelError, resolve_path
-from rayjobs.tasks import Example, TaskSpec
+from rayjobs.tasks.registry import Example, TaskSpec
 
 DEFAULT_TEMPERATURE = 0.05
 

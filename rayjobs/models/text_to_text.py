@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from rayjobs.config import ModelSpec
 from rayjobs.models.base import TaskModel, choice_record
 from rayjobs.models.loading import from_pretrained_or_config, load_tokenizer
-from rayjobs.tasks import Example, TaskSpec
+from rayjobs.tasks.registry import Example, TaskSpec
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 

@@ -1,0 +1,334 @@
+"""`--smoke`: the same config shrunk to run end to end on a laptop CPU in minutes.
+
+Tiny sample sizes, one seed, a few optimiser steps, a few tasks; models named by hub id are replaced
+by a tiny random-weight model of the same family (MiniLM's tokenizer), of the same architecture where
+the id names one whose module names LoRA params refer to (Llama); GPUs, half precision and DeepSpeed
+offload dropped (ZeRO stages still run, on at most 2 CPU workers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rayjobs.config import (
+    AdaptationSpec,
+    ExperimentConfig,
+    JobConfig,
+    ModelSpec,
+    SetupSpec,
+    TaskSelection,
+    TrainSpec,
+    ValidationSpec,
+)
+from rayjobs.multitask_config import RANKED_KINDS, MultitaskConfig
+from rayjobs.tasks.registry import DEFAULT_DATA_ROOT, TaskRegistry
+
+TINY = {
+    "encoder": {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "intermediate_size": 64, "max_position_embeddings": 512},
+    "seq2seq": {"model_type": "t5", "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_decoder_layers": 2,
+                "num_heads": 4, "decoder_start_token_id": 0},
+    "causal": {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 512},
+}
+
+
+#: tiny stand-ins of architectures a hub id names, so that module names in adaptation params (LoRA
+#: `target_modules: [q_proj, ...]`) exist in the stand-in too; Mistral and Qwen share Llama's names
+TINY_ARCH = {
+    "llama": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 512},
+}
+ARCH_OF_ID = {"llama": "llama", "mistral": "llama", "qwen": "llama"}
+
+
+def _arch(spec: ModelSpec) -> str | None:
+    ident = f"{spec.path or ''} {spec.name}".lower()
+    return next((arch for key, arch in ARCH_OF_ID.items() if key in ident), None) if spec.family == "causal" else None
+
+
+def tiny_model(spec: ModelSpec) -> ModelSpec:
+    if spec.config is not None or (spec.path or "").startswith("builtin:"):
+        return spec
+    arch = _arch(spec)
+    return ModelSpec(name=spec.name, config=dict(TINY_ARCH[arch] if arch else TINY[spec.family]),
+                     family=spec.family, max_length=min(spec.max_length, 128), head=spec.head)
+
+
+def _smoke_adaptation(s: SetupSpec) -> AdaptationSpec:
+    """LoRA `target_modules` name modules of the original architecture; when the tiny stand-in is of
+    another one (no known architecture in the id), peft's defaults for the stand-in are used."""
+    replaced = s.model.config is None and not (s.model.path or "").startswith("builtin:")
+    if not replaced or _arch(s.model) or "target_modules" not in s.adaptation.params:
+        return s.adaptation
+    params = {k: v for k, v in s.adaptation.params.items() if k != "target_modules"}
+    return s.adaptation.model_copy(update={"params": params})
+
+
+def _smoke_batch(batch_size: int, workers: int) -> int:
+    """At most 8, and a multiple of the worker count (each rank gets an equal micro-batch)."""
+    return max(workers, min(batch_size, 8) // workers * workers)
+
+
+def _smoke_train(hp: TrainSpec, workers: int) -> TrainSpec:
+    """A few steps; periodic evaluation (if on) every 2 steps on 4 held-out examples."""
+    update: dict[str, Any] = {"epochs": 1, "max_steps": 3, "grad_accum_steps": 1,
+                              "batch_size": _smoke_batch(hp.batch_size, workers)}
+    if hp.eval_every is not None:
+        update.update(eval_every=2, validation=ValidationSpec(n=4))
+    return hp.model_copy(update=update)
+
+
+def _smoke_setup(s: SetupSpec) -> SetupSpec:
+    workers = min(s.resources.workers, 2)
+    train = _smoke_train(s.train, workers)
+    src = _smoke_train(s.source_train, workers) if s.source_train else None
+    res = s.resources.model_copy(update={"gpu": 0, "cpu": 1, "workers": workers, "memory_gb": None})
+    # GPU-only DeepSpeed settings go: half precision, offload, and `extra` (bucket sizes, NVMe paths...)
+    ds = s.deepspeed.model_copy(update={"precision": "fp32", "offload_optimizer": False, "offload_params": False,
+                                        "extra": {}}) if s.deepspeed else None
+    return s.model_copy(update={"name": s.key, "model": tiny_model(s.model), "adaptation": _smoke_adaptation(s),
+                                "train": train, "source_train": src, "resources": res, "deepspeed": ds})
+
+
+def has_local_data(registry: TaskRegistry, task: str) -> bool:
+    try:
+        return registry.origin(task).startswith("local:")
+    except Exception:  # noqa: BLE001 - unknown task / missing file: preflight reports it
+        return False
+
+
+def smoke_tasks(cfg: ExperimentConfig) -> TaskSelection:
+    """A few tasks of a large grid, only those with local data where there are any (no hub needed): at
+    most 3 (a full 3-task pairwise grid), or 1 source and 1 target when a setup is distributed (a Ray
+    Train worker group per trial costs ~40 s on a laptop)."""
+    registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
+
+    def pick(names: list[str], k: int, avoid: list[str] | None = None) -> list[str]:
+        pool = [t for t in names if t not in (avoid or [])] or list(names)
+        local = [t for t in pool if has_local_data(registry, t)]
+        return (local or pool)[:k]  # fewer tasks rather than ones that need the hub
+
+    sel = cfg.tasks
+    if any(s.deepspeed is not None or s.resources.workers > 1 for s in cfg.setups):
+        src = pick(sel.sources, 1)
+        return sel.model_copy(update={"sources": src, "targets": pick(sel.target_list, 1, avoid=src)})
+    src = pick(sel.sources, 3)
+    return sel.model_copy(update={"sources": src, "targets": None if sel.targets is None else pick(sel.targets, 3)})
+
+
+def smoke_pairwise(cfg: ExperimentConfig) -> ExperimentConfig:
+    """One seed (one source and one target seed where the stages have their own), tiny sizes, <= 3 tasks."""
+    sizes = cfg.sizes.model_copy(update={"source_train": 24, "target_train": 24, "eval": 24})
+    seeds = cfg.seeds[:1] if isinstance(cfg.seeds, list) else \
+        cfg.seeds.model_copy(update={"source": cfg.seeds.source[:1], "target": cfg.seeds.target[:1]})
+    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": seeds, "sizes": sizes,
+                                  "tasks": smoke_tasks(cfg), "setups": [_smoke_setup(s) for s in cfg.setups]})
+
+
+def smoke_multitask(cfg: MultitaskConfig) -> MultitaskConfig:
+    """The same kinds of choice, shrunk to run end to end in minutes on a CPU with no hub.
+
+    Tiny sizes, one seed, tiny models for hub ids; at most 2 targets (1 when a setup is distributed:
+    a Ray Train group per trial is slow on a laptop), those with local data first; the pool cut to
+    tasks with local data; one small k per choice (at most 3, a mix at most 2; with a distributed
+    setup one choice per kind and k = 1, so the mixes reuse the top-1 / bottom-1 runs). A choice restricted
+    to targets that were cut moves to the first kept target, so every kind of choice still runs.
+    """
+    registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
+
+    def local(t: str) -> bool:
+        return has_local_data(registry, t)
+
+    distributed = any(s.deepspeed is not None or s.resources.workers > 1 for s in cfg.setups)
+    targets = sorted(cfg.targets, key=lambda t: not local(t))[:1 if distributed else 2]
+    pool = cfg.pool
+    if pool is not None and sum(map(local, pool)) >= 2:
+        pool = [t for t in pool if local(t)]
+    choices = []
+    kinds: set[str] = set()
+    for ch in cfg.choices:
+        if distributed and ch.kind in kinds:  # one choice per kind: each run is a worker group
+            continue
+        kinds.add(ch.kind)
+        update: dict[str, Any] = {}
+        if ch.targets is not None:
+            update["targets"] = [t for t in ch.targets if t in targets] or targets[:1]
+        if ch.kind in RANKED_KINDS:
+            ints = [k for k in ch.ks if k != "all"]
+            small = 1 if distributed else (2 if ch.kind == "mix" else 3)
+            update["k"] = [min(min(ints), small)] if ints else ["all"]
+        choices.append(ch.model_copy(update=update))
+    sizes = cfg.sizes.model_copy(update={"eval": 24})
+    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1], "n_per_source": 16,
+                                  "sizes": sizes, "targets": targets, "pool": pool, "choices": choices,
+                                  "most_similar": {t: s for t, s in cfg.most_similar.items() if t in targets},
+                                  "setups": [_smoke_setup(s) for s in cfg.setups]})
+
+
+def _local_first(cfg: JobConfig, tasks: list[str], k: int) -> list[str]:
+    registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
+    return sorted(tasks, key=lambda t: not has_local_data(registry, t))[:k]
+
+
+def smoke_pvi(cfg: Any) -> Any:
+    """2 tasks (local data first), 24 training and 24 held-out examples each, one seed."""
+    sizes = cfg.sizes.model_copy(update={"train": 24, "eval": 24})
+    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1], "sizes": sizes,
+                                  "tasks": _local_first(cfg, cfg.tasks, 2),
+                                  "setups": [_smoke_setup(s) for s in cfg.setups]})
+
+
+def smoke_mtl(cfg: Any) -> Any:
+    """Per grouping its first group whose members all have local data (else its first), cut to 2 members;
+    single-task groups only for the members kept; 24 + 24 examples per task, one seed."""
+    registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
+    groups: dict[str, list[list[str]]] = {}
+    for grouping, gs in cfg.groups.items():
+        if grouping == "single" or not gs:
+            continue
+        local = [g for g in gs if all(has_local_data(registry, t) for t in g)]
+        groups[grouping] = [(local or gs)[0][:2]]
+    kept = list(dict.fromkeys(t for gs in groups.values() for g in gs for t in g))
+    singles = [g for g in cfg.groups.get("single", []) if len(g) == 1 and g[0] in kept]
+    if singles or not groups:
+        groups["single"] = singles or [g[:1] for g in cfg.groups.get("single", [])[:1]]
+    sizes = cfg.sizes.model_copy(update={"train": 24, "eval": 24})
+    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1], "sizes": sizes,
+                                  "groups": groups, "setups": [_smoke_setup(s) for s in cfg.setups]})
+
+
+def smoke_fewshot(cfg: Any) -> Any:
+    """2 tasks (local data first), demonstrations from 24 training examples, 16 held-out, one seed."""
+    sizes = cfg.sizes.model_copy(update={"train": 24, "eval": 16})
+    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1], "sizes": sizes,
+                                  "tasks": _local_first(cfg, cfg.tasks, 2),
+                                  "setups": [_smoke_setup(s) for s in cfg.setups]})
+
+
+def smoke_score(cfg: Any) -> Any:
+    """A few examples of at most two local tasks; models that need a hub become the offline MiniLM scorer."""
+    registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
+    tasks = sorted(cfg.tasks, key=lambda t: not has_local_data(registry, t))[:2]
+    offline = ("builtin:", "sentence:builtin:", "run:", "http://", "https://", "/", ".", "~")
+    models = [m if m.ref.startswith(offline) else m.model_copy(update={"ref": "builtin:minilm"}) for m in cfg.models]
+    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1], "n": 8, "tasks": tasks,
+                                  "models": models[:2]})
+
+
+def smoke_embed(cfg: Any) -> Any:
+    """FUTE in minutes: every surrogate a tiny model of its family (its head kept), two optimiser steps, a
+    Fisher over 4 examples, a 4-input-per-task probe pool from 2 tasks, 2 DTE tasks of each kind, the first
+    prompt set with 2 prompts (+ 1 extra), hub or endpoint black boxes replaced by the offline MiniLM scorer,
+    the referenced pairwise config shrunk as its own --smoke."""
+    registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
+    offline = ("builtin:", "sentence:builtin:", "run:", "/", ".", "~")
+
+    def space(s: Any) -> Any:
+        model = s.surrogate
+        tiny = ModelSpec(name=model.name, config=dict(TINY[model.family]), family=model.family,
+                         max_length=min(model.max_length, 64), head=model.head)
+        params = dict(s.adaptation.params)
+        if "num_virtual_tokens" in params:
+            params["num_virtual_tokens"] = min(int(params["num_virtual_tokens"]), 4)
+        train = s.train.model_copy(update={"epochs": 1, "max_steps": 2, "batch_size": min(s.train.batch_size, 4)})
+        return s.model_copy(update={"surrogate": tiny, "train": train, "trainable": [], "fisher_params": [],
+                                    "fisher_examples": 4, "adaptation": s.adaptation.model_copy(update={"params": params})})
+
+    local = [t for t in cfg.dte.tasks if has_local_data(registry, t)][:2]
+    prompted = cfg.dte.prompted_tasks if cfg.dte.prompted_tasks == "all" else cfg.dte.prompted_tasks[:2]
+    dte = cfg.dte.model_copy(update={"tasks": local, "n": 8, "n_prompted": 4,
+                                     "prompted_tasks": ["cb", "mrpc"] if prompted == "all" else prompted})
+    pool_tasks = [t for t in cfg.pool.tasks if has_local_data(registry, t)][:2]
+    needs_pool = bool(cfg.mte.pairwise or (cfg.mte.models and cfg.mte.prompts))
+    pool_prompted = cfg.pool.prompted_tasks[:2] or ([] if pool_tasks or not needs_pool else ["story_cloze"])
+    pool = cfg.pool.model_copy(update={"tasks": pool_tasks, "prompted_tasks": pool_prompted, "n_per_task": 4})
+    models = [m if m.ref.startswith(offline) else m.model_copy(update={"ref": "builtin:minilm", "temperature": None})
+              for m in cfg.mte.models[:1]]
+    prompts = [p.model_copy(update={"templates": p.templates if isinstance(p.templates, str) else p.templates[:2],
+                                    "extra": p.extra[:1]})
+               for p in cfg.mte.prompts if has_local_data(registry, p.task)][:1]
+    pairwise = cfg.mte.pairwise.model_copy(update={"smoke": True}) if cfg.mte.pairwise else None
+    mte = cfg.mte.model_copy(update={"models": models, "prompts": prompts, "pairwise": pairwise, "n_eval": 8,
+                                     "batch_size": min(cfg.mte.batch_size, 8)})
+    res = cfg.resources.model_copy(update={"gpu": 0, "cpu": 1, "memory_gb": None})
+    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1],
+                                  "spaces": [space(s) for s in cfg.spaces], "dte": dte, "pool": pool, "mte": mte,
+                                  "resources": res})
+
+
+#: job kind -> how its configs shrink (every kind's shrinking lives in this module)
+SMOKE: dict[str, Callable[[Any], Any]] = {"pairwise": smoke_pairwise, "multitask": smoke_multitask,
+                                          "score": smoke_score, "pvi": smoke_pvi, "mtl": smoke_mtl,
+                                          "fewshot": smoke_fewshot, "embed": smoke_embed}
+
+
+def smoke_variant(cfg: JobConfig) -> JobConfig:
+    """The config shrunk for `--smoke`, by its job kind."""
+    if cfg.job not in SMOKE:
+        raise ValueError(f"job kind {cfg.job!r} has no --smoke variant (add one to rayjobs/engine/smoke.py)")
+    return SMOKE[cfg.job](cfg)
+
+
+def config_kind(path: Path) -> str | None:
+    """The job kind a config names (`job:`, default pairwise), or None for a task-registry file."""
+    raw = yaml.safe_load(path.read_text()) or {}
+    if "tasks" in raw and isinstance(raw["tasks"], dict) and "name" not in raw:  # a task registry file
+        return None
+    return str(raw.get("job", "pairwise"))
+
+
+def smoke_all(paths: list[Path], results: Path, timeout: int = 600) -> list[dict[str, Any]]:
+    """Every config's `--smoke` run, each in its own process and results folder, timed."""
+    rows = []
+    taskweb = Path("results/taskweb.duckdb")
+    for path in paths:
+        kind = config_kind(path)
+        if kind is None:
+            continue
+        if kind == "multitask" and not taskweb.exists():  # the selection store the example configs name
+            subprocess.run([sys.executable, "-m", "rayjobs.cli", "import", "taskweb",
+                            str(DEFAULT_DATA_ROOT / "taskweb"), "--db", str(taskweb)], check=True,
+                           capture_output=True)
+        cmd = [sys.executable, "-m", "rayjobs.cli", "run", str(path), "--smoke", "--results", str(results / path.stem)]
+        t0 = time.time()
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            status, out = ("ok" if r.returncode == 0 else f"exit {r.returncode}"), r.stdout + r.stderr
+        except subprocess.TimeoutExpired:
+            status, out = f"timeout {timeout}s", ""
+        runs = re.search(r"(\d+) (?:distinct )?runs", out)
+        rows.append({"config": path.name, "job": kind, "runs": int(runs.group(1)) if runs else None,
+                     "seconds": round(time.time() - t0, 1), "status": status})
+        print(f"{path.name:32s} {kind:9s} {rows[-1]['runs']!s:>5s} runs {rows[-1]['seconds']:7.1f}s  {status}",
+              flush=True)
+        if status != "ok":
+            print("\n".join(out.splitlines()[-15:]), file=sys.stderr)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m rayjobs.engine.smoke",
+                                 description="run every config's --smoke variant end to end and time it")
+    ap.add_argument("configs", nargs="*", default=sorted(glob.glob("configs/*.yaml")))
+    ap.add_argument("--results", default="results/smoke")
+    ap.add_argument("--timeout", type=int, default=600)
+    args = ap.parse_args(argv)
+    rows = smoke_all([Path(c) for c in args.configs], Path(args.results), args.timeout)
+    bad = [r for r in rows if r["status"] != "ok"]
+    print(f"{len(rows) - len(bad)}/{len(rows)} configs ran end to end; slowest "
+          f"{max((r['seconds'] for r in rows), default=0):.0f}s")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
