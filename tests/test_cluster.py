@@ -17,7 +17,7 @@ from pathlib import Path
 import duckdb
 import psutil
 import pytest
-from tests.cluster_support import LocalCluster
+from cluster_support import LocalCluster
 
 from tests.conftest import REPO, needs_data, tiny_grid
 

@@ -11,7 +11,7 @@ import loop_reference as ref
 import numpy as np
 import pyarrow as pa
 import pytest
-from tests.analysis_support import TASKWEB, copy_db, needs_taskweb, taskweb_db
+from analysis_support import TASKWEB, copy_db, needs_taskweb, taskweb_db
 
 from analysis.selection import fute as te
 from analysis.selection import fute_cost as fc

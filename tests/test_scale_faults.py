@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import yaml
-from tests.cluster_support import REPO, LocalCluster
+from cluster_support import REPO, LocalCluster
 
 from analysis.store.results import ResultStore
 from tests.conftest import DATA

@@ -41,7 +41,12 @@ import pyarrow as pa
 
 from analysis.errors import AnalysisError
 from analysis.registry import Registry
-from analysis.selection.scores import has_selector, store_scores, stored_selectors
+from analysis.selection.scores import (  # noqa: F401 - the registry module re-exports the score table
+    base_selectors,
+    has_selector,
+    store_scores,
+    stored_selectors,
+)
 from analysis.store.duck import query_arrow, registered
 from analysis.transfer import MEAN, require_setup
 

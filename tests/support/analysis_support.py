@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DATA = Path(os.environ.get("TRANSFERLAB_DATA") or ROOT.parent / "shared" / "data")
 TASKWEB = DATA / "taskweb"
 

@@ -4,7 +4,7 @@ Why a separate process: the cluster's nodes are children of the process that cre
 process holds Ray's global state; pytest's process must stay free of it (other tests start their own
 Ray). The test talks to the controller over stdin/stdout, one JSON line each way:
 
-    python tests/cluster_support.py --workers 2     ->  {"address": ..., "nodes": [{node_id, raylet_pid}...]}
+    python tests/support/cluster_support.py --workers 2     ->  {"address": ..., "nodes": [{node_id, raylet_pid}...]}
     {"cmd": "remove", "node_id": ID}                 ->  {"ok": true}      (SIGKILL: a node lost)
     {"cmd": "add"}                                   ->  {"node_id": ..., "raylet_pid": ...}
     {"cmd": "quit"}                                  ->  (cluster shut down, process exits)
@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PREFIX = "@@ "
 
 
