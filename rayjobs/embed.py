@@ -35,6 +35,7 @@ from pydantic import Field, field_validator
 
 from analysis.store.results import ResultStore
 from rayjobs.config import ConfigError, JobConfig, ModelSpec, ResourceSpec, SetupSpec, _Strict
+from rayjobs.engine.smoke import TINY, has_local_data
 from rayjobs.job import Job, Plan
 from rayjobs.plan import TrialSpec, run_key
 from rayjobs.score import BlackBoxSpec
@@ -167,7 +168,7 @@ def _pairwise(cfg: EmbedConfig, store: ResultStore) -> tuple[list[TrialSpec], li
 
     pcfg = load_config(ref.config)
     if ref.smoke:
-        from rayjobs.engine.smoke import smoke_pairwise
+        from rayjobs.pairwise import smoke as smoke_pairwise
 
         pcfg = smoke_pairwise(pcfg)
     registry = TaskRegistry.load(pcfg.task_files, pcfg.data_root)
@@ -289,7 +290,7 @@ def expand_embed(cfg: EmbedConfig, store: ResultStore) -> tuple[list[TrialSpec],
         seen.add(key)
         setup = SetupSpec(name=it.name, model=ModelSpec(name=it.name, path=it.ref, max_length=it.max_length),
                           resources=cfg.resources)
-        trials.append(TrialSpec(run_key=key, kind="probe", executor="probe", setup=setup, hparams=setup.train,
+        trials.append(TrialSpec(run_key=key, kind="probe", executor="rayjobs.embed:probe_trial", setup=setup, hparams=setup.train,
                                 train_task=it.task, eval_task=it.task, target=it.task, source=it.source_task,
                                 seed=0, n_train=len(pool.examples), n_eval=None, after=list(it.after),
                                 params={**params, "model": it.name, "prompt": it.prompt}, **common))
@@ -327,7 +328,7 @@ def expand_embed(cfg: EmbedConfig, store: ResultStore) -> tuple[list[TrialSpec],
                 origin = registry.origin(ds.task) if ds.source == "registry" else _prompted_origin(ds.prompted_file)
                 ident = ds.model_dump(mode="json", exclude={"prompted_file"})
                 key = run_key({"kind": "embed", "space": sid, "embedding": "DTE", "data": ident, "origin": origin})
-                trials.append(TrialSpec(run_key=key, kind="embed", executor="embed", setup=setup, hparams=space.train,
+                trials.append(TrialSpec(run_key=key, kind="embed", executor="rayjobs.embed:embed_trial", setup=setup, hparams=space.train,
                                         train_task=ds.task, eval_task=ds.task, target=ds.task, seed=seed,
                                         n_train=ds.n, n_eval=None,
                                         params={**base, "embedding": "DTE", "dataset": ds.model_dump(mode="json")},
@@ -336,7 +337,7 @@ def expand_embed(cfg: EmbedConfig, store: ResultStore) -> tuple[list[TrialSpec],
                 key = run_key({"kind": "embed", "space": sid, "embedding": "MTE", "probe": probe_keys[i],
                                "model": it.name, "prompt": it.prompt})
                 trials.append(TrialSpec(
-                    run_key=key, kind="embed", executor="embed", setup=setup, hparams=space.train, train_task=it.task,
+                    run_key=key, kind="embed", executor="rayjobs.embed:embed_trial", setup=setup, hparams=space.train, train_task=it.task,
                     eval_task=it.task, target=it.task, source=it.source_task, seed=seed, n_train=len(pool.examples),
                     n_eval=None, after=[probe_keys[i]],
                     params={**base, "embedding": "MTE", "probe_key": probe_keys[i], "model": it.name, "ref": it.ref,
@@ -488,6 +489,48 @@ def embed_trial(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
 
 
 # -- the job --------------------------------------------------------------------------------------------------
+# -- --smoke: the config shrunk to run end to end on a laptop CPU in minutes ------------------------------
+def smoke(cfg: Any) -> Any:
+    """FUTE in minutes: every surrogate a tiny model of its family (its head kept), two optimiser steps, a
+    Fisher over 4 examples, a 4-input-per-task probe pool from 2 tasks, 2 DTE tasks of each kind, the first
+    prompt set with 2 prompts (+ 1 extra), hub or endpoint black boxes replaced by the offline MiniLM scorer,
+    the referenced pairwise config shrunk as its own --smoke."""
+    registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
+    offline = ("builtin:", "sentence:builtin:", "run:", "/", ".", "~")
+
+    def space(s: Any) -> Any:
+        model = s.surrogate
+        tiny = ModelSpec(name=model.name, config=dict(TINY[model.family]), family=model.family,
+                         max_length=min(model.max_length, 64), head=model.head)
+        params = dict(s.adaptation.params)
+        if "num_virtual_tokens" in params:
+            params["num_virtual_tokens"] = min(int(params["num_virtual_tokens"]), 4)
+        train = s.train.model_copy(update={"epochs": 1, "max_steps": 2, "batch_size": min(s.train.batch_size, 4)})
+        return s.model_copy(update={"surrogate": tiny, "train": train, "trainable": [], "fisher_params": [],
+                                    "fisher_examples": 4, "adaptation": s.adaptation.model_copy(update={"params": params})})
+
+    local = [t for t in cfg.dte.tasks if has_local_data(registry, t)][:2]
+    prompted = cfg.dte.prompted_tasks if cfg.dte.prompted_tasks == "all" else cfg.dte.prompted_tasks[:2]
+    dte = cfg.dte.model_copy(update={"tasks": local, "n": 8, "n_prompted": 4,
+                                     "prompted_tasks": ["cb", "mrpc"] if prompted == "all" else prompted})
+    pool_tasks = [t for t in cfg.pool.tasks if has_local_data(registry, t)][:2]
+    needs_pool = bool(cfg.mte.pairwise or (cfg.mte.models and cfg.mte.prompts))
+    pool_prompted = cfg.pool.prompted_tasks[:2] or ([] if pool_tasks or not needs_pool else ["story_cloze"])
+    pool = cfg.pool.model_copy(update={"tasks": pool_tasks, "prompted_tasks": pool_prompted, "n_per_task": 4})
+    models = [m if m.ref.startswith(offline) else m.model_copy(update={"ref": "builtin:minilm", "temperature": None})
+              for m in cfg.mte.models[:1]]
+    prompts = [p.model_copy(update={"templates": p.templates if isinstance(p.templates, str) else p.templates[:2],
+                                    "extra": p.extra[:1]})
+               for p in cfg.mte.prompts if has_local_data(registry, p.task)][:1]
+    pairwise = cfg.mte.pairwise.model_copy(update={"smoke": True}) if cfg.mte.pairwise else None
+    mte = cfg.mte.model_copy(update={"models": models, "prompts": prompts, "pairwise": pairwise, "n_eval": 8,
+                                     "batch_size": min(cfg.mte.batch_size, 8)})
+    res = cfg.resources.model_copy(update={"gpu": 0, "cpu": 1, "memory_gb": None})
+    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1],
+                                  "spaces": [space(s) for s in cfg.spaces], "dte": dte, "pool": pool, "mte": mte,
+                                  "resources": res})
+
+
 class EmbedJob(Job):
     kind = "embed"
     config_cls = EmbedConfig

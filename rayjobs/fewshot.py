@@ -26,6 +26,7 @@ from pydantic import Field, field_validator
 from analysis.store.results import ResultStore
 from rayjobs.config import ConfigError, JobConfig
 from rayjobs.engine.preflight import check_setup
+from rayjobs.engine.smoke import local_first, smoke_setup
 from rayjobs.job import Job, Plan, check_choice_tasks
 from rayjobs.models.loading import ModelError
 from rayjobs.plan import TrialSpec, prompt_identity, trial_key
@@ -122,7 +123,7 @@ def expand_fewshot(cfg: FewshotConfig, registry: TaskRegistry, results_dir: str)
             for seed in cfg.seeds:
                 key = trial_key(kind="fewshot", setup=setup, hparams=setup.train, train_task=task, train_origin=shown,
                                 eval_task=task, eval_origin=data, seed=seed, n_train=sz.train, **split)
-                trials.append(TrialSpec(run_key=key, experiment=cfg.name, kind="fewshot", executor="fewshot",
+                trials.append(TrialSpec(run_key=key, experiment=cfg.name, kind="fewshot", executor="rayjobs.fewshot:score_fewshot",
                                         setup=setup, hparams=setup.train, train_task=task, eval_task=task,
                                         target=task, seed=seed, n_train=sz.train, data_root=cfg.data_root,
                                         task_files=list(cfg.task_files), results_dir=results_dir,
@@ -130,7 +131,7 @@ def expand_fewshot(cfg: FewshotConfig, registry: TaskRegistry, results_dir: str)
     return trials
 
 
-# -- the trial's executor (rayjobs/engine/trial.py EXECUTORS) ------------------------------------------------------
+# -- the trial's executor (TrialSpec.executor) ------------------------------------------------------
 def score_fewshot(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     """Build the model, score the held-out pool k-shot under every evaluation template; nothing is trained."""
     import torch
@@ -200,6 +201,15 @@ def accuracy_and_macro_f1(rows: list[dict[str, Any]], n_classes: int) -> dict[st
 
 
 # -- job -------------------------------------------------------------------------------------------------
+# -- --smoke: the config shrunk to run end to end on a laptop CPU in minutes ------------------------------
+def smoke(cfg: Any) -> Any:
+    """2 tasks (local data first), demonstrations from 24 training examples, 16 held-out, one seed."""
+    sizes = cfg.sizes.model_copy(update={"train": 24, "eval": 16})
+    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1], "sizes": sizes,
+                                  "tasks": local_first(cfg, cfg.tasks, 2),
+                                  "setups": [smoke_setup(s) for s in cfg.setups]})
+
+
 class FewshotJob(Job):
     kind = "fewshot"
     config_cls = FewshotConfig

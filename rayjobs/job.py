@@ -6,12 +6,14 @@ that can fail before Ray starts), and `report` (the lines printed after the run)
 (`rayjobs/engine/driver.py`) does the rest for every kind: flags, overrides, smoke shrinking, skipping stored
 run keys, running trials on Ray as their dependencies are stored, ingest, and the closing lines.
 
-Adding a kind: write the module, subclass `Job`, and add one line to `JOB_MODULES`.
+Adding a kind: write the module (its config, `plan`, the executors its trials name, `smoke`, `report`),
+subclass `Job`, and add one line to `JOB_MODULES`: the one table of kinds.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -80,6 +82,13 @@ class Job(ABC):
     @abstractmethod
     def plan(self, cfg: Any, store: ResultStore) -> Plan:
         """Validate everything that can be validated before Ray starts; expand into trials."""
+
+    def smoke(self, cfg: Any) -> Any:
+        """`--smoke`: the config shrunk to run end to end on a laptop CPU, by the kind module's `smoke(cfg)`."""
+        shrink = getattr(sys.modules[type(self).__module__], "smoke", None)
+        if shrink is None:
+            raise ConfigError(f"job kind {self.kind!r} has no --smoke variant (define `smoke(cfg)` in its module)")
+        return shrink(cfg)
 
     def report(self, cfg: Any, store: ResultStore) -> list[str]:
         """Lines printed after the run (a matrix, a table); nothing by default."""

@@ -37,6 +37,7 @@ from pydantic import Field, field_validator, model_validator
 from analysis.store.results import ResultStore
 from rayjobs.config import ConfigError, JobConfig, SetupSpec
 from rayjobs.engine.preflight import check_setup
+from rayjobs.engine.smoke import has_local_data, smoke_setup
 from rayjobs.job import Job, Plan, task_spec
 from rayjobs.models.loading import ModelError
 from rayjobs.plan import TrialSpec, prompt_identity, trial_key
@@ -164,7 +165,7 @@ def expand_mtl(cfg: MtlConfig, registry: TaskRegistry, results_dir: str) -> tupl
                     key = _key(setup, members, seed, cfg, registry)
                     if key not in trials:
                         trials[key] = TrialSpec(
-                            run_key=key, experiment=cfg.name, kind="mtl", executor="mtl", setup=setup,
+                            run_key=key, experiment=cfg.name, kind="mtl", executor="rayjobs.mtl:train_and_evaluate_mtl", setup=setup,
                             hparams=setup.train, train_task="+".join(members), eval_task="+".join(members),
                             params={"sampling": cfg.sampling_id if len(members) > 1 else "proportional"},
                             sources=members, seed=seed, n_train=sz.train, data_root=cfg.data_root,
@@ -204,7 +205,7 @@ def record_groups(store: ResultStore, rows: list[dict]) -> None:
                     f"(SELECT DISTINCT {cols} FROM _groups EXCEPT SELECT {cols} FROM mtl_groups)")
 
 
-# -- the trial's executor (rayjobs/engine/trial.py EXECUTORS) ------------------------------------------------------
+# -- the trial's executor (TrialSpec.executor) ------------------------------------------------------
 def train_and_evaluate_mtl(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     """Train the shared encoder and every member's head with `fit`; evaluate each member on its held-out pool."""
     from dataclasses import replace
@@ -307,6 +308,26 @@ def member_lines(store: ResultStore, cfg: MtlConfig) -> list[str]:
                      f"{cell(r['accuracy'], r['ci_accuracy']):>14s} {cell(r['macro_f1'], r['ci_macro_f1']):>14s} "
                      f"{cell(r['single_macro_f1']):>9s} {diff:>8s}")
     return lines
+
+
+# -- --smoke: the config shrunk to run end to end on a laptop CPU in minutes ------------------------------
+def smoke(cfg: Any) -> Any:
+    """Per grouping its first group whose members all have local data (else its first), cut to 2 members;
+    single-task groups only for the members kept; 24 + 24 examples per task, one seed."""
+    registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
+    groups: dict[str, list[list[str]]] = {}
+    for grouping, gs in cfg.groups.items():
+        if grouping == "single" or not gs:
+            continue
+        local = [g for g in gs if all(has_local_data(registry, t) for t in g)]
+        groups[grouping] = [(local or gs)[0][:2]]
+    kept = list(dict.fromkeys(t for gs in groups.values() for g in gs for t in g))
+    singles = [g for g in cfg.groups.get("single", []) if len(g) == 1 and g[0] in kept]
+    if singles or not groups:
+        groups["single"] = singles or [g[:1] for g in cfg.groups.get("single", [])[:1]]
+    sizes = cfg.sizes.model_copy(update={"train": 24, "eval": 24})
+    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1], "sizes": sizes,
+                                  "groups": groups, "setups": [smoke_setup(s) for s in cfg.setups]})
 
 
 class MtlJob(Job):

@@ -25,9 +25,10 @@ import yaml
 from analysis.store.results import ResultStore
 from rayjobs.config import SetupSpec
 from rayjobs.engine.preflight import check_setup
+from rayjobs.engine.smoke import has_local_data, smoke_setup
 from rayjobs.job import Job, Plan
 from rayjobs.models.loading import ModelError
-from rayjobs.multitask_config import MultitaskConfig, load_multitask_config
+from rayjobs.multitask_config import RANKED_KINDS, MultitaskConfig, load_multitask_config
 from rayjobs.multitask_sources import (
     SourceSet,
     _fail,
@@ -230,6 +231,47 @@ def table_lines(store: ResultStore, cfg: MultitaskConfig) -> list[str]:
             lines.append(sel.ljust(w) + "".join((f"{100 * v:.2f}" if v is not None else "-").rjust(cw)
                                                 for v in vals) + mean.rjust(cw))
     return lines
+
+
+# -- --smoke: the config shrunk to run end to end on a laptop CPU in minutes ------------------------------
+def smoke(cfg: MultitaskConfig) -> MultitaskConfig:
+    """The same kinds of choice, shrunk to run end to end in minutes on a CPU with no hub.
+
+    Tiny sizes, one seed, tiny models for hub ids; at most 2 targets (1 when a setup is distributed:
+    a Ray Train group per trial is slow on a laptop), those with local data first; the pool cut to
+    tasks with local data; one small k per choice (at most 3, a mix at most 2; with a distributed
+    setup one choice per kind and k = 1, so the mixes reuse the top-1 / bottom-1 runs). A choice restricted
+    to targets that were cut moves to the first kept target, so every kind of choice still runs.
+    """
+    registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
+
+    def local(t: str) -> bool:
+        return has_local_data(registry, t)
+
+    distributed = any(s.deepspeed is not None or s.resources.workers > 1 for s in cfg.setups)
+    targets = sorted(cfg.targets, key=lambda t: not local(t))[:1 if distributed else 2]
+    pool = cfg.pool
+    if pool is not None and sum(map(local, pool)) >= 2:
+        pool = [t for t in pool if local(t)]
+    choices = []
+    kinds: set[str] = set()
+    for ch in cfg.choices:
+        if distributed and ch.kind in kinds:  # one choice per kind: each run is a worker group
+            continue
+        kinds.add(ch.kind)
+        update: dict[str, Any] = {}
+        if ch.targets is not None:
+            update["targets"] = [t for t in ch.targets if t in targets] or targets[:1]
+        if ch.kind in RANKED_KINDS:
+            ints = [k for k in ch.ks if k != "all"]
+            small = 1 if distributed else (2 if ch.kind == "mix" else 3)
+            update["k"] = [min(min(ints), small)] if ints else ["all"]
+        choices.append(ch.model_copy(update=update))
+    sizes = cfg.sizes.model_copy(update={"eval": 24})
+    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1], "n_per_source": 16,
+                                  "sizes": sizes, "targets": targets, "pool": pool, "choices": choices,
+                                  "most_similar": {t: s for t, s in cfg.most_similar.items() if t in targets},
+                                  "setups": [smoke_setup(s) for s in cfg.setups]})
 
 
 class MultitaskJob(Job):

@@ -14,6 +14,7 @@ from __future__ import annotations
 from analysis.store.results import ResultStore
 from rayjobs.config import ExperimentConfig
 from rayjobs.engine.preflight import check_setups
+from rayjobs.engine.smoke import smoke_setup, smoke_tasks
 from rayjobs.job import Job, Plan
 from rayjobs.plan import TrialSpec, expand_pairwise
 from rayjobs.tasks.registry import TaskRegistry
@@ -46,6 +47,16 @@ def transfer_matrix_lines(store: ResultStore, cfg: ExperimentConfig) -> list[str
             vals = [f"{cells[(s, t)][0]:+.3f}" if (s, t) in cells else "-" for t in tgts]
             lines.append(s.ljust(w) + "".join(v.rjust(w) for v in vals))
     return lines
+
+
+# -- --smoke: the config shrunk to run end to end on a laptop CPU in minutes ------------------------------
+def smoke(cfg: ExperimentConfig) -> ExperimentConfig:
+    """One seed (one source and one target seed where the stages have their own), tiny sizes, <= 3 tasks."""
+    sizes = cfg.sizes.model_copy(update={"source_train": 24, "target_train": 24, "eval": 24})
+    seeds = cfg.seeds[:1] if isinstance(cfg.seeds, list) else \
+        cfg.seeds.model_copy(update={"source": cfg.seeds.source[:1], "target": cfg.seeds.target[:1]})
+    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": seeds, "sizes": sizes,
+                                  "tasks": smoke_tasks(cfg), "setups": [smoke_setup(s) for s in cfg.setups]})
 
 
 class PairwiseJob(Job):

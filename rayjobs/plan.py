@@ -55,7 +55,8 @@ class TrialSpec(BaseModel):
     #: and each trial works in its node's own; not part of the run's identity
     results_uri: str | None = None
     after: list[str] = []  # run keys this trial needs besides its source (not part of its identity)
-    executor: str = "train"  # what runs the trial (rayjobs.engine.trial.EXECUTORS): train | score | ...
+    #: what runs the trial, "module:function(trial, ctx) -> result row": the job kind's own executor
+    executor: str = "rayjobs.train.loop:train_and_evaluate"
     params: dict[str, Any] = {}  # the executor's own inputs (a score trial's model reference and template)
 
     @property
@@ -188,4 +189,4 @@ def expand_pairwise(cfg: ExperimentConfig, registry: TaskRegistry, results_dir: 
                                                source_run_key=init, baseline_run_key=base_keys[t, seed],
                                                **common))
     trials = sources + baselines + transfers  # a setup with `simulate:` runs the benchmark's executor
-    return [t.model_copy(update={"executor": "simulate"}) if t.setup.simulate else t for t in trials]
+    return [t.model_copy(update={"executor": "rayjobs.engine.simulate:simulate_trial"}) if t.setup.simulate else t for t in trials]

@@ -15,13 +15,14 @@ the task grouping are SQL over those rows (views `pvi`, `pvi_tasks`; `transferla
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from analysis.store.results import ResultStore
 from rayjobs.config import ConfigError, JobConfig, PromptSpec, SetupSpec
 from rayjobs.engine.preflight import check_setup
+from rayjobs.engine.smoke import local_first, smoke_setup
 from rayjobs.job import Job, Plan, check_choice_tasks
 from rayjobs.models.loading import ModelError
 from rayjobs.plan import TrialSpec, prompt_identity, trial_key
@@ -122,6 +123,15 @@ def v_information_lines(store: ResultStore, cfg: PviConfig) -> list[str]:
         if setup in setups:
             lines.append(f"{setup:24s} {task:12s} {n_seeds:5d} {n:6d} {v:8.3f} {sd if sd is not None else 0:8.3f}")
     return lines if len(lines) > 2 else []
+
+
+# -- --smoke: the config shrunk to run end to end on a laptop CPU in minutes ------------------------------
+def smoke(cfg: Any) -> Any:
+    """2 tasks (local data first), 24 training and 24 held-out examples each, one seed."""
+    sizes = cfg.sizes.model_copy(update={"train": 24, "eval": 24})
+    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1], "sizes": sizes,
+                                  "tasks": local_first(cfg, cfg.tasks, 2),
+                                  "setups": [smoke_setup(s) for s in cfg.setups]})
 
 
 class PviJob(Job):

@@ -22,6 +22,7 @@ from pydantic import Field, field_validator
 
 from analysis.store.results import ResultStore
 from rayjobs.config import JobConfig, ModelSpec, ResourceSpec, SetupSpec, _Strict
+from rayjobs.engine.smoke import has_local_data
 from rayjobs.job import Job, Plan
 from rayjobs.plan import TrialSpec, run_key
 from rayjobs.tasks.registry import TaskRegistry
@@ -93,7 +94,7 @@ def expand_score(cfg: ScoreConfig, registry: TaskRegistry, results_dir: str) -> 
                     key = run_key({"kind": "score", "params": params, "task": [task, origin], "seed": seed,
                                    "split": [sz.eval_fraction, sz.split_seed]})
                     trials.append(TrialSpec(
-                        run_key=key, experiment=cfg.name, kind="score", executor="score", setup=setup,
+                        run_key=key, experiment=cfg.name, kind="score", executor="rayjobs.score:score_trial", setup=setup,
                         hparams=setup.train, train_task=task, eval_task=task, target=task, seed=seed,
                         n_train=cfg.n if cfg.split != "eval" else 0, n_eval=cfg.n if cfg.split == "eval" else None,
                         eval_fraction=sz.eval_fraction, split_seed=sz.split_seed, data_root=cfg.data_root,
@@ -114,7 +115,7 @@ def _self_select_trials(cfg: ScoreConfig, m: BlackBoxSpec, setup: SetupSpec, tas
         key = run_key({"kind": "self_select", "params": params, "task": [task, origin], "seed": seed,
                        "split": [sz.eval_fraction, sz.split_seed]})
         out.append(TrialSpec(
-            run_key=key, experiment=cfg.name, kind="self_select", executor="self_select", setup=setup,
+            run_key=key, experiment=cfg.name, kind="self_select", executor="rayjobs.scoring.self_select:self_select_trial", setup=setup,
             hparams=setup.train, train_task=task, eval_task=task, target=task, seed=seed,
             n_train=cfg.n if cfg.split != "eval" else 0, n_eval=cfg.n if cfg.split == "eval" else None,
             eval_fraction=sz.eval_fraction, split_seed=sz.split_seed, data_root=cfg.data_root,
@@ -163,6 +164,17 @@ def score_trial(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
         "train_time_s": 0.0, "wall_time_s": time.time() - t0, "host": socket.gethostname(), "status": "ok",
         "predictions": rows,
     }
+
+
+# -- --smoke: the config shrunk to run end to end on a laptop CPU in minutes ------------------------------
+def smoke(cfg: Any) -> Any:
+    """A few examples of at most two local tasks; models that need a hub become the offline MiniLM scorer."""
+    registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
+    tasks = sorted(cfg.tasks, key=lambda t: not has_local_data(registry, t))[:2]
+    offline = ("builtin:", "sentence:builtin:", "run:", "http://", "https://", "/", ".", "~")
+    models = [m if m.ref.startswith(offline) else m.model_copy(update={"ref": "builtin:minilm"}) for m in cfg.models]
+    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1], "n": 8, "tasks": tasks,
+                                  "models": models[:2]})
 
 
 class ScoreJob(Job):

@@ -105,7 +105,7 @@ def test_simulate_executor_writes_realistic_deterministic_rows(tmp_path):
     store = ResultStore(tmp_path / "results")
     store.ensure_writable()
     trials = job.plan(cfg, store).trials
-    assert len(trials) == PLANNED and {t.executor for t in trials} == {"simulate"}
+    assert len(trials) == PLANNED and {t.executor for t in trials} == {"rayjobs.engine.simulate:simulate_trial"}
     source = next(t for t in trials if t.kind == "source")
     transfer = next(t for t in trials if t.kind == "transfer" and t.source_run_key == source.run_key)
     try:

@@ -14,7 +14,6 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,6 @@ from rayjobs.config import (
     TrainSpec,
     ValidationSpec,
 )
-from rayjobs.multitask_config import RANKED_KINDS, MultitaskConfig
 from rayjobs.tasks.registry import DEFAULT_DATA_ROOT, TaskRegistry
 
 TINY = {
@@ -88,7 +86,7 @@ def _smoke_train(hp: TrainSpec, workers: int) -> TrainSpec:
     return hp.model_copy(update=update)
 
 
-def _smoke_setup(s: SetupSpec) -> SetupSpec:
+def smoke_setup(s: SetupSpec) -> SetupSpec:
     workers = min(s.resources.workers, 2)
     train = _smoke_train(s.train, workers)
     src = _smoke_train(s.source_train, workers) if s.source_train else None
@@ -126,157 +124,16 @@ def smoke_tasks(cfg: ExperimentConfig) -> TaskSelection:
     return sel.model_copy(update={"sources": src, "targets": None if sel.targets is None else pick(sel.targets, 3)})
 
 
-def smoke_pairwise(cfg: ExperimentConfig) -> ExperimentConfig:
-    """One seed (one source and one target seed where the stages have their own), tiny sizes, <= 3 tasks."""
-    sizes = cfg.sizes.model_copy(update={"source_train": 24, "target_train": 24, "eval": 24})
-    seeds = cfg.seeds[:1] if isinstance(cfg.seeds, list) else \
-        cfg.seeds.model_copy(update={"source": cfg.seeds.source[:1], "target": cfg.seeds.target[:1]})
-    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": seeds, "sizes": sizes,
-                                  "tasks": smoke_tasks(cfg), "setups": [_smoke_setup(s) for s in cfg.setups]})
-
-
-def smoke_multitask(cfg: MultitaskConfig) -> MultitaskConfig:
-    """The same kinds of choice, shrunk to run end to end in minutes on a CPU with no hub.
-
-    Tiny sizes, one seed, tiny models for hub ids; at most 2 targets (1 when a setup is distributed:
-    a Ray Train group per trial is slow on a laptop), those with local data first; the pool cut to
-    tasks with local data; one small k per choice (at most 3, a mix at most 2; with a distributed
-    setup one choice per kind and k = 1, so the mixes reuse the top-1 / bottom-1 runs). A choice restricted
-    to targets that were cut moves to the first kept target, so every kind of choice still runs.
-    """
-    registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
-
-    def local(t: str) -> bool:
-        return has_local_data(registry, t)
-
-    distributed = any(s.deepspeed is not None or s.resources.workers > 1 for s in cfg.setups)
-    targets = sorted(cfg.targets, key=lambda t: not local(t))[:1 if distributed else 2]
-    pool = cfg.pool
-    if pool is not None and sum(map(local, pool)) >= 2:
-        pool = [t for t in pool if local(t)]
-    choices = []
-    kinds: set[str] = set()
-    for ch in cfg.choices:
-        if distributed and ch.kind in kinds:  # one choice per kind: each run is a worker group
-            continue
-        kinds.add(ch.kind)
-        update: dict[str, Any] = {}
-        if ch.targets is not None:
-            update["targets"] = [t for t in ch.targets if t in targets] or targets[:1]
-        if ch.kind in RANKED_KINDS:
-            ints = [k for k in ch.ks if k != "all"]
-            small = 1 if distributed else (2 if ch.kind == "mix" else 3)
-            update["k"] = [min(min(ints), small)] if ints else ["all"]
-        choices.append(ch.model_copy(update=update))
-    sizes = cfg.sizes.model_copy(update={"eval": 24})
-    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1], "n_per_source": 16,
-                                  "sizes": sizes, "targets": targets, "pool": pool, "choices": choices,
-                                  "most_similar": {t: s for t, s in cfg.most_similar.items() if t in targets},
-                                  "setups": [_smoke_setup(s) for s in cfg.setups]})
-
-
-def _local_first(cfg: JobConfig, tasks: list[str], k: int) -> list[str]:
+def local_first(cfg: JobConfig, tasks: list[str], k: int) -> list[str]:
     registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
     return sorted(tasks, key=lambda t: not has_local_data(registry, t))[:k]
 
 
-def smoke_pvi(cfg: Any) -> Any:
-    """2 tasks (local data first), 24 training and 24 held-out examples each, one seed."""
-    sizes = cfg.sizes.model_copy(update={"train": 24, "eval": 24})
-    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1], "sizes": sizes,
-                                  "tasks": _local_first(cfg, cfg.tasks, 2),
-                                  "setups": [_smoke_setup(s) for s in cfg.setups]})
-
-
-def smoke_mtl(cfg: Any) -> Any:
-    """Per grouping its first group whose members all have local data (else its first), cut to 2 members;
-    single-task groups only for the members kept; 24 + 24 examples per task, one seed."""
-    registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
-    groups: dict[str, list[list[str]]] = {}
-    for grouping, gs in cfg.groups.items():
-        if grouping == "single" or not gs:
-            continue
-        local = [g for g in gs if all(has_local_data(registry, t) for t in g)]
-        groups[grouping] = [(local or gs)[0][:2]]
-    kept = list(dict.fromkeys(t for gs in groups.values() for g in gs for t in g))
-    singles = [g for g in cfg.groups.get("single", []) if len(g) == 1 and g[0] in kept]
-    if singles or not groups:
-        groups["single"] = singles or [g[:1] for g in cfg.groups.get("single", [])[:1]]
-    sizes = cfg.sizes.model_copy(update={"train": 24, "eval": 24})
-    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1], "sizes": sizes,
-                                  "groups": groups, "setups": [_smoke_setup(s) for s in cfg.setups]})
-
-
-def smoke_fewshot(cfg: Any) -> Any:
-    """2 tasks (local data first), demonstrations from 24 training examples, 16 held-out, one seed."""
-    sizes = cfg.sizes.model_copy(update={"train": 24, "eval": 16})
-    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1], "sizes": sizes,
-                                  "tasks": _local_first(cfg, cfg.tasks, 2),
-                                  "setups": [_smoke_setup(s) for s in cfg.setups]})
-
-
-def smoke_score(cfg: Any) -> Any:
-    """A few examples of at most two local tasks; models that need a hub become the offline MiniLM scorer."""
-    registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
-    tasks = sorted(cfg.tasks, key=lambda t: not has_local_data(registry, t))[:2]
-    offline = ("builtin:", "sentence:builtin:", "run:", "http://", "https://", "/", ".", "~")
-    models = [m if m.ref.startswith(offline) else m.model_copy(update={"ref": "builtin:minilm"}) for m in cfg.models]
-    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1], "n": 8, "tasks": tasks,
-                                  "models": models[:2]})
-
-
-def smoke_embed(cfg: Any) -> Any:
-    """FUTE in minutes: every surrogate a tiny model of its family (its head kept), two optimiser steps, a
-    Fisher over 4 examples, a 4-input-per-task probe pool from 2 tasks, 2 DTE tasks of each kind, the first
-    prompt set with 2 prompts (+ 1 extra), hub or endpoint black boxes replaced by the offline MiniLM scorer,
-    the referenced pairwise config shrunk as its own --smoke."""
-    registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
-    offline = ("builtin:", "sentence:builtin:", "run:", "/", ".", "~")
-
-    def space(s: Any) -> Any:
-        model = s.surrogate
-        tiny = ModelSpec(name=model.name, config=dict(TINY[model.family]), family=model.family,
-                         max_length=min(model.max_length, 64), head=model.head)
-        params = dict(s.adaptation.params)
-        if "num_virtual_tokens" in params:
-            params["num_virtual_tokens"] = min(int(params["num_virtual_tokens"]), 4)
-        train = s.train.model_copy(update={"epochs": 1, "max_steps": 2, "batch_size": min(s.train.batch_size, 4)})
-        return s.model_copy(update={"surrogate": tiny, "train": train, "trainable": [], "fisher_params": [],
-                                    "fisher_examples": 4, "adaptation": s.adaptation.model_copy(update={"params": params})})
-
-    local = [t for t in cfg.dte.tasks if has_local_data(registry, t)][:2]
-    prompted = cfg.dte.prompted_tasks if cfg.dte.prompted_tasks == "all" else cfg.dte.prompted_tasks[:2]
-    dte = cfg.dte.model_copy(update={"tasks": local, "n": 8, "n_prompted": 4,
-                                     "prompted_tasks": ["cb", "mrpc"] if prompted == "all" else prompted})
-    pool_tasks = [t for t in cfg.pool.tasks if has_local_data(registry, t)][:2]
-    needs_pool = bool(cfg.mte.pairwise or (cfg.mte.models and cfg.mte.prompts))
-    pool_prompted = cfg.pool.prompted_tasks[:2] or ([] if pool_tasks or not needs_pool else ["story_cloze"])
-    pool = cfg.pool.model_copy(update={"tasks": pool_tasks, "prompted_tasks": pool_prompted, "n_per_task": 4})
-    models = [m if m.ref.startswith(offline) else m.model_copy(update={"ref": "builtin:minilm", "temperature": None})
-              for m in cfg.mte.models[:1]]
-    prompts = [p.model_copy(update={"templates": p.templates if isinstance(p.templates, str) else p.templates[:2],
-                                    "extra": p.extra[:1]})
-               for p in cfg.mte.prompts if has_local_data(registry, p.task)][:1]
-    pairwise = cfg.mte.pairwise.model_copy(update={"smoke": True}) if cfg.mte.pairwise else None
-    mte = cfg.mte.model_copy(update={"models": models, "prompts": prompts, "pairwise": pairwise, "n_eval": 8,
-                                     "batch_size": min(cfg.mte.batch_size, 8)})
-    res = cfg.resources.model_copy(update={"gpu": 0, "cpu": 1, "memory_gb": None})
-    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1],
-                                  "spaces": [space(s) for s in cfg.spaces], "dte": dte, "pool": pool, "mte": mte,
-                                  "resources": res})
-
-
-#: job kind -> how its configs shrink (every kind's shrinking lives in this module)
-SMOKE: dict[str, Callable[[Any], Any]] = {"pairwise": smoke_pairwise, "multitask": smoke_multitask,
-                                          "score": smoke_score, "pvi": smoke_pvi, "mtl": smoke_mtl,
-                                          "fewshot": smoke_fewshot, "embed": smoke_embed}
-
-
 def smoke_variant(cfg: JobConfig) -> JobConfig:
-    """The config shrunk for `--smoke`, by its job kind."""
-    if cfg.job not in SMOKE:
-        raise ValueError(f"job kind {cfg.job!r} has no --smoke variant (add one to rayjobs/engine/smoke.py)")
-    return SMOKE[cfg.job](cfg)
+    """The config shrunk for `--smoke`, by its job kind (`Job.smoke`: the kind module's `smoke(cfg)`)."""
+    from rayjobs.job import get_job
+
+    return get_job(cfg.job).smoke(cfg)
 
 
 def config_kind(path: Path) -> str | None:

@@ -29,21 +29,17 @@ class TrialStopped(Exception):
         self.last = last
 
 
-#: executor name -> "module:function(trial, ctx) -> result row"; a job kind that does not train adds one
-EXECUTORS = {"train": "rayjobs.train.loop:train_and_evaluate", "score": "rayjobs.score:score_trial",
-             "mtl": "rayjobs.mtl:train_and_evaluate_mtl", "fewshot": "rayjobs.fewshot:score_fewshot",
-             "probe": "rayjobs.embed:probe_trial", "embed": "rayjobs.embed:embed_trial",
-             "self_select": "rayjobs.scoring.self_select:self_select_trial",
-             "simulate": "rayjobs.engine.simulate:simulate_trial"}  # simulate: a benchmark tool (issue 20)
-
-
-def executor(name: str) -> Any:
+def executor(target: str) -> Any:
+    """The function a trial's `executor` names (`"module:function"`, set by its job kind's plan)."""
     import importlib
 
-    if name not in EXECUTORS:
-        raise ValueError(f"unknown trial executor {name!r} (known: {sorted(EXECUTORS)})")
-    module, fn = EXECUTORS[name].split(":")
-    return getattr(importlib.import_module(module), fn)
+    module, sep, fn = target.partition(":")
+    if not sep or not module or not fn:
+        raise ValueError(f"trial executor {target!r} is not 'module:function'")
+    try:
+        return getattr(importlib.import_module(module), fn)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"trial executor {target!r} cannot be loaded: {e}") from None
 
 
 def execute(spec: TrialSpec, progress: Any = None, report: Any = None) -> dict[str, Any]:

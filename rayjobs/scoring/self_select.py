@@ -59,7 +59,7 @@ def self_select_rows(box: Any, candidates: Sequence[PromptTemplate], examples: S
 
 
 def self_select_trial(trial: Any, ctx: Any = None) -> dict[str, Any]:
-    """Executor (rayjobs.engine.trial.EXECUTORS['self_select']): one model's meta-prompts over one task's split."""
+    """Executor (a `score` job's self_select trials): one model's meta-prompts over one task's split."""
     from rayjobs.score import split_examples
     from rayjobs.scoring.blackbox import open_black_box
     from rayjobs.train.loop import TrainContext, seed_everything, trial_device
