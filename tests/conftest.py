@@ -99,3 +99,25 @@ def trained_source(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                                      "predictions": ResultStore(results).read_predictions(t.run_key)}
     ResultStore(results).ingest()
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny GPT-2 saved as a model folder, as a user's local LM would be (shared by the scoring and serving tests)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rayjobs.config import ModelSpec
+    from rayjobs.models.loading import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    tok = load_tokenizer(ModelSpec(name="t", config=dict(TINY_GPT2), family="causal"))
+    cfg = dict(TINY_GPT2)
+    cfg.pop("model_type")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", vocab_size=len(tok), **cfg,
+                                                                  eos_token_id=tok.sep_token_id,
+                                                                  bos_token_id=tok.cls_token_id))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

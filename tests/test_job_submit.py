@@ -29,7 +29,7 @@ import psutil
 import pytest
 
 from tests.conftest import DATA, REPO, needs_data
-from tests.test_observability import scrape, total
+from tests.rayjobs.engine.test_observability import scrape, total
 
 pytestmark = [needs_data, pytest.mark.integration]
 

@@ -9,7 +9,7 @@ with x[s, k] the metric of s -> t at seed k and y_k = 1 / p(m_t at seed k),
     n_s * (PC(s, t) + 1) = sum_{k run} x[s, k] * y_k        (21 sources, 8 unknowns per target),
 so least squares over the sources gives every (target, seed) baseline. On the release this is exact:
 the derived baselines reproduce every published PC to 1e-12 and every PM exactly on all 7 setups x
-21 targets (tests/test_budget_replay.py), with three conventions the data pins down:
+21 targets (tests/analysis/budget/test_budget_replay.py), with three conventions the data pins down:
   - the metric of a target is the store's task metric p, except where the release's PC is only
     reproduced by one of the run's single metrics (TaskWeb's cb PC uses accuracy, not acc+F1): the
     candidates are tried in order and the first reproducing PC within 1e-9 is kept (`metric_of`);

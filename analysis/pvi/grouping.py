@@ -274,7 +274,7 @@ def paper_groups(tests: Sequence[PviTest], max_size: int = 3) -> list[list[str]]
     Fed the paper's Table 1 and 2 this gives Table 4's groups exactly and Table 3's but one: for CoLA
     (similar to CB, |t| = 1.237, and to COPA, |t| = 0.072) the rule as Sec. 5.1 states it picks CB-CoLA,
     while Table 3 trains CoLA-COPA. No reading of "larger T" (|t|, signed, either orientation, or p)
-    reproduces both tables, so the stated rule is kept and the departure is named (tests/test_pvi_paper_rule.py).
+    reproduces both tables, so the stated rule is kept and the departure is named (tests/analysis/pvi/test_pvi_paper_rule.py).
     """
     pairs = [t for t in tests if len(t.tasks) == 2 and t.is_similar]
     chosen: list[list[str]] = []

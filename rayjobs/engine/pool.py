@@ -4,7 +4,7 @@ A fresh process per trial pays its start-up and the torch/transformers imports (
 laptop CPU) before any work; a warm worker pays them once. Between trials it restores the process
 state a trial may change (threads, deterministic-algorithm flags, default dtype, grad mode, working
 directory; every trial seeds its own RNGs) and frees the trial's memory, so a trial's result does not
-depend on which trials ran before it in the same process (tests/test_warm_trials.py).
+depend on which trials ran before it in the same process (tests/rayjobs/engine/test_warm_trials.py).
 
 Workers are grouped by `Shape`, the Ray resources one trial asks for; a worker only runs trials of its
 shape. A distributed trial's worker is only its coordinator (no CPU, see `worker_shape`): its Ray

@@ -32,7 +32,7 @@ from rayjobs.tasks.registry import TaskError, TaskRegistry
 from rayjobs.tasks.templates import render_train, resolve
 from rayjobs.train.mixture import load_mixture
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data"
 pytestmark = pytest.mark.skipif(not (DATA / "tasks").is_dir(), reason="../shared/data not present")
 

@@ -17,7 +17,7 @@ import yaml
 
 from analysis.pvi.grouping import PviTest, group_tasks, random_grouping
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 
 # Table 1 (t-test, group size 2): (task group, T, p); the paper's "Causal" is Causal Language and
 # "THYMEgNeg" THYMENeg (as Table 4 names them)
@@ -86,7 +86,7 @@ def test_overlapping_groups_get_a_random_control_of_the_same_sizes() -> None:
 
 
 def test_groups_cli_takes_rule_paper(tmp_path: Path) -> None:
-    from test_pvi_grouping import SETUP, _store, add_binary_task
+    from tests.analysis.pvi.test_pvi_grouping import SETUP, _store, add_binary_task
 
     store = _store(tmp_path)
     rng = np.random.default_rng(3)

@@ -28,8 +28,8 @@ from analysis.store.duck import open_store
 from rayjobs.cli import main
 from rayjobs.tasks import metrics
 from rayjobs.tasks.registry import TaskSpec
-from tests.test_its import _tiny_store
-from tests.test_pvi_grouping import _store, add_mtl_run
+from tests.analysis.importers.test_its import _tiny_store
+from tests.analysis.pvi.test_pvi_grouping import _store, add_mtl_run
 
 
 # -- 1. Spearman with ties ----------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 from analysis.errors import AnalysisError
 from analysis.selection.prompt_similarity import SEMB_LIN_MODEL, dataset_texts
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 DATA = {"cats": ["The cat sat on the mat.", "A kitten chased a ball of yarn.", "Cats sleep most of the day."],
         "pets": ["The dog slept on the rug.", "My puppy loves the park."],
         "markets": ["Stocks fell sharply today.", "Bond yields rose after the report.", "The index closed higher."]}

@@ -15,7 +15,7 @@ from rayjobs.engine.smoke import config_kind, smoke_variant
 from rayjobs.plan import expand_pairwise
 from rayjobs.tasks.registry import TaskRegistry
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data"
 pytestmark = pytest.mark.skipif(not (DATA / "tasks").is_dir(), reason="../shared/data not present")
 

@@ -83,8 +83,8 @@ def test_help_states_every_default():
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_cli_help import test_every_argument_has_help_with_its_default as check
+    sys.path.insert(0, str(Path(__file__).parents[2]))  # tests/: test_cli_help.py
+    from tests.test_cli_help import test_every_argument_has_help_with_its_default as check
 
     for name in ("budget-eval", "predict-transfers"):
         check(name)

@@ -26,7 +26,6 @@ from typing import Any
 
 import pytest
 import requests
-from test_scoring import tiny_lm_folder  # noqa: F401 - the module-scoped fixture, shared
 
 from rayjobs.models.loading import ModelError
 from rayjobs.scoring.blackbox import EndpointBox, open_black_box

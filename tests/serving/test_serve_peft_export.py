@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import torch
-from test_scoring import tiny_lm_folder  # noqa: F401 - the module-scoped fixture
 
 from tests.conftest import DATA, needs_data
 

@@ -18,7 +18,7 @@ from rayjobs.config import ConfigError
 from rayjobs.engine.smoke import config_kind, smoke_variant
 from rayjobs.job import load_job_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 DATA = REPO.parent / "shared" / "data"
 pytestmark = pytest.mark.skipif(not (DATA / "tasks").is_dir(), reason="../shared/data not present")
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

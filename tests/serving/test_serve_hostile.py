@@ -25,7 +25,6 @@ import duckdb
 import pytest
 import requests
 import torch
-from test_scoring import tiny_lm_folder  # noqa: F401 - the module-scoped fixture, shared
 
 from analysis.store.results import DB_NAME
 from rayjobs.scoring.blackbox import open_black_box

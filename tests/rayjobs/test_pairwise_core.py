@@ -11,7 +11,7 @@ from rayjobs.config import ConfigError, load_config
 from rayjobs.plan import expand_pairwise
 from rayjobs.tasks.registry import TaskError, TaskRegistry
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA / "tasks").is_dir(), reason="../shared/data not present")
 
 BASE = """

@@ -27,15 +27,14 @@ import requests
 import torch
 import yaml
 from analysis_support import TASKWEB, needs_taskweb, pristine_taskweb_db
-from test_analysis_selection import TABLE6, TABLE7
-from test_fute_embeddings import V, cos, put
-from test_scoring import tiny_lm_folder  # noqa: F401 - the module-scoped fixture, shared
 
 from analysis.store.results import ResultStore
 from rayjobs.scoring.blackbox import open_black_box
 from rayjobs.tasks.registry import Example
 from rayjobs.tasks.templates import PromptTemplate
 from serving.app import TOKEN_ENV
+from tests.analysis.selection.test_analysis_selection import TABLE6, TABLE7
+from tests.analysis.selection.test_fute_embeddings import V, cos, put
 from tests.conftest import REPO, cli, needs_data
 
 pytestmark = [needs_data, needs_taskweb]
@@ -547,7 +546,7 @@ def test_zy_request_and_batch_metrics_reach_the_prometheus_endpoint(service: Ser
 
     import ray
 
-    from tests.test_observability import buckets, scrape, total
+    from tests.rayjobs.engine.test_observability import buckets, scrape, total
 
     _score(service, "builtin:minilm", [{"input": REVIEWS[0]}])
     stats = service.stats()

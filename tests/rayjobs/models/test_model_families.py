@@ -22,7 +22,7 @@ from rayjobs.models.text_to_text import CausalModel, Seq2SeqModel
 from rayjobs.tasks.registry import Example, TaskRegistry, TaskSpec
 from rayjobs.tasks.templates import PromptTemplate, render_train, resolve
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[4] / "shared" / "data"
 pytestmark = pytest.mark.skipif(not (DATA / "tasks").is_dir(), reason="../shared/data not present")
 
 METHODS = {"encoder": ["full", "bitfit", "lora", "adapter", "prompt_tuning"],

@@ -68,7 +68,7 @@ def _check(store: ResultStore) -> None:
 @pytest.mark.parametrize("point", compaction.CRASH_POINTS)
 def test_compactor_killed_midway_loses_and_duplicates_nothing(tmp_path, point, merge):
     store = _build(tmp_path / "store", compacted_half=merge)
-    env = {**os.environ, compaction.CRASH_ENV: point, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, compaction.CRASH_ENV: point, "PYTHONPATH": str(Path(__file__).resolve().parents[3])}
     code = (f"from analysis.store.results import ResultStore; from analysis.store.compaction import compact; "
             f"compact(ResultStore({str(store.root)!r}))")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)

@@ -15,7 +15,7 @@ from rayjobs.fewshot import accuracy_and_macro_f1
 from rayjobs.job import load_job_config
 from rayjobs.tasks.registry import TaskRegistry
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA / "tasks").is_dir(), reason="../shared/data not present")
 

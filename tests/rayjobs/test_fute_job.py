@@ -84,5 +84,5 @@ def test_embed_config_errors_name_the_field(tmp_path: Path) -> None:
     bad = tiny_config(tmp_path, pool={})
     r = cli("embed", str(bad), "--results", str(tmp_path / "r"))
     assert r.returncode == 2 and "model task embeddings need a probe pool" in r.stderr
-    r = cli("embed", str(Path(__file__).parents[1] / "configs" / "quickstart.yaml"), "--results", str(tmp_path / "r"))
+    r = cli("embed", str(Path(__file__).parents[2] / "configs" / "quickstart.yaml"), "--results", str(tmp_path / "r"))
     assert r.returncode == 2 and "a `job: pairwise` config" in r.stderr

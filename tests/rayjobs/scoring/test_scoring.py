@@ -16,7 +16,7 @@ from rayjobs.models.loading import ModelError
 from rayjobs.scoring.blackbox import UnknownModelError, open_black_box
 from rayjobs.tasks.registry import Example
 from rayjobs.tasks.templates import PromptTemplate
-from tests.conftest import DATA, TINY_GPT2, cli, needs_data
+from tests.conftest import DATA, cli, needs_data
 
 pytestmark = needs_data
 
@@ -54,27 +54,6 @@ def test_a_stored_run_as_a_black_box_reproduces_its_training_predictions(trained
                   [Example("t", ("x", "y", "z"), 0)])
     with pytest.raises(UnknownModelError, match="no stored checkpoint"):
         open_black_box("run:0000nosuchkey", results=trained_source["results"])
-
-
-@pytest.fixture(scope="module")
-def tiny_lm_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny GPT-2 saved as a model folder, as a user's local LM would be."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from rayjobs.config import ModelSpec
-    from rayjobs.models.loading import load_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    tok = load_tokenizer(ModelSpec(name="t", config=dict(TINY_GPT2), family="causal"))
-    cfg = dict(TINY_GPT2)
-    cfg.pop("model_type")
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", vocab_size=len(tok), **cfg,
-                                                                  eos_token_id=tok.sep_token_id,
-                                                                  bos_token_id=tok.cls_token_id))
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def test_lm_black_box_scores_raw_loglikelihoods_and_perplexity(tiny_lm_folder: Path) -> None:

@@ -19,7 +19,7 @@ from analysis.selection import fute_eval as fe
 from analysis.selection import selectors as sel
 from analysis.store.duck import open_store
 from analysis.store.results import ResultStore
-from tests.test_fute_embeddings import cos, put
+from tests.analysis.selection.test_fute_embeddings import cos, put
 
 
 def _matrix_store(tmp_path: Path) -> ResultStore:

@@ -33,7 +33,7 @@ from analysis.pvi.grouping import (
 from analysis.store.duck import open_store
 from analysis.store.results import ResultStore
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 SETUP = "full:minilm"
 
 

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_prompt_selection import _prompts, _store
 
 from analysis.errors import AnalysisError
 from analysis.prompts import selection as ps
 from rayjobs.scoring.self_select import SELF_SELECT, meta_examples, self_select_rows
 from rayjobs.tasks.registry import Example
 from rayjobs.tasks.templates import PromptTemplate
+from tests.analysis.prompts.test_prompt_selection import _prompts, _store
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CANDIDATES = [PromptTemplate(name="good", input="Is this review positive? {input}", answer_choices=["no", "yes"]),
               PromptTemplate(name="bad", input="{input} Not a review at all", answer_choices=["no", "yes"]),
               PromptTemplate(name="flat", input="{input} Sentiment ({options})?", answer_choices=["no", "yes"])]
