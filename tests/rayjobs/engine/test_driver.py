@@ -51,6 +51,21 @@ def test_every_config_plans_the_run_keys_stored_before_the_driver(tmp_path: Path
     """tests/fixtures/run_keys_v2.json was written by the pre-driver code (pairwise.plan / multitask.plan):
     a store made then resumes now, because every trial keeps its run key."""
     golden = json.loads((REPO / "tests" / "fixtures" / "run_keys_v2.json").read_text())
+    checked = _check_golden(golden, tmp_path, taskweb_store)
+    assert checked >= 20
+
+
+def test_every_job_kind_plans_the_run_keys_stored_before_the_package_layout(tmp_path: Path,
+                                                                           taskweb_store: Path) -> None:
+    """tests/fixtures/run_keys_every_kind.json was written by the code before the subpackage layout (commit
+    98e3242) for every other config, full and --smoke: score, pvi, mtl, fewshot, embed and the ITS pairwise
+    grids plan the same run keys after the move."""
+    golden = json.loads((REPO / "tests" / "fixtures" / "run_keys_every_kind.json").read_text())
+    assert {w["kind"] for w in golden.values()} == {"score", "pvi", "mtl", "fewshot", "embed", "pairwise"}
+    assert _check_golden(golden, tmp_path, taskweb_store) == len(golden) >= 20
+
+
+def _check_golden(golden: dict, tmp_path: Path, taskweb_store: Path) -> int:
     checked = 0
     for name, want in golden.items():
         stem, _, smoke = name.partition("@")
@@ -61,7 +76,7 @@ def test_every_config_plans_the_run_keys_stored_before_the_driver(tmp_path: Path
         if "trials" in want:
             assert got == want["trials"], name
         checked += 1
-    assert checked >= 20
+    return checked
 
 
 def test_every_top_level_yaml_is_a_job_config_that_smoke_accepts(tmp_path: Path, taskweb_store: Path) -> None:
