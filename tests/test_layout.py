@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import ast
 import importlib
+import sys
 from pathlib import Path
 
-import tomllib
-
 from tests.conftest import REPO
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - 3.10
+    import tomli as tomllib
 
 PACKAGES = ("analysis", "rayjobs", "serving")
 LAYER = {"analysis": 0, "rayjobs": 1, "serving": 2}
