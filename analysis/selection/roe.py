@@ -15,7 +15,6 @@ only the 32-example file, used here for both sides. TaskWeb truncated inputs at 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from analysis.errors import AnalysisError
+from analysis.importers.prompted import read_prompted
 from analysis.selection.scores import store_scores
 
 DEFAULT_MAX_SEQ_LENGTH = 512
@@ -39,24 +39,10 @@ def load_examples(path: str | Path, max_per_task: int | None = None,
                   text: Callable[[dict[str, Any]], str] = render) -> dict[str, list[str]]:
     """Rendered few-shot inputs per task from a JSONL of {"task", "input", "choices"} records (`text`
     renders one record: RoE's choices + input by default)."""
-    p = Path(path)
-    if not p.is_file():
-        raise AnalysisError(f"few-shot examples file {p} does not exist")
-    out: dict[str, list[str]] = {}
-    with p.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                task, rendered = rec["task"], text(rec)
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise AnalysisError(f"{p}:{i}: not a few-shot example record ({e})") from None
-            bucket = out.setdefault(task, [])
-            if max_per_task is None or len(bucket) < max_per_task:
-                bucket.append(rendered)
+    rows = read_prompted(path, AnalysisError, what="a few-shot example record")
+    out = {task: [text(r) for r in recs[:max_per_task]] for task, recs in rows.items()}
     if not out:
-        raise AnalysisError(f"{p} holds no examples")
+        raise AnalysisError(f"{path} holds no examples")
     return out
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import Field
 
+from analysis.importers.prompted import read_prompted as read_prompted_jsonl
 from rayjobs.config import _Strict
 from rayjobs.tasks.registry import DEFAULT_DATA_ROOT, Example, TaskError, TaskRegistry
 
@@ -57,21 +58,9 @@ def _prompted_file(path: str | None) -> Path:
 
 
 def read_prompted(path: str | None) -> dict[str, list[dict[str, Any]]]:
-    """Rows {"input", "output", "choices"} of the prompted-examples JSONL, per task, file order; each row
-    keeps its line number as `line` (its id)."""
-    p = _prompted_file(path)
-    out: dict[str, list[dict[str, Any]]] = {}
-    with p.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                out.setdefault(str(rec["task"]), []).append(
-                    {"input": str(rec["input"]), "output": rec.get("output"), "choices": rec.get("choices"), "line": i})
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise TaskError(f"{p}:{i}: not a prompted example {{task, input, output, choices}} ({e})") from None
-    return out
+    """Rows {"input", "output", "choices", "line"} of the prompted-examples JSONL per task (the default file
+    without a path); errors are task errors."""
+    return read_prompted_jsonl(_prompted_file(path), TaskError)
 
 
 def file_digest(path: str | Path) -> str:
