@@ -148,6 +148,10 @@ class Scorer:
             def load() -> BlackBox:
                 _inject_load_fault(model_id)
                 box = open_black_box(model_id, results=s.results, max_length=s.max_length)
+                if box.kind == "sentence":  # the bound of its choice-embedding cache is the operator's
+                    from rayjobs.models.sentence_zero_shot import ChoiceCache
+
+                    box.tm.choice_cache = ChoiceCache(s.choice_cache_size)
                 _to_gpu(box)  # where the replica was given a GPU (ray_actor_options.num_gpus)
                 return box
 
@@ -290,16 +294,21 @@ class Scorer:
 
     # -- introspection ----------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        """Counters of this replica: requests, batches, forward passes per model, loaded models (LRU order)."""
+        """Counters of this replica: requests, batches, forward passes per model, loaded models (LRU order),
+        the choice-embedding cache of each loaded sentence scorer."""
         ctx = serve.get_replica_context()
         with self._lock:
             forwards = Counter(self.unloaded_forwards)
             for mid, m in self.loaded.items():
                 forwards[mid] += m.forwards
             loaded = list(self.loaded)
+            caches = {mid: getattr(getattr(m.box, "tm", None), "choice_cache", None) for mid, m in self.loaded.items()}
         return {"replica": ctx.replica_id.unique_id, "pid": os.getpid(), "uptime_s": time.time() - self.started,
                 "max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s,
-                "loaded_models": loaded, "forward_passes": dict(forwards), **dict(self.counts)}
+                "loaded_models": loaded, "forward_passes": dict(forwards),
+                "choice_cache": {mid: {"entries": len(c), "max_entries": c.max_entries, "hits": c.hits,
+                                       "misses": c.misses} for mid, c in caches.items() if c is not None},
+                **dict(self.counts)}
 
     def ping(self) -> str:
         return "ok"
