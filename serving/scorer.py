@@ -7,7 +7,9 @@ a model to a replica that has it. Requests arrive in bundles: the ingress batche
 here merges bundles (up to `max_batch_size` requests, waiting up to the same `batch_wait_timeout_s` for
 more, which fills batches from several ingress batches under load) and scores each group that shares a
 model with one forward pass (`serving.batching.score_jobs`), in a worker thread so the event loop keeps
-receiving. A bundle that finds the scorer idle skips the wait (`_score_bundle`). Forward passes are counted by a hook on each model (`stats`), which is how the tests see batching.
+receiving. A bundle that finds the scorer idle skips the wait (`_score_bundle`). A sentence scorer keeps
+its verbalised choices' embeddings between batches (an LRU of `choice_cache_size` texts per loaded model).
+Forward passes are counted by a hook on each model (`stats`), which is how the tests see batching.
 
 Outcomes are plain dicts `{"status": 200, ...}` or `{"status": 4xx/5xx, "message": ...}`, so a bad
 request or a model that fails to load never raises through the handle (no 500, the replica stays

@@ -10,7 +10,7 @@ It has no trainable head and is not trained by the jobs.
 The verbalised choices are the same for every request of a template (a served model sees the same few
 again and again), so their embeddings are kept per instance in a bounded LRU (`ChoiceCache`, at most
 `choice_cache_size` texts, default 4096, ~1.5 kB each for MiniLM): a batch encodes only its inputs and the
-choices not seen lately. Cached and fresh embeddings come from the same `encode` call on the same
+choices not seen lately. Cached and fresh embeddings come from the same `encode` path of the same
 (fixed) encoder, so the scores are those of embedding every choice anew, up to float rounding of padding.
 """
 
