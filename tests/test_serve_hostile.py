@@ -382,7 +382,7 @@ def _minilm_reference(texts: list[str]) -> dict[str, list[float]]:
 #: served full-concurrency batches to the phase's end). Nothing in the scorer should grow with the request
 #: count: the choice-embedding cache holds two entries here (a few kB), the models are loaded and every
 #: batch shape was seen before the first sample. Measured growth on this machine: 0.0 to 5.6 MiB per
-#: phase (two runs); 48 MiB leaves room for allocator noise, and a leak of 256 kB per request fails it
+#: phase (three runs); 48 MiB leaves room for allocator noise, and a leak of 256 kB per request fails it
 #: (tried once by injecting one into the scorer: the replacement grew by 94 MiB in its phase).
 RSS_GROWTH_BOUND = 48 << 20
 
