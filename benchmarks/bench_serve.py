@@ -33,8 +33,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-#: as the job logs: no model-loading progress bars or reports (here and in the replicas)
-QUIET = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+from rayjobs.runner import QUIET  # noqa: E402 - the job logs' own: no model-loading bars, reports or notices
+
+# here (the direct scorer, before transformers is imported) and, through the runtime env, in the replicas
 os.environ.update(QUIET)
 
 TEMPLATE = {"input": "Review: {input} Sentiment?", "answer_choices": ["negative", "positive"]}

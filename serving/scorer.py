@@ -7,7 +7,9 @@ a model to a replica that has it. Requests arrive in bundles: the ingress batche
 here merges bundles (up to `max_batch_size` requests, waiting up to the same `batch_wait_timeout_s` for
 more, which fills batches from several ingress batches under load) and scores each group that shares a
 model with one forward pass (`serving.batching.score_jobs`), in a worker thread so the event loop keeps
-receiving. A bundle that finds the scorer idle skips the wait (`_score_bundle`). Forward passes are counted by a hook on each model (`stats`), which is how the tests see batching.
+receiving. A bundle that finds the scorer idle skips the wait (`_score_bundle`). A sentence scorer keeps
+its verbalised choices' embeddings between batches (an LRU of `choice_cache_size` texts per loaded model).
+Forward passes are counted by a hook on each model (`stats`), which is how the tests see batching.
 
 Outcomes are plain dicts `{"status": 200, ...}` or `{"status": 4xx/5xx, "message": ...}`, so a bad
 request or a model that fails to load never raises through the handle (no 500, the replica stays
@@ -148,6 +150,10 @@ class Scorer:
             def load() -> BlackBox:
                 _inject_load_fault(model_id)
                 box = open_black_box(model_id, results=s.results, max_length=s.max_length)
+                if box.kind == "sentence":  # the bound of its choice-embedding cache is the operator's
+                    from rayjobs.models.sentence_zero_shot import ChoiceCache
+
+                    box.tm.choice_cache = ChoiceCache(s.choice_cache_size)
                 _to_gpu(box)  # where the replica was given a GPU (ray_actor_options.num_gpus)
                 return box
 
@@ -290,16 +296,21 @@ class Scorer:
 
     # -- introspection ----------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        """Counters of this replica: requests, batches, forward passes per model, loaded models (LRU order)."""
+        """Counters of this replica: requests, batches, forward passes per model, loaded models (LRU order),
+        the choice-embedding cache of each loaded sentence scorer."""
         ctx = serve.get_replica_context()
         with self._lock:
             forwards = Counter(self.unloaded_forwards)
             for mid, m in self.loaded.items():
                 forwards[mid] += m.forwards
             loaded = list(self.loaded)
+            caches = {mid: getattr(getattr(m.box, "tm", None), "choice_cache", None) for mid, m in self.loaded.items()}
         return {"replica": ctx.replica_id.unique_id, "pid": os.getpid(), "uptime_s": time.time() - self.started,
                 "max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s,
-                "loaded_models": loaded, "forward_passes": dict(forwards), **dict(self.counts)}
+                "loaded_models": loaded, "forward_passes": dict(forwards),
+                "choice_cache": {mid: {"entries": len(c), "max_entries": c.max_entries, "hits": c.hits,
+                                       "misses": c.misses} for mid, c in caches.items() if c is not None},
+                **dict(self.counts)}
 
     def ping(self) -> str:
         return "ok"

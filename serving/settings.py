@@ -52,6 +52,8 @@ class ServeSettings(BaseModel):
     torch_threads: int | None = Field(default=None, gt=0, description="torch intra-op threads per scoring "
                                                                       "replica (default: Ray's, = the replica's num_cpus)")
     max_length: int = Field(default=512, gt=0, description="token limit of LM prompts")
+    choice_cache_size: int = Field(default=4096, ge=0, description="verbalised choices whose embeddings a sentence "
+                                   "scorer keeps per loaded model (LRU; 0: none)")
     access_log: bool = Field(default=True, description="Serve's per-request access log lines in the replicas")
     request_timeout_s: float = Field(default=120.0, gt=0, description="a request slower than this gets 504")
 
