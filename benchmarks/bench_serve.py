@@ -33,7 +33,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from rayjobs.runner import QUIET  # noqa: E402 - the job logs' own: no model-loading bars, reports or notices
+from rayjobs.engine.runner import QUIET  # noqa: E402 - the job logs' own: no model-loading bars, reports or notices
 
 # here (the direct scorer, before transformers is imported) and, through the runtime env, in the replicas
 os.environ.update(QUIET)

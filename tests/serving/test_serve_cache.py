@@ -14,7 +14,7 @@ import torch
 
 from rayjobs.models.loading import ModelError
 from rayjobs.models.sentence_zero_shot import DEFAULT_TEMPERATURE, ChoiceCache, SentenceZeroShot
-from rayjobs.tasks import Example, LocalSource, TaskSpec
+from rayjobs.tasks.registry import Example, LocalSource, TaskSpec
 
 TASK = TaskSpec(name="adhoc", choices=["a", "b"], local=LocalSource(path="-"))
 TEXTS = ["Review: a warm, funny and moving film. Sentiment?", "Review: two hours I will not get back. Sentiment?",
