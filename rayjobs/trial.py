@@ -97,6 +97,10 @@ def execute(spec: TrialSpec, progress: Any = None, report: Any = None) -> dict[s
     t0 = time.time()
     observe.trial_started(spec)
     try:
+        if spec.source_candidates or spec.baseline_candidates:  # a transfer over searched stages
+            from rayjobs.search_space import resolve
+
+            spec = resolve(spec, store)
         inject_fault(spec)
         if spec.setup.resources.workers > 1 or spec.setup.deepspeed is not None:
             from rayjobs.distributed import train_distributed
@@ -123,7 +127,7 @@ def execute(spec: TrialSpec, progress: Any = None, report: Any = None) -> dict[s
     if curve:
         stride = max(1, len(curve) // MAX_LOSS_POINTS)
         row["metrics"] = {**row["metrics"], "loss_curve": curve[::stride], "loss_curve_stride": stride}
-    row["metrics"] = {**(row.get("metrics") or {}), **observe.placement()}
+    row["metrics"] = {**(row.get("metrics") or {}), **observe.placement(), **_search_metrics(spec)}
     # -- issue 21 item 11: the library versions and device that produced the row (rayjobs.stack)
     row["stack"] = stack.describe()
     store.write_result(row)
@@ -150,7 +154,13 @@ def stopped_row(spec: TrialSpec, last: dict[str, Any], wall: float) -> dict[str,
     return {**_row_identity(spec), "status": "stopped", "wall_time_s": wall, "score": None,
             "hparams": {**spec.hparams.model_dump(), "steps": last.get("step")},
             "metrics": {"stopped_at_step": last.get("step"), "last_validation_score": last.get("validation_score"),
-                        "validation_curve": last.get("validation_curve", []), **observe.placement()}}
+                        "validation_curve": last.get("validation_curve", []), **observe.placement(),
+                        **_search_metrics(spec)}}
+
+
+def _search_metrics(spec: TrialSpec) -> dict[str, Any]:
+    """A searched configuration's place in its search (the `tuned_runs` view reads it)."""
+    return {"search": spec.search.model_dump()} if spec.search is not None else {}
 
 
 def failed_row(spec: TrialSpec, err: BaseException, wall: float) -> dict[str, Any]:
