@@ -208,7 +208,7 @@ sizes: {{source_train: 24, target_train: 24, eval: 16}}
 setups:
   - model: {{name: tiny, config: {{model_type: bert, hidden_size: 16, num_hidden_layers: 1,
             num_attention_heads: 2, intermediate_size: 32}}, max_length: 48}}
-    train: {{epochs: 2, batch_size: 4, learning_rate: {{grid: [3.0e-3, 1.0e-7]}}, eval_every: 2,
+    train: {{epochs: 2, batch_size: 4, learning_rate: {{grid: [1.0e-7, 3.0e-3]}}, eval_every: 2,
              validation: {{n: 8}}}}
 """
 
@@ -227,7 +227,7 @@ def test_grid_runs_every_configuration_and_transfers_start_from_the_best_on_vali
     assert len(rows) == 10 and len({x[0] for x in rows}) == 10 and all(x[4] == "ok" for x in rows)
     # the reference: from each stored validation curve, its best score; per (stage, task) the configuration
     # with the highest, the first in grid order of equal ones
-    grid = [3e-3, 1e-7]
+    grid = [1e-7, 3e-3]
     expected: dict[tuple[str, str], tuple[str, float]] = {}
     for key, kind, src, tgt, _, hp, metrics, *_ in rows:
         if kind == "transfer":
