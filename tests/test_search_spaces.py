@@ -246,7 +246,7 @@ def test_grid_runs_every_configuration_and_transfers_start_from_the_best_on_vali
     assert all(n == p == 2 and c for *_, n, p, c in tuned)
     assert all(json.loads(c)["learning_rate"] in grid for *_, c, _, _, _ in tuned)
     hps = {x[0]: json.loads(x[5]) for x in rows}
-    for key, kind, src, tgt, _, hp, _, source_key, base_key in rows:
+    for _key, kind, src, tgt, _, hp, _, source_key, base_key in rows:
         if kind != "transfer":
             continue
         assert source_key == expected[("source", src)][0]  # started from the best source's checkpoint
@@ -257,3 +257,60 @@ def test_grid_runs_every_configuration_and_transfers_start_from_the_best_on_vali
     con.close()
     again = cli("run", str(cfg), "--results", str(results))
     assert again.returncode == 0 and "10 already stored, 0 to run" in again.stdout, again.stdout[-2000:]
+
+
+def test_smoke_keeps_the_spaces_except_on_the_fields_it_fixes() -> None:
+    from rayjobs.smoke import smoke_pairwise
+
+    cfg = ExperimentConfig.model_validate(grid_data({**VALIDATED, "learning_rate": {"grid": [1e-2, 1e-3]},
+                                                     "epochs": {"choice": [5, 10]}}))
+    small = smoke_pairwise(cfg)
+    assert list(small.setups[0].train_space) == ["learning_rate"] and small.setups[0].train.epochs == 1
+
+
+ASHA_GRID = """
+name: space-asha
+data_root: {data}
+tasks: {{sources: [snli, mrpc], targets: [snli], exclude_self: false}}
+seeds: [7]
+sizes: {{source_train: 48, target_train: 48, eval: 16}}
+setups:
+  - model: {{name: tiny, config: {{model_type: bert, hidden_size: 16, num_hidden_layers: 1,
+            num_attention_heads: 2, intermediate_size: 32}}, max_length: 48}}
+    train: {{epochs: 2, batch_size: 4, learning_rate: {{grid: [30.0, 1.0e-3]}}, eval_every: 1,
+             validation: {{n: 16}}}}
+run: {{max_concurrent_trials: 1, scheduler: {{asha: {{grace_period: 2, reduction_factor: 2, max_t: 100}}}}}}
+"""
+
+
+@pytest.mark.integration
+def test_configurations_stopped_early_lose_and_transfers_need_one_left_on_each_side(tmp_path: Path) -> None:
+    cfg = tmp_path / "asha.yaml"
+    cfg.write_text(ASHA_GRID.format(data=DATA))
+    results = tmp_path / "res"
+    r = cli("run", str(cfg), "--results", str(results), timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]  # stopped configurations are no failures
+    con = duckdb.connect(str(results / "transferlab.duckdb"), read_only=True)
+    rows = con.execute("SELECT run_key, kind, source, target, status, metrics, source_run_key, baseline_run_key "
+                       "FROM runs").fetchall()
+    assert not [x for x in rows if x[4] == "failed"]
+    assert [x for x in rows if x[4] == "stopped"], [(x[1], x[4]) for x in rows]
+    # the reference: among each stage's ok configurations, the highest best validation score (first of equals)
+    best: dict[tuple[str, str], str] = {}
+    for kind, task in {(x[1], x[2] or x[3]) for x in rows if x[1] != "transfer"}:
+        group = sorted((json.loads(x[5])["search"]["index"], x) for x in rows if x[1] == kind and (x[2] or x[3]) == task)
+        ok = [(-json.loads(x[5])["best_validation_score"], i, x[0]) for i, x in group if x[4] == "ok"]
+        if ok:
+            best[kind, task] = min(ok)[2]
+    tuned = dict(((s, t), k) for s, t, k in con.execute("SELECT stage, task, run_key FROM tuned_runs").fetchall())
+    assert tuned == best
+    transfers = [x for x in rows if x[1] == "transfer"]
+    # a transfer runs where its source and its target each have a configuration left; none is missing
+    # where every configuration of one of them was stopped (ASHA compares the trials of all tasks)
+    runnable = {s for k, s in best if k == "source"} if ("target", "snli") in best else set()
+    assert {x[2] for x in transfers} == runnable
+    for x in transfers:
+        assert x[6] == best["source", x[2]] and x[7] == best["target", "snli"]
+    con.close()
+    again = cli("run", str(cfg), "--results", str(results), timeout=600)  # decided: nothing is retried
+    assert again.returncode == 0 and " 0 to run" in again.stdout, again.stdout[-2000:]
