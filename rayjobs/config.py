@@ -288,9 +288,18 @@ class SchedulerSpec(_Strict):
 class SearchSpec(_Strict):
     """How a setup's search spaces become configurations (rayjobs.search_space), when the plan is made."""
 
-    algorithm: Literal["basic"] = Field(
+    algorithm: str = Field(
         default="basic", description="Tune's basic variant generator: grids crossed, other spaces sampled")
     seed: int = Field(default=0, description="seeds the sampling: the same seed gives the same run keys")
+
+    @field_validator("algorithm")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v != "basic":
+            raise ValueError(f"unknown search algorithm {v!r}: only `basic` (Tune's variant generator) is offered; "
+                             "adaptive ones (optuna, hyperopt) choose configurations from results, so their runs "
+                             "could not be keyed and resumed before they run")
+        return v
 
 
 class RunSpec(_Strict):

@@ -136,6 +136,9 @@ def test_spaces_on_fields_that_are_not_searchable_and_without_validation_are_ref
         with pytest.raises(ConfigError) as e:
             load_config(f)
         assert message in str(e.value), str(e.value)
+    f.write_text(yaml.safe_dump(grid_data(VALIDATED, run={"search": {"algorithm": "optuna"}})))
+    with pytest.raises(ConfigError, match="field `run.search.algorithm`.*unknown search algorithm 'optuna'"):
+        load_config(f)
     budgeted = {**grid_data({**VALIDATED, "learning_rate": {"grid": [1e-2, 1e-3]}}), "budget": {"runs": 0.5}}
     f.write_text(yaml.safe_dump(budgeted))
     with pytest.raises(ConfigError, match="`budget` and search spaces do not combine"):
