@@ -89,8 +89,10 @@ def execute(spec: TrialSpec, progress: Any = None, report: Any = None) -> dict[s
     store = ResultStore(spec.results_dir, remote=spec.results_uri)
     if store.remote is not None:
         store.pull_run(spec.run_key, checkpoint=False)
-        for key in [*spec.depends_on, *([spec.params["probe_key"]] if spec.params.get("probe_key") else [])]:
+        for key in [*spec.required, *([spec.params["probe_key"]] if spec.params.get("probe_key") else [])]:
             store.pull_run(key)
+        for key in (k for g in spec.candidate_groups for k in g):  # rows to choose from; the chosen checkpoint below
+            store.pull_run(key, checkpoint=False)
     done = store.read_result(spec.run_key)
     if done is not None and done["status"] in DECIDED:
         return done
@@ -101,6 +103,8 @@ def execute(spec: TrialSpec, progress: Any = None, report: Any = None) -> dict[s
             from rayjobs.search_space import resolve
 
             spec = resolve(spec, store)
+            if store.remote is not None and spec.source_run_key:
+                store.pull_run(spec.source_run_key)
         inject_fault(spec)
         if spec.setup.resources.workers > 1 or spec.setup.deepspeed is not None:
             from rayjobs.distributed import train_distributed

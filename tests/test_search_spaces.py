@@ -18,6 +18,7 @@ from rayjobs.plan import expand_pairwise
 from rayjobs.search_space import NoValidationScore, best_of
 from rayjobs.tasks import TaskRegistry
 from tests.conftest import DATA, REPO, cli, needs_data, tiny_grid
+from tests.test_remote_results import s3  # noqa: F401 - the local S3 server fixture
 
 pytestmark = needs_data
 
@@ -317,3 +318,37 @@ def test_configurations_stopped_early_lose_and_transfers_need_one_left_on_each_s
     con.close()
     again = cli("run", str(cfg), "--results", str(results), timeout=600)  # decided: nothing is retried
     assert again.returncode == 0 and " 0 to run" in again.stdout, again.stdout[-2000:]
+
+
+@pytest.mark.integration
+def test_with_results_in_s3_a_transfer_pulls_only_its_chosen_source_checkpoint(s3: Any, tmp_path: Path) -> None:  # noqa: F811
+    import os
+    import shutil
+
+    query, _ = s3
+    uri = f"s3://tl-results/space?{query}"
+    cfg = tmp_path / "grid.yaml"
+    cfg.write_text(GRID.format(data=DATA))
+    first, mirror = tmp_path / "first", tmp_path / "node-mirror"
+    first.mkdir()
+    env = {**os.environ, "TRANSFERLAB_MIRROR": str(mirror)}
+    r = cli("run", str(cfg), "--results", uri, cwd=first, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    con = duckdb.connect(str(first / "results" / "space" / "transferlab.duckdb"), read_only=True)
+    chosen = {t: k for t, k in con.execute("SELECT task, run_key FROM tuned_runs WHERE stage = 'source'").fetchall()}
+    con.close()
+    # a fresh node mirror and a new target: its transfers read every candidate's row from the bucket but
+    # download only the checkpoints of the sources they start from
+    shutil.rmtree(mirror)
+    second = tmp_path / "second"
+    second.mkdir()
+    r = cli("run", str(cfg), "tasks={sources: [snli, mrpc], targets: [snli, mrpc, cb]}", "--results", uri,
+            cwd=second, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "10 already stored, 4 to run" in r.stdout  # cb's two baseline configurations, two transfers
+    node = next(mirror.iterdir())
+    assert {p.name for p in (node / "checkpoints").iterdir()} == set(chosen.values())
+    con = duckdb.connect(str(second / "results" / "space" / "transferlab.duckdb"), read_only=True)
+    got = con.execute("SELECT source, source_run_key FROM runs WHERE kind = 'transfer' AND target = 'cb'").fetchall()
+    con.close()
+    assert dict(got) == chosen
