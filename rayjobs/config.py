@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from analysis.budget.config import BudgetConfig
+from rayjobs.search_space import Space, check_space_values, split_spaces
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -178,6 +179,39 @@ class SetupSpec(_Strict):
     deepspeed: DeepSpeedSpec | None = None
     prompts: PromptSpec = PromptSpec()
     simulate: SimulateSpec | None = Field(default=None, description="benchmark tool: simulated trials")
+    # search spaces (rayjobs.search_space), written inline in `train` / `source_train` and moved here when
+    # the config is read; `train` then holds each space's first value
+    train_space: dict[str, Space] = Field(default_factory=dict, description="spaces of `train`'s fields")
+    source_train_space: dict[str, Space] = Field(default_factory=dict,
+                                                 description="spaces of `source_train`'s fields")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _spaces(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for stage in ("train", "source_train"):
+            plain, spaces = split_spaces(stage, data.get(stage))
+            if spaces:
+                data[stage] = plain
+                data[f"{stage}_space"] = {**spaces, **dict(data.get(f"{stage}_space") or {})}
+        return data
+
+    @model_validator(mode="after")
+    def _check_spaces(self) -> SetupSpec:
+        if self.source_train_space and self.source_train is None:
+            raise ValueError("`source_train_space` without `source_train`")
+        for stage, hp, spaces in (("train", self.train, self.train_space),
+                                  ("source_train", self.source_train, self.source_train_space)):
+            if not spaces or hp is None:
+                continue
+            check_space_values(stage, hp, spaces)
+            if hp.validation is None:
+                raise ValueError(f"{stage} has search spaces ({', '.join(spaces)}) but no validation: the best "
+                                 "configuration is chosen on validation data only (never the eval split); give "
+                                 f"{stage} `eval_every` and `validation` (e.g. validation: {{n: 100}})")
+        return self
 
     @property
     def key(self) -> str:
@@ -186,6 +220,15 @@ class SetupSpec(_Strict):
     @property
     def source_hparams(self) -> TrainSpec:
         return self.source_train or self.train
+
+    @property
+    def source_space(self) -> dict[str, Space]:
+        """The spaces of the source stage: `source_train`'s, or `train`'s when the stages share hyperparameters."""
+        return self.source_train_space if self.source_train is not None else self.train_space
+
+    @property
+    def searched(self) -> bool:
+        return bool(self.train_space or self.source_space)
 
 
 class TaskSelection(_Strict):
@@ -242,8 +285,26 @@ class SchedulerSpec(_Strict):
         return self
 
 
+class SearchSpec(_Strict):
+    """How a setup's search spaces become configurations (rayjobs.search_space), when the plan is made."""
+
+    algorithm: str = Field(
+        default="basic", description="Tune's basic variant generator: grids crossed, other spaces sampled")
+    seed: int = Field(default=0, description="seeds the sampling: the same seed gives the same run keys")
+
+    @field_validator("algorithm")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v != "basic":
+            raise ValueError(f"unknown search algorithm {v!r}: only `basic` (Tune's variant generator) is offered; "
+                             "adaptive ones (optuna, hyperopt) choose configurations from results, so their runs "
+                             "could not be keyed and resumed before they run")
+        return v
+
+
 class RunSpec(_Strict):
-    """How the job runs (on Ray Tune); none of this changes a result."""
+    """How the job runs (on Ray Tune); none of this changes a result (`num_samples` and `search` change
+    which configurations run, not what a run with given hyperparameters computes)."""
 
     ray_address: str | None = Field(default=None, description="None: $RAY_ADDRESS or an embedded local Ray")
     max_concurrent_trials: int | None = Field(default=None, gt=0)
@@ -253,6 +314,8 @@ class RunSpec(_Strict):
     callbacks: list[Literal["csv", "json", "tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=lambda: ["json", "csv"],
         description="Tune logger callbacks; mlflow logs to a local file store, wandb offline, by default")
+    num_samples: int = Field(default=1, gt=0, description="samples of a setup's non-grid search spaces per grid point")
+    search: SearchSpec = SearchSpec()
 
 
 TASKWEB_SEEDS = [10, 15, 20, 25, 30, 35, 40, 42]
@@ -279,6 +342,8 @@ class JobConfig(_Strict):
 
     #: dotted fields holding input paths, resolved against the config file's folder
     input_paths: ClassVar[tuple[str, ...]] = ("data_root", "task_files")
+    #: whether the kind expands search spaces of its setups (rayjobs.search_space)
+    searches: ClassVar[bool] = False
 
     @property
     def source_file(self) -> str:
@@ -294,6 +359,10 @@ class JobConfig(_Strict):
     @model_validator(mode="after")
     def _unique_setups(self) -> JobConfig:
         unique_setup_keys(self.setups)
+        searched = [s.key for s in self.setups if s.searched]
+        if searched and not self.searches:
+            raise ValueError(f"setups {searched} have search spaces ({{grid: ...}} etc.), which only `job: pairwise` "
+                             f"expands; a `job: {self.job}` setup takes plain values")
         return self
 
 
@@ -344,6 +413,7 @@ class ExperimentConfig(JobConfig):
     target: [..]}` (SeedLists) gives the stages separate seeds.
     """
 
+    searches: ClassVar[bool] = True
     job: Literal["pairwise"] = "pairwise"
     tasks: TaskSelection
     setups: list[SetupSpec] = Field(min_length=1)
@@ -360,6 +430,13 @@ class ExperimentConfig(JobConfig):
         if isinstance(v, list) and len(set(v)) != len(v):
             raise ValueError("seeds must be unique")
         return v
+
+    @model_validator(mode="after")
+    def _budget_without_spaces(self) -> ExperimentConfig:
+        if self.budget is not None and any(s.searched for s in self.setups):
+            raise ValueError("`budget` and search spaces do not combine: a budget policy proposes single runs, "
+                             "not searches over configurations")
+        return self
 
     @property
     def source_seeds(self) -> list[int]:

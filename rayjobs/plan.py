@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from rayjobs.config import AdaptationSpec, ExperimentConfig, ModelSpec, SetupSpec, TrainSpec
+from rayjobs.search_space import SearchPoint, configurations, group_id
 from rayjobs.tasks.registry import TaskRegistry, TaskSpec
 from rayjobs.tasks.templates import identity, resolve
 
@@ -58,11 +59,33 @@ class TrialSpec(BaseModel):
     #: what runs the trial, "module:function(trial, ctx) -> result row": the job kind's own executor
     executor: str = "rayjobs.train.loop:train_and_evaluate"
     params: dict[str, Any] = {}  # the executor's own inputs (a score trial's model reference and template)
+    #: a source / baseline configuration of a search (rayjobs.search_space): its place in the search
+    search: SearchPoint | None = None
+    #: a transfer over searched stages: it starts from the best of these source configurations ...
+    source_candidates: list[str] = []
+    #: ... and trains with the hyperparameters of the best of these baseline configurations, paired with it
+    baseline_candidates: dict[str, TrainSpec] = {}
+
+    @property
+    def required(self) -> list[str]:
+        """Run keys that must be stored `ok` before this trial can start."""
+        return [k for k in [self.source_run_key, *self.after] if k]
+
+    @property
+    def candidate_groups(self) -> list[list[str]]:
+        """Groups of run keys that must all be decided (ok or stopped early), at least one ok, to start."""
+        return [g for g in (list(self.source_candidates), list(self.baseline_candidates)) if g]
 
     @property
     def depends_on(self) -> list[str]:
         """Run keys that must be stored before this trial can start."""
-        return [k for k in [self.source_run_key, *self.after] if k]
+        return [*self.required, *(k for g in self.candidate_groups for k in g)]
+
+    def stopped_out(self, stopped: set[str]) -> bool:
+        """Will never run because runs it needs were stopped early: a required one, or every candidate of
+        a group (a decided outcome, not a failure)."""
+        return (any(d in stopped for d in self.required)
+                or any(all(k in stopped for k in g) for g in self.candidate_groups))
 
     @property
     def label(self) -> str:
@@ -71,7 +94,8 @@ class TrialSpec(BaseModel):
         if what is None:  # multi-task sets, MTL groups, scoring, PVI, embeddings: what it trains on or scores
             what = f"{'+'.join(self.sources)}->{self.target}" if self.sources else (self.target or self.train_task)
         seed = self.seed if self.source_seed in (None, self.seed) else f"{self.source_seed}->{self.seed}"
-        return f"{self.kind} {self.setup.key} {what} seed={seed}"
+        values = "".join(f" {k}={v}" for k, v in self.search.values.items()) if self.search else ""
+        return f"{self.kind} {self.setup.key} {what} seed={seed}{values}"
 
 
 def run_key(payload: dict[str, Any]) -> str:
@@ -104,11 +128,11 @@ def identity_dump(spec: BaseModel, exclude: set[str] | frozenset[str] = frozense
     return out
 
 
-def _setup_identity(setup: SetupSpec, hparams: TrainSpec) -> dict[str, Any]:
+def _setup_identity(setup: SetupSpec, hparams: TrainSpec, train_identity: Any = None) -> dict[str, Any]:
     ident: dict[str, Any] = {
         "model": identity_dump(setup.model, {"name"}),
         "adaptation": identity_dump(setup.adaptation),
-        "train": identity_dump(hparams, {"eval_batch_size"}),
+        "train": identity_dump(hparams, {"eval_batch_size"}) if train_identity is None else train_identity,
     }
     if setup.deepspeed is not None:  # numerics, not placement, change results
         ident["precision"] = setup.deepspeed.precision
@@ -126,14 +150,21 @@ def prompt_identity(setup: SetupSpec, spec: TaskSpec) -> str:
 
 def trial_key(*, kind: str, setup: SetupSpec, hparams: TrainSpec, train_task: str, train_origin: str,
               eval_task: str, eval_origin: str, seed: int, n_train: int | None, n_eval: int | None,
-              eval_fraction: float, split_seed: int, source_run_key: str | None = None,
-              sources: list[str] | None = None) -> str:
+              eval_fraction: float, split_seed: int, source_run_key: str | dict[str, Any] | None = None,
+              sources: list[str] | None = None, train_identity: Any = None) -> str:
+    """`source_run_key` / `train_identity` of a transfer over searched stages: which candidates it takes the
+    best of (rayjobs.search_space), in place of one source key / its hyperparameters."""
     return run_key({
-        "kind": kind, "setup": _setup_identity(setup, hparams),
+        "kind": kind, "setup": _setup_identity(setup, hparams, train_identity),
         "train": [train_task, train_origin], "eval": [eval_task, eval_origin],
         "seed": seed, "n_train": n_train, "n_eval": n_eval,
         "split": [eval_fraction, split_seed], "init": source_run_key, "sources": sources,
     })
+
+
+def best_of_identity(keys: list[str]) -> dict[str, Any]:
+    """The identity of "the validation-best of these runs" (a transfer's init or hyperparameters)."""
+    return {"best_of": sorted(keys), "on": "best_validation_score"}
 
 
 def expand_pairwise(cfg: ExperimentConfig, registry: TaskRegistry, results_dir: str) -> list[TrialSpec]:
@@ -152,41 +183,62 @@ def expand_pairwise(cfg: ExperimentConfig, registry: TaskRegistry, results_dir: 
     sources: list[TrialSpec] = []
     baselines: list[TrialSpec] = []
     transfers: list[TrialSpec] = []
+    search = dict(num_samples=cfg.run.num_samples, seed=cfg.run.search.seed, algorithm=cfg.run.search.algorithm)
     for setup in cfg.setups:
         data = {t: f"{origins[t]}|{prompt_identity(setup, registry.get(t))}" for t in tasks}
-        src_keys: dict[tuple[str, int], str] = {}
+        src_cfgs = configurations(setup.source_hparams, setup.source_space, **search)
+        tgt_cfgs = configurations(setup.train, setup.train_space, **search)
+        # (task, seed) -> the run keys of its configurations, in configuration order
+        src_keys: dict[tuple[str, int], list[str]] = {}
         for seed in cfg.source_seeds:
             for s in cfg.tasks.sources:
-                k = trial_key(kind="source", setup=setup, hparams=setup.source_hparams, train_task=s,
-                              train_origin=data[s], eval_task=s, eval_origin=data[s], seed=seed,
-                              n_train=sz.source_train, **key_common)
-                src_keys[s, seed] = k
-                sources.append(TrialSpec(run_key=k, kind="source", setup=setup, hparams=setup.source_hparams,
-                                         train_task=s, eval_task=s, source=s, seed=seed,
-                                         n_train=sz.source_train, save_checkpoint=True, **common))
-        base_keys: dict[tuple[str, int], str] = {}
+                group = [TrialSpec(run_key=trial_key(
+                    kind="source", setup=setup, hparams=hp, train_task=s, train_origin=data[s], eval_task=s,
+                    eval_origin=data[s], seed=seed, n_train=sz.source_train, **key_common),
+                    kind="source", setup=setup, hparams=hp, train_task=s, eval_task=s, source=s, seed=seed,
+                    n_train=sz.source_train, save_checkpoint=True, **common) for _, hp in src_cfgs]
+                src_keys[s, seed] = [t.run_key for t in group]
+                sources += _searched(group, src_cfgs, setup.source_space)
+        base_keys: dict[tuple[str, int], dict[str, TrainSpec]] = {}
         for seed in cfg.target_seeds:
             for t in cfg.tasks.target_list:
-                k = trial_key(kind="target", setup=setup, hparams=setup.train, train_task=t, train_origin=data[t],
-                              eval_task=t, eval_origin=data[t], seed=seed, n_train=sz.target_train, **key_common)
-                base_keys[t, seed] = k
-                baselines.append(TrialSpec(run_key=k, kind="target", setup=setup, hparams=setup.train,
-                                           train_task=t, eval_task=t, target=t, seed=seed,
-                                           n_train=sz.target_train, save_checkpoint=cfg.save_target_checkpoints,
-                                           **common))
+                group = [TrialSpec(run_key=trial_key(
+                    kind="target", setup=setup, hparams=hp, train_task=t, train_origin=data[t], eval_task=t,
+                    eval_origin=data[t], seed=seed, n_train=sz.target_train, **key_common),
+                    kind="target", setup=setup, hparams=hp, train_task=t, eval_task=t, target=t, seed=seed,
+                    n_train=sz.target_train, save_checkpoint=cfg.save_target_checkpoints, **common)
+                    for _, hp in tgt_cfgs]
+                base_keys[t, seed] = {b.run_key: b.hparams for b in group}
+                baselines += _searched(group, tgt_cfgs, setup.train_space)
         for src_seed, seed in cfg.seed_pairs():
             for s in cfg.tasks.sources:
                 for t in cfg.tasks.target_list:
                     if s == t and cfg.tasks.exclude_self:
                         continue
-                    init = src_keys[s, src_seed]
-                    k = trial_key(kind="transfer", setup=setup, hparams=setup.train, train_task=t,
+                    srcs, bases = src_keys[s, src_seed], base_keys[t, seed]
+                    # one candidate each (no spaces): the keys of before search spaces existed
+                    init = srcs[0] if len(srcs) == 1 else None
+                    base = next(iter(bases)) if len(bases) == 1 else None
+                    hp = bases[base] if base else next(iter(bases.values()))  # resolved when it starts
+                    k = trial_key(kind="transfer", setup=setup, hparams=hp, train_task=t,
                                   train_origin=data[t], eval_task=t, eval_origin=data[t], seed=seed,
-                                  n_train=sz.target_train, source_run_key=init, **key_common)
-                    transfers.append(TrialSpec(run_key=k, kind="transfer", setup=setup, hparams=setup.train,
+                                  n_train=sz.target_train, source_run_key=init or best_of_identity(srcs),
+                                  train_identity=None if base else best_of_identity(list(bases)), **key_common)
+                    transfers.append(TrialSpec(run_key=k, kind="transfer", setup=setup, hparams=hp,
                                                train_task=t, eval_task=t, source=s, target=t, seed=seed,
                                                source_seed=src_seed, n_train=sz.target_train,
-                                               source_run_key=init, baseline_run_key=base_keys[t, seed],
-                                               **common))
+                                               source_run_key=init, baseline_run_key=base,
+                                               source_candidates=[] if init else srcs,
+                                               baseline_candidates={} if base else bases, **common))
     trials = sources + baselines + transfers  # a setup with `simulate:` runs the benchmark's executor
     return [t.model_copy(update={"executor": "rayjobs.engine.simulate:simulate_trial"}) if t.setup.simulate else t for t in trials]
+
+
+def _searched(group: list[TrialSpec], cfgs: list[tuple[dict[str, Any], TrainSpec]], spaces: dict[str, Any]
+              ) -> list[TrialSpec]:
+    """The configurations of one (setup, stage, task, seed), each told its place in the search."""
+    if not spaces:
+        return group
+    gid = group_id([t.run_key for t in group])
+    return [t.model_copy(update={"search": SearchPoint(group=gid, index=i, n=len(group), values=values)})
+            for i, (t, (values, _)) in enumerate(zip(group, cfgs, strict=True))]

@@ -30,6 +30,10 @@ Relations:
   task_embeddings     FUTE (paper 004): one row per stored dataset / model task embedding (rayjobs.embed):
                       its space, DTE or MTE, task, model, prompt, dims and vector file
   embedding_spaces    per space: name, spec, probe pool composition, counts of DTEs and MTEs
+  tuned_configs       every searched source / baseline configuration (rayjobs.search_space) with its values,
+                      status and validation score (`best_validation_score`, held out of the training sample)
+  tuned_runs          per search (setup, stage, task, seed): the chosen configuration, best on validation
+                      (ties: the first), which the transfers start from / train with
 """
 
 ANALYSIS_SQL = """
@@ -337,4 +341,31 @@ SELECT json_extract_string(r.metrics, '$.space') AS space, any_value(json_extrac
        any_value(CAST(json_extract(r.metrics, '$.dims') AS BIGINT)) AS dims
 FROM runs r WHERE r.kind = 'embed' AND r.status = 'ok'
 GROUP BY 1;
+
+-- Search spaces (rayjobs.search_space): one row per searched configuration of a source / baseline stage.
+-- The validation score is the periodic validation's best (train.eval_every), never the eval split's score;
+-- stopped runs (early stopping) are decided losers and score NULL.
+CREATE OR REPLACE VIEW tuned_configs AS
+SELECT experiment, setup, kind AS stage, coalesce(source, target) AS task, seed,
+       json_extract_string(metrics, '$.search.group') AS search_group,
+       CAST(json_extract(metrics, '$.search.index') AS INTEGER) AS config_index,
+       CAST(json_extract(metrics, '$.search.n') AS INTEGER) AS n_planned,
+       CAST(json_extract(metrics, '$.search.values') AS VARCHAR) AS config,
+       status, CASE WHEN status = 'ok' THEN CAST(json_extract(metrics, '$.best_validation_score') AS DOUBLE)
+                    END AS validation_score,
+       score AS eval_score, hparams, run_key
+FROM runs WHERE kind IN ('source', 'target') AND status IN ('ok', 'stopped')
+  AND json_extract(metrics, '$.search') IS NOT NULL;
+
+-- The chosen configuration per search: highest validation score, the first configuration of equal ones
+-- (rayjobs.search_space.best_of makes the same choice when a transfer starts); `complete` once every
+-- planned configuration is decided.
+CREATE OR REPLACE VIEW tuned_runs AS
+SELECT experiment, setup, stage, task, seed, run_key, config, hparams, validation_score, eval_score,
+       n_decided, n_planned, n_decided = n_planned AS complete, search_group
+FROM (SELECT *, row_number() OVER (PARTITION BY search_group
+                                   ORDER BY validation_score DESC NULLS LAST, config_index) AS rank,
+             count(*) OVER (PARTITION BY search_group) AS n_decided
+      FROM tuned_configs)
+WHERE rank = 1 AND validation_score IS NOT NULL;
 """

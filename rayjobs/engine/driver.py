@@ -42,7 +42,7 @@ def run_job(job: Job, cfg: JobConfig, results_dir: str, db: str | None = None) -
             plan.trials = [t.model_copy(update={"results_uri": remote}) for t in plan.trials]
         done = store.finished_keys()  # finished or stopped early: decided
         stopped = store.finished_keys(statuses=("stopped",))
-        todo = [t for t in plan.trials if t.run_key not in done and not any(d in stopped for d in t.depends_on)]
+        todo = [t for t in plan.trials if t.run_key not in done and not t.stopped_out(stopped)]
         check_models(todo)
     if remote:
         print(f"transferlab: results at {display(remote)}; run rows, predictions and the database mirrored in "

@@ -264,7 +264,8 @@ def run_trials(name: str, todo: list[TrialSpec], run: RunSpec, store: Any, *, po
     storage = f"{remote.base}/tune" if remote else str(Path(store.root).resolve() / "tune")
     result = schedule(name, todo, run, store.finished_keys(statuses=("ok",)), pool=pool,
                       callbacks=[PeriodicIngest(store), *callbacks], storage=storage,
-                      storage_fs=remote.fs if remote else None, gate=gate)
+                      storage_fs=remote.fs if remote else None, gate=gate,
+                      stopped=store.finished_keys(statuses=("stopped",)))
     store.ingest()
     observe.rows_ingested(store.last_ingested)
     if result.blocked:
@@ -292,10 +293,12 @@ def run_stage(name: str, trials: list[TrialSpec], run: RunSpec, *, pool: WorkerP
 
 def schedule(name: str, trials: list[TrialSpec], run: RunSpec, done: set[str], *,
              pool: WorkerPool | None = None, callbacks: Sequence[RunCallback] = (),
-             storage: str | None = None, storage_fs: Any = None, gate: Any = None) -> StageResult:
+             storage: str | None = None, storage_fs: Any = None, gate: Any = None,
+             stopped: set[str] = frozenset()) -> StageResult:
     """One `Tuner.fit()` over `trials`: each a Tune trial, released by the dependency searcher.
 
-    `done` holds the run keys stored before the run; a dependency that is neither there nor among
+    `done` holds the run keys stored before the run (`stopped`: those stopped early, decided candidates
+    of a search); a dependency that is neither there nor among
     `trials` never will be, so its dependents are blocked. `storage` is where Tune's experiment folder
     goes (default: a temporary folder), on `storage_fs` (a pyarrow filesystem: a bucket) if given."""
     result = StageResult(name, len(trials))
@@ -310,7 +313,7 @@ def schedule(name: str, trials: list[TrialSpec], run: RunSpec, done: set[str], *
     pool.ensure(caps, name=tuning.broker_name(experiment))
     hooks = [ProgressLines(result, run.verbose), TrialMetrics(), *callbacks]
     t0 = time.time()
-    searcher = tuning.make_searcher(trials, set(done), pool.name, own_pool, gate=gate)
+    searcher = tuning.make_searcher(trials, set(done), pool.name, own_pool, gate=gate, stopped=set(stopped))
     adapter = _TuneHooks(result, hooks, searcher, searcher.specs, t0)
     try:
         grid = _fit(name, experiment, run, searcher, adapter, caps, storage, storage_fs, len(trials))
@@ -444,7 +447,7 @@ def finish(store: Any, trials: list[TrialSpec], view: str, gate: Any = None) -> 
     stored = store.finished_keys()  # ok or stopped: decided runs
     stopped = store.finished_keys(statuses=("stopped",))
     # a run that depends on a stopped one is decided too: it will not run
-    missing = [t for t in trials if t.run_key not in stored and not any(d in stopped for d in t.depends_on)]
+    missing = [t for t in trials if t.run_key not in stored and not t.stopped_out(stopped)]
     if gate is not None:
         skipped = [t for t in missing if t.run_key not in gate.admitted]
         missing = [t for t in missing if t.run_key in gate.admitted]

@@ -94,8 +94,12 @@ def smoke_setup(s: SetupSpec) -> SetupSpec:
     # GPU-only DeepSpeed settings go: half precision, offload, and `extra` (bucket sizes, NVMe paths...)
     ds = s.deepspeed.model_copy(update={"precision": "fp32", "offload_optimizer": False, "offload_params": False,
                                         "extra": {}}) if s.deepspeed else None
+    # search spaces stay, except on the fields the smoke run fixes (a few steps)
+    fixed = {"epochs", "max_steps", "grad_accum_steps", "batch_size", "eval_every"}
+    spaces = {f"{stage}_space": {k: v for k, v in getattr(s, f"{stage}_space").items() if k not in fixed}
+              for stage in ("train", "source_train")}
     return s.model_copy(update={"name": s.key, "model": tiny_model(s.model), "adaptation": _smoke_adaptation(s),
-                                "train": train, "source_train": src, "resources": res, "deepspeed": ds})
+                                "train": train, "source_train": src, "resources": res, "deepspeed": ds, **spaces})
 
 
 def has_local_data(registry: TaskRegistry, task: str) -> bool:

@@ -16,6 +16,7 @@ from analysis.store.results import ResultStore
 from rayjobs.engine import observe, stack
 from rayjobs.engine.faults import inject_fault
 from rayjobs.plan import TrialSpec
+from rayjobs.search_space import best_of
 
 MAX_LOSS_POINTS = 2000
 
@@ -54,14 +55,20 @@ def execute(spec: TrialSpec, progress: Any = None, report: Any = None) -> dict[s
     store = ResultStore(spec.results_dir, remote=spec.results_uri)
     if store.remote is not None:
         store.pull_run(spec.run_key, checkpoint=False)
-        for key in [*spec.depends_on, *([spec.params["probe_key"]] if spec.params.get("probe_key") else [])]:
+        for key in [*spec.required, *([spec.params["probe_key"]] if spec.params.get("probe_key") else [])]:
             store.pull_run(key)
+        for key in (k for g in spec.candidate_groups for k in g):  # rows to choose from; the chosen checkpoint below
+            store.pull_run(key, checkpoint=False)
     done = store.read_result(spec.run_key)
     if done is not None and done["status"] in DECIDED:
         return done
     t0 = time.time()
     observe.trial_started(spec)
     try:
+        if spec.source_candidates or spec.baseline_candidates:  # a transfer over searched stages
+            spec = resolve_candidates(spec, store)
+            if store.remote is not None and spec.source_run_key:
+                store.pull_run(spec.source_run_key)
         inject_fault(spec)
         if spec.setup.resources.workers > 1 or spec.setup.deepspeed is not None:
             from rayjobs.engine.distributed import train_distributed
@@ -88,7 +95,7 @@ def execute(spec: TrialSpec, progress: Any = None, report: Any = None) -> dict[s
     if curve:
         stride = max(1, len(curve) // MAX_LOSS_POINTS)
         row["metrics"] = {**row["metrics"], "loss_curve": curve[::stride], "loss_curve_stride": stride}
-    row["metrics"] = {**(row.get("metrics") or {}), **observe.placement()}
+    row["metrics"] = {**(row.get("metrics") or {}), **observe.placement(), **_search_metrics(spec)}
     # -- issue 21 item 11: the library versions and device that produced the row (rayjobs.engine.stack)
     row["stack"] = stack.describe()
     store.write_result(row)
@@ -115,10 +122,32 @@ def stopped_row(spec: TrialSpec, last: dict[str, Any], wall: float) -> dict[str,
     return {**_row_identity(spec), "status": "stopped", "wall_time_s": wall, "score": None,
             "hparams": {**spec.hparams.model_dump(), "steps": last.get("step")},
             "metrics": {"stopped_at_step": last.get("step"), "last_validation_score": last.get("validation_score"),
-                        "validation_curve": last.get("validation_curve", []), **observe.placement()}}
+                        "validation_curve": last.get("validation_curve", []), **observe.placement(),
+                        **_search_metrics(spec)}}
+
+
+def _search_metrics(spec: TrialSpec) -> dict[str, Any]:
+    """A searched configuration's place in its search (the `tuned_runs` view reads it)."""
+    return {"search": spec.search.model_dump()} if spec.search is not None else {}
 
 
 def failed_row(spec: TrialSpec, err: BaseException, wall: float) -> dict[str, Any]:
     tb = traceback.format_exception(type(err), err, err.__traceback__)
     return {**_row_identity(spec), "status": "failed", "wall_time_s": wall,
             "error": f"{type(err).__name__}: {err}\n{''.join(tb[-3:])}"[:4000]}
+
+
+def resolve_candidates(spec: TrialSpec, store: Any) -> TrialSpec:
+    """A transfer over searched stages, made concrete when it starts: its source is the best source
+    configuration, its hyperparameters and paired baseline the target's best (`best_of`)."""
+    update: dict[str, Any] = {}
+    if spec.source_candidates:
+        rows = [store.read_result(k) for k in spec.source_candidates]
+        update["source_run_key"] = spec.source_candidates[best_of(rows, f"{spec.label}: source {spec.source}")]
+    if spec.baseline_candidates:
+        keys = list(spec.baseline_candidates)
+        rows = [store.read_result(k) for k in keys]
+        chosen = keys[best_of(rows, f"{spec.label}: baseline {spec.target}")]
+        update["baseline_run_key"] = chosen
+        update["hparams"] = spec.baseline_candidates[chosen]
+    return spec.model_copy(update=update) if update else spec

@@ -400,7 +400,7 @@ def _shape_dict(s: Shape) -> dict[str, Any]:
 
 # -- the searcher -----------------------------------------------------------------------------------------
 def make_searcher(trials: list[TrialSpec], done: set[str], broker_name: str, own_pool: bool,
-                  gate: Any = None) -> Any:
+                  gate: Any = None, stopped: set[str] = frozenset()) -> Any:
     from ray.tune.search import Searcher
 
     class DependencySearcher(Searcher):
@@ -419,7 +419,8 @@ def make_searcher(trials: list[TrialSpec], done: set[str], broker_name: str, own
             self.order = [t.run_key if counts[t.run_key] == 1 else f"{t.run_key}@{i}" for i, t in enumerate(trials)]
             self.specs = dict(zip(self.order, trials, strict=True))
             self.place = {(t.results_dir, t.run_key): u for u, t in self.specs.items()}
-            self.done, self.failed, self.stopped = set(done), set(), set()
+            # stopped: by the scheduler, in this run or before it (`stopped`: decided candidates of a search)
+            self.done, self.failed, self.stopped = set(done), set(), set(stopped)
             self.blocked: list[str] = []
             self.waiting = deque(self.order)
             self.ready: deque[str] = deque()
@@ -493,6 +494,11 @@ def make_searcher(trials: list[TrialSpec], done: set[str], broker_name: str, own
             self.waiting = deque(k for k in self.order if k not in gone)
             self.ready.clear()
 
+        def _lost(self, d: str) -> bool:
+            """The run `d` will not be stored ok in this run: it failed, is blocked, or is not planned."""
+            return d in self.failed or d in self.blocked or (
+                d not in self.done and d not in self.stopped and d not in self.specs)
+
         def _admitted_waiting(self) -> bool:
             return any(self.specs[k].run_key in gate.admitted for k in self.waiting)
 
@@ -505,12 +511,16 @@ def make_searcher(trials: list[TrialSpec], done: set[str], broker_name: str, own
                     still.append(key)
                     continue
                 deps = [self.place.get((t.results_dir, d), d) for d in
-                        [*t.depends_on, *(gate.extra_deps(t.run_key) if gate is not None else [])]]
-                if all(d in self.done for d in deps):
+                        [*t.required, *(gate.extra_deps(t.run_key) if gate is not None else [])]]
+                # a search's candidates (rayjobs.search_space): all decided, at least one ok
+                groups = [[self.place.get((t.results_dir, d), d) for d in g] for g in t.candidate_groups]
+                if all(d in self.done for d in deps) and all(
+                        all(d in self.done or d in self.stopped for d in g) and any(d in self.done for d in g)
+                        for g in groups):
                     self.ready.append(key)
                     self.released_at[key] = now
-                elif any(d in self.failed or d in self.stopped or d in self.blocked
-                         or (d not in self.done and d not in self.specs) for d in deps):
+                elif any(d in self.stopped or self._lost(d) for d in deps) or any(
+                        any(self._lost(d) for d in g) or all(d in self.stopped for d in g) for g in groups):
                     self.blocked.append(key)
                 else:
                     still.append(key)
