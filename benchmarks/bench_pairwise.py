@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from analysis.store.results import ResultStore  # noqa: E402
-from rayjobs.config import ExperimentConfig, RunSpec, load_config  # noqa: E402
+from rayjobs.config import PairwiseConfig, RunSpec, load_config  # noqa: E402
 from rayjobs.engine.runner import QUIET, StageResult, init_ray, run_trials  # noqa: E402
 from rayjobs.engine.tuning import WorkerPool  # noqa: E402
 from rayjobs.plan import TrialSpec, expand_pairwise, run_key  # noqa: E402
@@ -60,7 +60,7 @@ from rayjobs.tasks.registry import TaskRegistry  # noqa: E402
 SLOTS = 2  # trials at a time
 
 
-def bench_config(args: argparse.Namespace) -> ExperimentConfig:
+def bench_config(args: argparse.Namespace) -> PairwiseConfig:
     """The config's first setup and first 3 tasks, 1 seed, the benchmark's sizes and epochs."""
     cfg = load_config(args.config)
     setup = cfg.setups[0]
@@ -80,11 +80,11 @@ def bench_config(args: argparse.Namespace) -> ExperimentConfig:
     })
 
 
-def staged_trials(cfg: ExperimentConfig, results: Path) -> list[TrialSpec]:
+def staged_trials(cfg: PairwiseConfig, results: Path) -> list[TrialSpec]:
     return expand_pairwise(cfg, TaskRegistry.load(cfg.task_files, cfg.data_root), str(results))
 
 
-def naive_trials(cfg: ExperimentConfig, results: Path) -> list[TrialSpec]:
+def naive_trials(cfg: PairwiseConfig, results: Path) -> list[TrialSpec]:
     """The plan without source reuse: each transfer gets a source model trained for it alone."""
     trials = staged_trials(cfg, results)
     sources = {t.run_key: t for t in trials if t.kind == "source"}
@@ -98,7 +98,7 @@ def naive_trials(cfg: ExperimentConfig, results: Path) -> list[TrialSpec]:
     return out
 
 
-def slow_source_trials(cfg: ExperimentConfig, results: Path, factor: float) -> list[TrialSpec]:
+def slow_source_trials(cfg: PairwiseConfig, results: Path, factor: float) -> list[TrialSpec]:
     """The staged grid with the first source trained on `factor` times more examples (trial lengths differ)."""
     trials = staged_trials(cfg, results)
     slow = next(t for t in trials if t.kind == "source")

@@ -32,7 +32,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from rayjobs.config import ExperimentConfig, SetupSpec, load_config  # noqa: E402
+from rayjobs.config import PairwiseConfig, SetupSpec, load_config  # noqa: E402
 from rayjobs.engine.smoke import TINY  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
@@ -80,11 +80,11 @@ def model_setups(args: argparse.Namespace) -> list[dict[str, Any]]:
     return out
 
 
-def experiment(setup: dict[str, Any], task: str, steps: int, data_root: str | None) -> ExperimentConfig:
+def experiment(setup: dict[str, Any], task: str, steps: int, data_root: str | None) -> PairwiseConfig:
     s = SetupSpec.model_validate(setup)
     s = s.model_copy(update={"train": s.train.model_copy(update={"max_steps": steps, "epochs": 100})})
     n = steps * s.train.batch_size
-    return ExperimentConfig.model_validate({
+    return PairwiseConfig.model_validate({
         "name": "bench", "data_root": data_root, "tasks": {"sources": [task]}, "seeds": [1],
         "sizes": {"source_train": n, "eval": 16}, "setups": [s.model_dump()]})
 
@@ -94,7 +94,7 @@ def run_one(payload: dict[str, Any]) -> dict[str, Any]:
     from rayjobs.plan import expand_pairwise
     from rayjobs.tasks.registry import TaskRegistry
 
-    cfg = ExperimentConfig.model_validate(payload["config"])
+    cfg = PairwiseConfig.model_validate(payload["config"])
     trial = next(t for t in expand_pairwise(cfg, TaskRegistry.load(data_root=cfg.data_root), payload["results"])
                  if t.kind == "source")
     setup = trial.setup
@@ -162,7 +162,7 @@ class GpuSampler:
         return sum(self.samples) / len(self.samples) if self.samples else None
 
 
-def measure(name: str, cfg: ExperimentConfig, timeout: int) -> dict[str, Any]:
+def measure(name: str, cfg: PairwiseConfig, timeout: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         payload = json.dumps({"config": cfg.model_dump(mode="json"), "results": tmp})
         with GpuSampler() as gpu:

@@ -406,7 +406,7 @@ PairwiseSeeds = Annotated[Annotated[list[int], Field(min_length=1), Tag("list")]
                           Discriminator(_seeds_form)]
 
 
-class ExperimentConfig(JobConfig):
+class PairwiseConfig(JobConfig):
     """A pairwise (intermediate-task) transfer grid.
 
     `seeds: [..]` trains a source, a baseline and a transfer with the same seed; `seeds: {source: [..],
@@ -432,7 +432,7 @@ class ExperimentConfig(JobConfig):
         return v
 
     @model_validator(mode="after")
-    def _budget_without_spaces(self) -> ExperimentConfig:
+    def _budget_without_spaces(self) -> PairwiseConfig:
         if self.budget is not None and any(s.searched for s in self.setups):
             raise ValueError("`budget` and search spaces do not combine: a budget policy proposes single runs, "
                              "not searches over configurations")
@@ -610,6 +610,6 @@ def load_typed(path: str | os.PathLike, cls: type[M], overrides: list[str] | dic
     return cfg
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | dict[str, Any] | None = None) -> ExperimentConfig:
+def load_config(path: str | os.PathLike, overrides: list[str] | dict[str, Any] | None = None) -> PairwiseConfig:
     """Load and validate a pairwise experiment config."""
-    return load_typed(path, ExperimentConfig, overrides)
+    return load_typed(path, PairwiseConfig, overrides)

@@ -12,7 +12,7 @@ resumes it.
 from __future__ import annotations
 
 from analysis.store.results import ResultStore
-from rayjobs.config import ExperimentConfig
+from rayjobs.config import PairwiseConfig
 from rayjobs.engine.preflight import check_setups
 from rayjobs.engine.smoke import smoke_setup, smoke_tasks
 from rayjobs.job import Job, Plan
@@ -20,14 +20,14 @@ from rayjobs.plan import TrialSpec, expand_pairwise
 from rayjobs.tasks.registry import TaskRegistry
 
 
-def plan(cfg: ExperimentConfig, results_dir: str) -> tuple[ResultStore, list[TrialSpec]]:
+def plan(cfg: PairwiseConfig, results_dir: str) -> tuple[ResultStore, list[TrialSpec]]:
     """Validate everything that can be validated before Ray starts; return the store and all trials."""
     store = ResultStore(results_dir)
     store.ensure_writable()
     return store, PairwiseJob().plan(cfg, store).trials
 
 
-def transfer_matrix_lines(store: ResultStore, cfg: ExperimentConfig) -> list[str]:
+def transfer_matrix_lines(store: ResultStore, cfg: PairwiseConfig) -> list[str]:
     setups = [s.key for s in cfg.setups]
     with store.connect(read_only=True) as con:
         rows = con.execute(
@@ -50,7 +50,7 @@ def transfer_matrix_lines(store: ResultStore, cfg: ExperimentConfig) -> list[str
 
 
 # -- --smoke: the config shrunk to run end to end on a laptop CPU in minutes ------------------------------
-def smoke(cfg: ExperimentConfig) -> ExperimentConfig:
+def smoke(cfg: PairwiseConfig) -> PairwiseConfig:
     """One seed (one source and one target seed where the stages have their own), tiny sizes, <= 3 tasks."""
     sizes = cfg.sizes.model_copy(update={"source_train": 24, "target_train": 24, "eval": 24})
     seeds = cfg.seeds[:1] if isinstance(cfg.seeds, list) else \
@@ -61,10 +61,10 @@ def smoke(cfg: ExperimentConfig) -> ExperimentConfig:
 
 class PairwiseJob(Job):
     kind = "pairwise"
-    config_cls = ExperimentConfig
+    config_cls = PairwiseConfig
     description = __doc__ or ""
 
-    def plan(self, cfg: ExperimentConfig, store: ResultStore) -> Plan:
+    def plan(self, cfg: PairwiseConfig, store: ResultStore) -> Plan:
         from rayjobs.engine.budget import budget_gate
 
         registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
@@ -75,7 +75,7 @@ class PairwiseJob(Job):
                    f"({cfg.budget.policy})") if gate is not None else ""
         return Plan(trials, summary=summary, view="transfer_scores", gate=gate)
 
-    def report(self, cfg: ExperimentConfig, store: ResultStore) -> list[str]:
+    def report(self, cfg: PairwiseConfig, store: ResultStore) -> list[str]:
         return transfer_matrix_lines(store, cfg)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from rayjobs.config import AdaptationSpec, ExperimentConfig, ModelSpec, SetupSpec, TrainSpec
+from rayjobs.config import AdaptationSpec, ModelSpec, PairwiseConfig, SetupSpec, TrainSpec
 from rayjobs.search_space import SearchPoint, configurations, group_id
 from rayjobs.tasks.registry import TaskRegistry, TaskSpec
 from rayjobs.tasks.templates import identity, resolve
@@ -167,7 +167,7 @@ def best_of_identity(keys: list[str]) -> dict[str, Any]:
     return {"best_of": sorted(keys), "on": "best_validation_score"}
 
 
-def expand_pairwise(cfg: ExperimentConfig, registry: TaskRegistry, results_dir: str) -> list[TrialSpec]:
+def expand_pairwise(cfg: PairwiseConfig, registry: TaskRegistry, results_dir: str) -> list[TrialSpec]:
     """All trials of a pairwise config, sources and baselines first, transfers last.
 
     A transfer trains its target with a target seed from the source run of its source seed

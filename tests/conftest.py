@@ -79,13 +79,13 @@ def trained_source(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One source run of a tiny bert on snli, trained in this process (no Ray): results folder, run key,
     its stored row and predictions. Session-scoped: several test files score and serve it."""
     from analysis.store.results import ResultStore
-    from rayjobs.config import ExperimentConfig
+    from rayjobs.config import PairwiseConfig
     from rayjobs.engine.trial import execute
     from rayjobs.plan import expand_pairwise
     from rayjobs.tasks.registry import TaskRegistry
 
     results = tmp_path_factory.mktemp("trained")
-    cfg = ExperimentConfig.model_validate({
+    cfg = PairwiseConfig.model_validate({
         "name": "fixture", "data_root": str(DATA), "tasks": {"sources": ["snli", "scitail"]}, "seeds": [3],
         "sizes": {"source_train": 64, "target_train": 16, "eval": 40},
         "setups": [{"model": {"name": "tiny", "config": TINY_BERT, "max_length": 64},

@@ -7,7 +7,7 @@ import importlib.util
 
 from packaging.version import Version
 
-from rayjobs.config import ExperimentConfig, SetupSpec
+from rayjobs.config import PairwiseConfig, SetupSpec
 from rayjobs.models import encoder_head
 from rayjobs.models.loading import ModelError, resolve_path, tokenizer_path
 from rayjobs.tasks.registry import TaskRegistry
@@ -117,7 +117,7 @@ def check_distributed(setup: SetupSpec, cluster: dict[str, float] | None = None)
                                  f"cluster has {have:g} {key} in all")
 
 
-def check_setups(cfg: ExperimentConfig, registry: TaskRegistry) -> None:
+def check_setups(cfg: PairwiseConfig, registry: TaskRegistry) -> None:
     tasks = list(dict.fromkeys(cfg.tasks.sources + cfg.tasks.target_list))
     for t in tasks:
         registry.get(t)

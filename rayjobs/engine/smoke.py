@@ -21,9 +21,9 @@ import yaml
 
 from rayjobs.config import (
     AdaptationSpec,
-    ExperimentConfig,
     JobConfig,
     ModelSpec,
+    PairwiseConfig,
     SetupSpec,
     TaskSelection,
     TrainSpec,
@@ -109,7 +109,7 @@ def has_local_data(registry: TaskRegistry, task: str) -> bool:
         return False
 
 
-def smoke_tasks(cfg: ExperimentConfig) -> TaskSelection:
+def smoke_tasks(cfg: PairwiseConfig) -> TaskSelection:
     """A few tasks of a large grid, only those with local data where there are any (no hub needed): at
     most 3 (a full 3-task pairwise grid), or 1 source and 1 target when a setup is distributed (a Ray
     Train worker group per trial costs ~40 s on a laptop)."""

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from rayjobs.config import ConfigError, ExperimentConfig, TrainSpec, load_config
+from rayjobs.config import ConfigError, PairwiseConfig, TrainSpec, load_config
 from rayjobs.engine.trial import execute
 from rayjobs.models import checkpoint
 from rayjobs.plan import TrialSpec, expand_pairwise, identity_dump
@@ -30,13 +30,13 @@ def _prompt_name(state: dict[str, Any]) -> str:
 
 
 def _config(family: str, sources: list[str], targets: list[str], seeds: Any, train: dict[str, Any],
-            **extra: Any) -> ExperimentConfig:
+            **extra: Any) -> PairwiseConfig:
     model = {"name": "tiny", "family": family, "config": TINY_T5 if family == "seq2seq" else TINY_BERT,
              "max_length": 48, "max_target_length": 4}
     # T5: the prompt goes before the encoder input only (Lester et al.); peft's default for seq2seq keeps a
     # second, decoder-side block of prompt rows that prompt tuning never uses (so never trains)
     params = {"num_virtual_tokens": 4, **({"num_transformer_submodules": 1} if family == "seq2seq" else {})}
-    return ExperimentConfig.model_validate({
+    return PairwiseConfig.model_validate({
         "name": "pt", "data_root": str(DATA), "tasks": {"sources": sources, "targets": targets}, "seeds": seeds,
         "sizes": {"source_train": 16, "target_train": 16, "eval": 8},
         "setups": [{"model": model, "adaptation": {"method": "prompt_tuning", "params": params},

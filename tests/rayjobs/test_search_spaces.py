@@ -13,7 +13,7 @@ import duckdb
 import pytest
 import yaml
 
-from rayjobs.config import ConfigError, ExperimentConfig, load_config, load_typed
+from rayjobs.config import ConfigError, PairwiseConfig, load_config, load_typed
 from rayjobs.plan import expand_pairwise
 from rayjobs.search_space import NoValidationScore, best_of
 from rayjobs.tasks.registry import TaskRegistry
@@ -34,7 +34,7 @@ def grid_data(train: dict[str, Any], run: dict[str, Any] | None = None, **setup:
 
 
 def plan(d: dict[str, Any], tmp: Path | str = "/tmp/unused") -> list[Any]:
-    return expand_pairwise(ExperimentConfig.model_validate(d), TaskRegistry.load(data_root=DATA), str(tmp))
+    return expand_pairwise(PairwiseConfig.model_validate(d), TaskRegistry.load(data_root=DATA), str(tmp))
 
 
 def test_a_config_without_spaces_keeps_the_run_keys_it_had_before_search_spaces() -> None:
@@ -266,7 +266,7 @@ def test_grid_runs_every_configuration_and_transfers_start_from_the_best_on_vali
 def test_smoke_keeps_the_spaces_except_on_the_fields_it_fixes() -> None:
     from rayjobs.engine.smoke import smoke_pairwise
 
-    cfg = ExperimentConfig.model_validate(grid_data({**VALIDATED, "learning_rate": {"grid": [1e-2, 1e-3]},
+    cfg = PairwiseConfig.model_validate(grid_data({**VALIDATED, "learning_rate": {"grid": [1e-2, 1e-3]},
                                                      "epochs": {"choice": [5, 10]}}))
     small = smoke_pairwise(cfg)
     assert list(small.setups[0].train_space) == ["learning_rate"] and small.setups[0].train.epochs == 1

@@ -21,13 +21,13 @@ def lora_run(tiny_lm_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """One LoRA source run of the tiny GPT-2 folder on snli (base rendering, so the prompt is the example's
     text), trained in this process; its key, results folder and stored predictions."""
     from analysis.store.results import ResultStore
-    from rayjobs.config import ExperimentConfig
+    from rayjobs.config import PairwiseConfig
     from rayjobs.engine.trial import execute
     from rayjobs.plan import expand_pairwise
     from rayjobs.tasks.registry import TaskRegistry
 
     results = tmp_path_factory.mktemp("lora")
-    cfg = ExperimentConfig.model_validate({
+    cfg = PairwiseConfig.model_validate({
         "name": "lora-export", "data_root": str(DATA), "tasks": {"sources": ["snli"]}, "seeds": [5],
         "sizes": {"source_train": 32, "target_train": 16, "eval": 12},
         "setups": [{"model": {"name": "tiny-gpt2", "path": str(tiny_lm_folder), "family": "causal", "max_length": 96},

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from analysis.store.results import ResultStore
-from rayjobs.config import ExperimentConfig, RunSpec, SetupSpec
+from rayjobs.config import PairwiseConfig, RunSpec, SetupSpec
 from rayjobs.engine.preflight import check_distributed
 from rayjobs.models.base import CKPT_META, CKPT_WEIGHTS
 from rayjobs.models.loading import ModelError
@@ -40,7 +40,7 @@ TOL = 1e-5
 
 
 def experiment(stage: int | None, workers: int, cpu: float = 1, name: str | None = None,
-               model_path: str | None = None) -> ExperimentConfig:
+               model_path: str | None = None) -> PairwiseConfig:
     model = {"name": "tiny", "path": model_path} if model_path else {"name": "tiny", "config": TINY}
     setup: dict[str, Any] = {
         "name": name,
@@ -52,7 +52,7 @@ def experiment(stage: int | None, workers: int, cpu: float = 1, name: str | None
         setup["deepspeed"] = {"stage": stage}
     if stage == 3:  # partition every parameter (by default ZeRO-3 keeps those under 1e5 elements whole)
         setup["deepspeed"]["extra"] = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
-    return ExperimentConfig.model_validate({
+    return PairwiseConfig.model_validate({
         "name": "dist", "data_root": str(DATA), "tasks": {"sources": ["snli"], "targets": ["mrpc"]}, "seeds": [3],
         "sizes": {"source_train": 28, "target_train": 16, "eval": 16}, "setups": [setup]})
 

@@ -17,7 +17,7 @@ import duckdb
 import pytest
 
 from analysis.store.results import ResultStore
-from rayjobs.config import ExperimentConfig
+from rayjobs.config import PairwiseConfig
 from rayjobs.plan import expand_pairwise
 from rayjobs.tasks.registry import TaskRegistry
 from tests.conftest import DATA, REPO, cli, needs_data, tiny_grid
@@ -26,7 +26,7 @@ from tests.conftest import DATA, REPO, cli, needs_data, tiny_grid
 def grid_trials(tmp: Path) -> list[Any]:
     import yaml
 
-    cfg = ExperimentConfig.model_validate(yaml.safe_load(tiny_grid("s")))
+    cfg = PairwiseConfig.model_validate(yaml.safe_load(tiny_grid("s")))
     return expand_pairwise(cfg, TaskRegistry.load(data_root=DATA), str(tmp))
 
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from analysis.store.results import ResultStore
-from rayjobs.config import ExperimentConfig, RunSpec
+from rayjobs.config import PairwiseConfig, RunSpec
 from rayjobs.plan import TrialSpec, expand_pairwise
 from rayjobs.tasks.registry import TaskRegistry
 from rayjobs.train import loop as train_loop
@@ -39,7 +39,7 @@ FAULTS = "raise:source boom snli ;kill:target boom mrpc (baseline)"
 
 def plan(results: Path, seed: int, name: str | None = None, source_train: int = 16,
          tasks: tuple[str, ...] = ("snli", "mrpc")) -> list[TrialSpec]:
-    cfg = ExperimentConfig.model_validate({
+    cfg = PairwiseConfig.model_validate({
         "name": "warm", "data_root": str(DATA), "tasks": {"sources": list(tasks)}, "seeds": [seed],
         "sizes": {"source_train": source_train, "target_train": 16, "eval": 16},
         "setups": [{"name": name, "model": {"name": "tiny", "config": TINY, "max_length": 48},

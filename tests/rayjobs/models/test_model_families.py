@@ -239,11 +239,11 @@ def test_training_loop_with_gradient_checkpointing_trains_lora(tmp_path: Path, f
     (peft's init), so non-zero B in the saved checkpoint means gradients reached every adapter."""
     from safetensors.torch import load_file
 
-    from rayjobs.config import ExperimentConfig
+    from rayjobs.config import PairwiseConfig
     from rayjobs.plan import expand_pairwise
     from rayjobs.train.loop import train_and_evaluate
 
-    cfg = ExperimentConfig.model_validate({
+    cfg = PairwiseConfig.model_validate({
         "name": "gc", "data_root": str(DATA), "tasks": {"sources": ["copa"], "targets": ["cb"]}, "seeds": [1],
         "sizes": {"source_train": 16, "target_train": 8, "eval": 8},
         "setups": [{"model": tiny(family).model_dump(), "adaptation": {"method": "lora", "params": {"r": 4}},
