@@ -256,10 +256,94 @@ def _check_tasks(cfg: EmbedConfig, registry: TaskRegistry) -> list[str]:
     return prompted
 
 
-def expand_embed(cfg: EmbedConfig, store: ResultStore) -> tuple[list[TrialSpec], ProbePool, dict[str, str]]:
-    """Every trial of an embed config (pairwise, probe, score, embed) and the probe pool; plus space ids."""
+def _probe_trials(cfg: EmbedConfig, items: list[BlackBoxItem], pool: ProbePool, pool_params: dict[str, Any],
+                  common: dict[str, Any], seen: set[str]) -> tuple[list[TrialSpec], dict[int, str]]:
+    """One probe trial per distinct black box (items sharing a key share the trial), and each item's probe key."""
+    bb_store = cfg.mte.results_store or common["results_dir"]
+    trials: list[TrialSpec] = []
+    probe_keys: dict[int, str] = {}
+    for i, it in enumerate(items):
+        params = {**it.probe_params(), **pool_params, "batch_size": cfg.mte.batch_size, "results_store": bb_store}
+        key = run_key({"kind": "probe", **it.probe_params(), "pool": pool.digest})
+        probe_keys[i] = key
+        if key in seen:
+            continue
+        seen.add(key)
+        setup = SetupSpec(name=it.name, model=ModelSpec(name=it.name, path=it.ref, max_length=it.max_length),
+                          resources=cfg.resources)
+        trials.append(TrialSpec(run_key=key, kind="probe", executor="rayjobs.embed:probe_trial", setup=setup, hparams=setup.train,
+                                train_task=it.task, eval_task=it.task, target=it.task, source=it.source_task,
+                                seed=0, n_train=len(pool.examples), n_eval=None, after=list(it.after),
+                                params={**params, "model": it.name, "prompt": it.prompt}, **common))
+    return trials, probe_keys
+
+
+def _score_trials(cfg: EmbedConfig, items: list[BlackBoxItem], registry: TaskRegistry, results: str,
+                  seen: set[str]) -> list[TrialSpec]:
+    """With `mte.score_eval`: the score job's trials of each prompt set on its task's eval split (new keys only)."""
     from rayjobs.score import ScoreConfig, expand_score
 
+    trials: list[TrialSpec] = []
+    if not cfg.mte.score_eval:
+        return trials
+    for ps in cfg.mte.prompts:
+        tpl = [t for t in items if t.task == ps.task and t.source_task is None]
+        templates = list({t.template.name: t.template for t in tpl}.values())
+        if not templates or not cfg.mte.models:
+            continue
+        scfg = ScoreConfig.model_validate({
+            "name": cfg.name, "models": [m.model_dump() for m in cfg.mte.models], "tasks": [ps.task],
+            "templates": [t.model_dump() for t in templates], "split": "eval", "n": cfg.mte.n_eval,
+            "perplexity": cfg.mte.perplexity, "self_select": cfg.mte.self_select, "seeds": [0],
+            "data_root": cfg.data_root,
+            "task_files": list(cfg.task_files), "sizes": cfg.sizes.model_dump(), "resources": cfg.resources.model_dump(),
+            "results_store": cfg.mte.results_store})
+        for t in expand_score(scfg, registry, results):
+            if t.run_key not in seen:
+                seen.add(t.run_key)
+                trials.append(t)
+    return trials
+
+
+def _dte_trials(cfg: EmbedConfig, registry: TaskRegistry, prompted: list[str], sid: str, seed: int,
+                setup: SetupSpec, hparams: Any, base: dict[str, Any], common: dict[str, Any]) -> list[TrialSpec]:
+    """One space and seed's DTE trials: a registry dataset per `dte.tasks`, a prompted one per prompted task."""
+    datasets = [DatasetRef(task=t, source="registry", n=cfg.dte.n) for t in cfg.dte.tasks]
+    datasets += [DatasetRef(task=t, source="prompted", n=cfg.dte.n_prompted,
+                            free_text_choices=cfg.dte.free_text_choices, prompted_file=cfg.dte.prompted_file)
+                 for t in prompted]
+    trials = []
+    for ds in datasets:
+        origin = registry.origin(ds.task) if ds.source == "registry" else _prompted_origin(ds.prompted_file)
+        ident = ds.model_dump(mode="json", exclude={"prompted_file"})
+        key = run_key({"kind": "embed", "space": sid, "embedding": "DTE", "data": ident, "origin": origin})
+        trials.append(TrialSpec(run_key=key, kind="embed", executor="rayjobs.embed:embed_trial", setup=setup, hparams=hparams,
+                                train_task=ds.task, eval_task=ds.task, target=ds.task, seed=seed,
+                                n_train=ds.n, n_eval=None,
+                                params={**base, "embedding": "DTE", "dataset": ds.model_dump(mode="json")},
+                                **common))
+    return trials
+
+
+def _mte_trials(items: list[BlackBoxItem], probe_keys: dict[int, str], pool: ProbePool, sid: str, seed: int,
+                setup: SetupSpec, hparams: Any, base: dict[str, Any], common: dict[str, Any]) -> list[TrialSpec]:
+    """One space and seed's MTE trials, one per black box, each after its probe trial."""
+    trials = []
+    for i, it in enumerate(items):
+        key = run_key({"kind": "embed", "space": sid, "embedding": "MTE", "probe": probe_keys[i],
+                       "model": it.name, "prompt": it.prompt})
+        trials.append(TrialSpec(
+            run_key=key, kind="embed", executor="rayjobs.embed:embed_trial", setup=setup, hparams=hparams, train_task=it.task,
+            eval_task=it.task, target=it.task, source=it.source_task, seed=seed, n_train=len(pool.examples),
+            n_eval=None, after=[probe_keys[i]],
+            params={**base, "embedding": "MTE", "probe_key": probe_keys[i], "model": it.name, "ref": it.ref,
+                    "prompt": it.prompt, "choices": list(it.choices), "source_task": it.source_task},
+            **common))
+    return trials
+
+
+def expand_embed(cfg: EmbedConfig, store: ResultStore) -> tuple[list[TrialSpec], ProbePool, dict[str, str]]:
+    """Every trial of an embed config (pairwise, probe, score, embed) and the probe pool; plus space ids."""
     registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
     prompted = _check_tasks(cfg, registry)
     pair_trials, pair_items, pair_tasks = _pairwise(cfg, store)
@@ -274,43 +358,14 @@ def expand_embed(cfg: EmbedConfig, store: ResultStore) -> tuple[list[TrialSpec],
         raise ConfigError(f"{cfg.source_file}: field `pool`: model task embeddings need a probe pool "
                           "(pool.tasks / pool.prompted_tasks)")
     results = str(store.root)
-    bb_store = cfg.mte.results_store or results
     common = dict(experiment=cfg.name, eval_fraction=sz.eval_fraction, split_seed=sz.split_seed,
                   data_root=cfg.data_root, task_files=list(cfg.task_files), results_dir=results)
     pool_params = {"pool": cfg.pool.model_dump(mode="json"), "pool_digest": pool.digest, "targets": targets}
     trials: list[TrialSpec] = list(pair_trials)
-    probe_keys: dict[int, str] = {}
     seen: set[str] = {t.run_key for t in trials}
-    for i, it in enumerate(items):
-        params = {**it.probe_params(), **pool_params, "batch_size": cfg.mte.batch_size, "results_store": bb_store}
-        key = run_key({"kind": "probe", **it.probe_params(), "pool": pool.digest})
-        probe_keys[i] = key
-        if key in seen:
-            continue
-        seen.add(key)
-        setup = SetupSpec(name=it.name, model=ModelSpec(name=it.name, path=it.ref, max_length=it.max_length),
-                          resources=cfg.resources)
-        trials.append(TrialSpec(run_key=key, kind="probe", executor="rayjobs.embed:probe_trial", setup=setup, hparams=setup.train,
-                                train_task=it.task, eval_task=it.task, target=it.task, source=it.source_task,
-                                seed=0, n_train=len(pool.examples), n_eval=None, after=list(it.after),
-                                params={**params, "model": it.name, "prompt": it.prompt}, **common))
-    if cfg.mte.score_eval:
-        for ps in cfg.mte.prompts:
-            tpl = [t for t in items if t.task == ps.task and t.source_task is None]
-            templates = list({t.template.name: t.template for t in tpl}.values())
-            if not templates or not cfg.mte.models:
-                continue
-            scfg = ScoreConfig.model_validate({
-                "name": cfg.name, "models": [m.model_dump() for m in cfg.mte.models], "tasks": [ps.task],
-                "templates": [t.model_dump() for t in templates], "split": "eval", "n": cfg.mte.n_eval,
-                "perplexity": cfg.mte.perplexity, "self_select": cfg.mte.self_select, "seeds": [0],
-                "data_root": cfg.data_root,
-                "task_files": list(cfg.task_files), "sizes": sz.model_dump(), "resources": cfg.resources.model_dump(),
-                "results_store": cfg.mte.results_store})
-            for t in expand_score(scfg, registry, results):
-                if t.run_key not in seen:
-                    seen.add(t.run_key)
-                    trials.append(t)
+    probes, probe_keys = _probe_trials(cfg, items, pool, pool_params, common, seen)
+    trials += probes
+    trials += _score_trials(cfg, items, registry, results, seen)
     sids: dict[str, str] = {}
     for space in cfg.spaces:
         for seed in cfg.seeds:
@@ -320,29 +375,8 @@ def expand_embed(cfg: EmbedConfig, store: ResultStore) -> tuple[list[TrialSpec],
                               resources=cfg.resources)
             base = {"space": space.model_dump(mode="json"), "space_id": sid, "variant": space.resolved_variant,
                     **pool_params, "composition": pool.composition}
-            datasets = [DatasetRef(task=t, source="registry", n=cfg.dte.n) for t in cfg.dte.tasks]
-            datasets += [DatasetRef(task=t, source="prompted", n=cfg.dte.n_prompted,
-                                    free_text_choices=cfg.dte.free_text_choices, prompted_file=cfg.dte.prompted_file)
-                         for t in prompted]
-            for ds in datasets:
-                origin = registry.origin(ds.task) if ds.source == "registry" else _prompted_origin(ds.prompted_file)
-                ident = ds.model_dump(mode="json", exclude={"prompted_file"})
-                key = run_key({"kind": "embed", "space": sid, "embedding": "DTE", "data": ident, "origin": origin})
-                trials.append(TrialSpec(run_key=key, kind="embed", executor="rayjobs.embed:embed_trial", setup=setup, hparams=space.train,
-                                        train_task=ds.task, eval_task=ds.task, target=ds.task, seed=seed,
-                                        n_train=ds.n, n_eval=None,
-                                        params={**base, "embedding": "DTE", "dataset": ds.model_dump(mode="json")},
-                                        **common))
-            for i, it in enumerate(items):
-                key = run_key({"kind": "embed", "space": sid, "embedding": "MTE", "probe": probe_keys[i],
-                               "model": it.name, "prompt": it.prompt})
-                trials.append(TrialSpec(
-                    run_key=key, kind="embed", executor="rayjobs.embed:embed_trial", setup=setup, hparams=space.train, train_task=it.task,
-                    eval_task=it.task, target=it.task, source=it.source_task, seed=seed, n_train=len(pool.examples),
-                    n_eval=None, after=[probe_keys[i]],
-                    params={**base, "embedding": "MTE", "probe_key": probe_keys[i], "model": it.name, "ref": it.ref,
-                            "prompt": it.prompt, "choices": list(it.choices), "source_task": it.source_task},
-                    **common))
+            trials += _dte_trials(cfg, registry, prompted, sid, seed, setup, space.train, base, common)
+            trials += _mte_trials(items, probe_keys, pool, sid, seed, setup, space.train, base, common)
     keys = [t.run_key for t in trials]
     dup = {k for k in keys if keys.count(k) > 1}
     if dup:
