@@ -453,16 +453,49 @@ def probe_trial(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     }
 
 
+def _dte_data(trial: TrialSpec) -> tuple[list[Any], Any, Any, dict[str, Any]]:
+    """A DTE's training data: the dataset's examples, their one-hot labels, the choice task, and the run
+    row's extra metrics (data name, origin, choices)."""
+    from rayjobs.scoring.fute_data import one_hot, prompted_examples, registry_examples
+    from rayjobs.scoring.fute_embeddings import choice_task
+
+    ds = DatasetRef.model_validate(trial.params["dataset"])
+    extra: dict[str, Any] = {}
+    if ds.source == "registry":
+        registry = TaskRegistry.load(trial.task_files, trial.data_root)
+        examples, choices, origin = registry_examples(registry, ds.task, ds.n, trial.seed, trial.split_seed,
+                                                      trial.eval_fraction)
+        task = choice_task(ds.task, choices)
+        extra["choices"] = choices
+    else:
+        examples, origin = prompted_examples(ds.prompted_file, ds.task, ds.n, trial.seed, ds.free_text_choices)
+        task = choice_task(ds.task, None)
+    targets = one_hot(examples)
+    extra.update(data=ds.data_name, origin=origin)
+    return examples, targets, task, extra
+
+
+def _mte_data(trial: TrialSpec) -> tuple[list[Any], Any, Any, dict[str, Any]]:
+    """An MTE's training data: the probe pool with the probe trial's stored soft labels, the choice task,
+    and the run row's extra metrics (data, probe key, choices)."""
+    from rayjobs.scoring.fute_data import mte_examples
+    from rayjobs.scoring.fute_embeddings import choice_task
+
+    p = trial.params
+    pool = _pool_for(trial)
+    table = ResultStore(trial.results_dir).read_predictions(p["probe_key"])
+    if table is None:
+        raise FileNotFoundError(f"no predictions of probe trial {p['probe_key']} (it must run first)")
+    examples, targets = mte_examples(pool, table.to_pylist(), p["choices"])
+    task = choice_task(trial.eval_task, p["choices"])
+    return examples, targets, task, {"data": f"probe:{pool.digest}", "probe_key": p["probe_key"],
+                                     "choices": p["choices"]}
+
+
 def embed_trial(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     """One task embedding: train the space's surrogate on the data (one-hot labels for a DTE, the probe
     trial's stored soft labels for an MTE), compute the method's vector, write it, return the run row."""
-    from rayjobs.scoring.fute_data import mte_examples, one_hot, prompted_examples, registry_examples
-    from rayjobs.scoring.fute_embeddings import (
-        SoftLabelModel,
-        build_surrogate,
-        choice_task,
-        compute_embedding,
-    )
+    from rayjobs.scoring.fute_embeddings import SoftLabelModel, build_surrogate, compute_embedding
     from rayjobs.train.loop import TrainContext, fit, seed_everything, trial_device
 
     t0 = time.time()
@@ -471,28 +504,7 @@ def embed_trial(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     space = SpaceSpec.model_validate(p["space"])
     seed_everything(trial.seed)
     what = p["embedding"]
-    extra: dict[str, Any] = {}
-    if what == "DTE":
-        ds = DatasetRef.model_validate(p["dataset"])
-        if ds.source == "registry":
-            registry = TaskRegistry.load(trial.task_files, trial.data_root)
-            examples, choices, origin = registry_examples(registry, ds.task, ds.n, trial.seed, trial.split_seed,
-                                                          trial.eval_fraction)
-            task = choice_task(ds.task, choices)
-            extra["choices"] = choices
-        else:
-            examples, origin = prompted_examples(ds.prompted_file, ds.task, ds.n, trial.seed, ds.free_text_choices)
-            task = choice_task(ds.task, None)
-        targets = one_hot(examples)
-        extra.update(data=ds.data_name, origin=origin)
-    else:
-        pool = _pool_for(trial)
-        table = ResultStore(trial.results_dir).read_predictions(p["probe_key"])
-        if table is None:
-            raise FileNotFoundError(f"no predictions of probe trial {p['probe_key']} (it must run first)")
-        examples, targets = mte_examples(pool, table.to_pylist(), p["choices"])
-        task = choice_task(trial.eval_task, p["choices"])
-        extra.update(data=f"probe:{pool.digest}", probe_key=p["probe_key"], choices=p["choices"])
+    examples, targets, task, extra = _dte_data(trial) if what == "DTE" else _mte_data(trial)
     tm = build_surrogate(space, task, trial.seed)
     ctx = replace(ctx, device=trial_device(trial, ctx))  # a single-process trial with a GPU trains on it
     tm.module.to(ctx.device)
