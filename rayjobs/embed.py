@@ -256,10 +256,94 @@ def _check_tasks(cfg: EmbedConfig, registry: TaskRegistry) -> list[str]:
     return prompted
 
 
-def expand_embed(cfg: EmbedConfig, store: ResultStore) -> tuple[list[TrialSpec], ProbePool, dict[str, str]]:
-    """Every trial of an embed config (pairwise, probe, score, embed) and the probe pool; plus space ids."""
+def _probe_trials(cfg: EmbedConfig, items: list[BlackBoxItem], pool: ProbePool, pool_params: dict[str, Any],
+                  common: dict[str, Any], seen: set[str]) -> tuple[list[TrialSpec], dict[int, str]]:
+    """One probe trial per distinct black box (items sharing a key share the trial), and each item's probe key."""
+    bb_store = cfg.mte.results_store or common["results_dir"]
+    trials: list[TrialSpec] = []
+    probe_keys: dict[int, str] = {}
+    for i, it in enumerate(items):
+        params = {**it.probe_params(), **pool_params, "batch_size": cfg.mte.batch_size, "results_store": bb_store}
+        key = run_key({"kind": "probe", **it.probe_params(), "pool": pool.digest})
+        probe_keys[i] = key
+        if key in seen:
+            continue
+        seen.add(key)
+        setup = SetupSpec(name=it.name, model=ModelSpec(name=it.name, path=it.ref, max_length=it.max_length),
+                          resources=cfg.resources)
+        trials.append(TrialSpec(run_key=key, kind="probe", executor="rayjobs.embed:probe_trial", setup=setup, hparams=setup.train,
+                                train_task=it.task, eval_task=it.task, target=it.task, source=it.source_task,
+                                seed=0, n_train=len(pool.examples), n_eval=None, after=list(it.after),
+                                params={**params, "model": it.name, "prompt": it.prompt}, **common))
+    return trials, probe_keys
+
+
+def _score_trials(cfg: EmbedConfig, items: list[BlackBoxItem], registry: TaskRegistry, results: str,
+                  seen: set[str]) -> list[TrialSpec]:
+    """With `mte.score_eval`: the score job's trials of each prompt set on its task's eval split (new keys only)."""
     from rayjobs.score import ScoreConfig, expand_score
 
+    trials: list[TrialSpec] = []
+    if not cfg.mte.score_eval:
+        return trials
+    for ps in cfg.mte.prompts:
+        tpl = [t for t in items if t.task == ps.task and t.source_task is None]
+        templates = list({t.template.name: t.template for t in tpl}.values())
+        if not templates or not cfg.mte.models:
+            continue
+        scfg = ScoreConfig.model_validate({
+            "name": cfg.name, "models": [m.model_dump() for m in cfg.mte.models], "tasks": [ps.task],
+            "templates": [t.model_dump() for t in templates], "split": "eval", "n": cfg.mte.n_eval,
+            "perplexity": cfg.mte.perplexity, "self_select": cfg.mte.self_select, "seeds": [0],
+            "data_root": cfg.data_root,
+            "task_files": list(cfg.task_files), "sizes": cfg.sizes.model_dump(), "resources": cfg.resources.model_dump(),
+            "results_store": cfg.mte.results_store})
+        for t in expand_score(scfg, registry, results):
+            if t.run_key not in seen:
+                seen.add(t.run_key)
+                trials.append(t)
+    return trials
+
+
+def _dte_trials(cfg: EmbedConfig, registry: TaskRegistry, prompted: list[str], sid: str, seed: int,
+                setup: SetupSpec, hparams: Any, base: dict[str, Any], common: dict[str, Any]) -> list[TrialSpec]:
+    """One space and seed's DTE trials: a registry dataset per `dte.tasks`, a prompted one per prompted task."""
+    datasets = [DatasetRef(task=t, source="registry", n=cfg.dte.n) for t in cfg.dte.tasks]
+    datasets += [DatasetRef(task=t, source="prompted", n=cfg.dte.n_prompted,
+                            free_text_choices=cfg.dte.free_text_choices, prompted_file=cfg.dte.prompted_file)
+                 for t in prompted]
+    trials = []
+    for ds in datasets:
+        origin = registry.origin(ds.task) if ds.source == "registry" else _prompted_origin(ds.prompted_file)
+        ident = ds.model_dump(mode="json", exclude={"prompted_file"})
+        key = run_key({"kind": "embed", "space": sid, "embedding": "DTE", "data": ident, "origin": origin})
+        trials.append(TrialSpec(run_key=key, kind="embed", executor="rayjobs.embed:embed_trial", setup=setup, hparams=hparams,
+                                train_task=ds.task, eval_task=ds.task, target=ds.task, seed=seed,
+                                n_train=ds.n, n_eval=None,
+                                params={**base, "embedding": "DTE", "dataset": ds.model_dump(mode="json")},
+                                **common))
+    return trials
+
+
+def _mte_trials(items: list[BlackBoxItem], probe_keys: dict[int, str], pool: ProbePool, sid: str, seed: int,
+                setup: SetupSpec, hparams: Any, base: dict[str, Any], common: dict[str, Any]) -> list[TrialSpec]:
+    """One space and seed's MTE trials, one per black box, each after its probe trial."""
+    trials = []
+    for i, it in enumerate(items):
+        key = run_key({"kind": "embed", "space": sid, "embedding": "MTE", "probe": probe_keys[i],
+                       "model": it.name, "prompt": it.prompt})
+        trials.append(TrialSpec(
+            run_key=key, kind="embed", executor="rayjobs.embed:embed_trial", setup=setup, hparams=hparams, train_task=it.task,
+            eval_task=it.task, target=it.task, source=it.source_task, seed=seed, n_train=len(pool.examples),
+            n_eval=None, after=[probe_keys[i]],
+            params={**base, "embedding": "MTE", "probe_key": probe_keys[i], "model": it.name, "ref": it.ref,
+                    "prompt": it.prompt, "choices": list(it.choices), "source_task": it.source_task},
+            **common))
+    return trials
+
+
+def expand_embed(cfg: EmbedConfig, store: ResultStore) -> tuple[list[TrialSpec], ProbePool, dict[str, str]]:
+    """Every trial of an embed config (pairwise, probe, score, embed) and the probe pool; plus space ids."""
     registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
     prompted = _check_tasks(cfg, registry)
     pair_trials, pair_items, pair_tasks = _pairwise(cfg, store)
@@ -274,43 +358,14 @@ def expand_embed(cfg: EmbedConfig, store: ResultStore) -> tuple[list[TrialSpec],
         raise ConfigError(f"{cfg.source_file}: field `pool`: model task embeddings need a probe pool "
                           "(pool.tasks / pool.prompted_tasks)")
     results = str(store.root)
-    bb_store = cfg.mte.results_store or results
     common = dict(experiment=cfg.name, eval_fraction=sz.eval_fraction, split_seed=sz.split_seed,
                   data_root=cfg.data_root, task_files=list(cfg.task_files), results_dir=results)
     pool_params = {"pool": cfg.pool.model_dump(mode="json"), "pool_digest": pool.digest, "targets": targets}
     trials: list[TrialSpec] = list(pair_trials)
-    probe_keys: dict[int, str] = {}
     seen: set[str] = {t.run_key for t in trials}
-    for i, it in enumerate(items):
-        params = {**it.probe_params(), **pool_params, "batch_size": cfg.mte.batch_size, "results_store": bb_store}
-        key = run_key({"kind": "probe", **it.probe_params(), "pool": pool.digest})
-        probe_keys[i] = key
-        if key in seen:
-            continue
-        seen.add(key)
-        setup = SetupSpec(name=it.name, model=ModelSpec(name=it.name, path=it.ref, max_length=it.max_length),
-                          resources=cfg.resources)
-        trials.append(TrialSpec(run_key=key, kind="probe", executor="rayjobs.embed:probe_trial", setup=setup, hparams=setup.train,
-                                train_task=it.task, eval_task=it.task, target=it.task, source=it.source_task,
-                                seed=0, n_train=len(pool.examples), n_eval=None, after=list(it.after),
-                                params={**params, "model": it.name, "prompt": it.prompt}, **common))
-    if cfg.mte.score_eval:
-        for ps in cfg.mte.prompts:
-            tpl = [t for t in items if t.task == ps.task and t.source_task is None]
-            templates = list({t.template.name: t.template for t in tpl}.values())
-            if not templates or not cfg.mte.models:
-                continue
-            scfg = ScoreConfig.model_validate({
-                "name": cfg.name, "models": [m.model_dump() for m in cfg.mte.models], "tasks": [ps.task],
-                "templates": [t.model_dump() for t in templates], "split": "eval", "n": cfg.mte.n_eval,
-                "perplexity": cfg.mte.perplexity, "self_select": cfg.mte.self_select, "seeds": [0],
-                "data_root": cfg.data_root,
-                "task_files": list(cfg.task_files), "sizes": sz.model_dump(), "resources": cfg.resources.model_dump(),
-                "results_store": cfg.mte.results_store})
-            for t in expand_score(scfg, registry, results):
-                if t.run_key not in seen:
-                    seen.add(t.run_key)
-                    trials.append(t)
+    probes, probe_keys = _probe_trials(cfg, items, pool, pool_params, common, seen)
+    trials += probes
+    trials += _score_trials(cfg, items, registry, results, seen)
     sids: dict[str, str] = {}
     for space in cfg.spaces:
         for seed in cfg.seeds:
@@ -320,29 +375,8 @@ def expand_embed(cfg: EmbedConfig, store: ResultStore) -> tuple[list[TrialSpec],
                               resources=cfg.resources)
             base = {"space": space.model_dump(mode="json"), "space_id": sid, "variant": space.resolved_variant,
                     **pool_params, "composition": pool.composition}
-            datasets = [DatasetRef(task=t, source="registry", n=cfg.dte.n) for t in cfg.dte.tasks]
-            datasets += [DatasetRef(task=t, source="prompted", n=cfg.dte.n_prompted,
-                                    free_text_choices=cfg.dte.free_text_choices, prompted_file=cfg.dte.prompted_file)
-                         for t in prompted]
-            for ds in datasets:
-                origin = registry.origin(ds.task) if ds.source == "registry" else _prompted_origin(ds.prompted_file)
-                ident = ds.model_dump(mode="json", exclude={"prompted_file"})
-                key = run_key({"kind": "embed", "space": sid, "embedding": "DTE", "data": ident, "origin": origin})
-                trials.append(TrialSpec(run_key=key, kind="embed", executor="rayjobs.embed:embed_trial", setup=setup, hparams=space.train,
-                                        train_task=ds.task, eval_task=ds.task, target=ds.task, seed=seed,
-                                        n_train=ds.n, n_eval=None,
-                                        params={**base, "embedding": "DTE", "dataset": ds.model_dump(mode="json")},
-                                        **common))
-            for i, it in enumerate(items):
-                key = run_key({"kind": "embed", "space": sid, "embedding": "MTE", "probe": probe_keys[i],
-                               "model": it.name, "prompt": it.prompt})
-                trials.append(TrialSpec(
-                    run_key=key, kind="embed", executor="rayjobs.embed:embed_trial", setup=setup, hparams=space.train, train_task=it.task,
-                    eval_task=it.task, target=it.task, source=it.source_task, seed=seed, n_train=len(pool.examples),
-                    n_eval=None, after=[probe_keys[i]],
-                    params={**base, "embedding": "MTE", "probe_key": probe_keys[i], "model": it.name, "ref": it.ref,
-                            "prompt": it.prompt, "choices": list(it.choices), "source_task": it.source_task},
-                    **common))
+            trials += _dte_trials(cfg, registry, prompted, sid, seed, setup, space.train, base, common)
+            trials += _mte_trials(items, probe_keys, pool, sid, seed, setup, space.train, base, common)
     keys = [t.run_key for t in trials]
     dup = {k for k in keys if keys.count(k) > 1}
     if dup:
@@ -419,16 +453,49 @@ def probe_trial(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     }
 
 
+def _dte_data(trial: TrialSpec) -> tuple[list[Any], Any, Any, dict[str, Any]]:
+    """A DTE's training data: the dataset's examples, their one-hot labels, the choice task, and the run
+    row's extra metrics (data name, origin, choices)."""
+    from rayjobs.scoring.fute_data import one_hot, prompted_examples, registry_examples
+    from rayjobs.scoring.fute_embeddings import choice_task
+
+    ds = DatasetRef.model_validate(trial.params["dataset"])
+    extra: dict[str, Any] = {}
+    if ds.source == "registry":
+        registry = TaskRegistry.load(trial.task_files, trial.data_root)
+        examples, choices, origin = registry_examples(registry, ds.task, ds.n, trial.seed, trial.split_seed,
+                                                      trial.eval_fraction)
+        task = choice_task(ds.task, choices)
+        extra["choices"] = choices
+    else:
+        examples, origin = prompted_examples(ds.prompted_file, ds.task, ds.n, trial.seed, ds.free_text_choices)
+        task = choice_task(ds.task, None)
+    targets = one_hot(examples)
+    extra.update(data=ds.data_name, origin=origin)
+    return examples, targets, task, extra
+
+
+def _mte_data(trial: TrialSpec) -> tuple[list[Any], Any, Any, dict[str, Any]]:
+    """An MTE's training data: the probe pool with the probe trial's stored soft labels, the choice task,
+    and the run row's extra metrics (data, probe key, choices)."""
+    from rayjobs.scoring.fute_data import mte_examples
+    from rayjobs.scoring.fute_embeddings import choice_task
+
+    p = trial.params
+    pool = _pool_for(trial)
+    table = ResultStore(trial.results_dir).read_predictions(p["probe_key"])
+    if table is None:
+        raise FileNotFoundError(f"no predictions of probe trial {p['probe_key']} (it must run first)")
+    examples, targets = mte_examples(pool, table.to_pylist(), p["choices"])
+    task = choice_task(trial.eval_task, p["choices"])
+    return examples, targets, task, {"data": f"probe:{pool.digest}", "probe_key": p["probe_key"],
+                                     "choices": p["choices"]}
+
+
 def embed_trial(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     """One task embedding: train the space's surrogate on the data (one-hot labels for a DTE, the probe
     trial's stored soft labels for an MTE), compute the method's vector, write it, return the run row."""
-    from rayjobs.scoring.fute_data import mte_examples, one_hot, prompted_examples, registry_examples
-    from rayjobs.scoring.fute_embeddings import (
-        SoftLabelModel,
-        build_surrogate,
-        choice_task,
-        compute_embedding,
-    )
+    from rayjobs.scoring.fute_embeddings import SoftLabelModel, build_surrogate, compute_embedding
     from rayjobs.train.loop import TrainContext, fit, seed_everything, trial_device
 
     t0 = time.time()
@@ -437,28 +504,7 @@ def embed_trial(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     space = SpaceSpec.model_validate(p["space"])
     seed_everything(trial.seed)
     what = p["embedding"]
-    extra: dict[str, Any] = {}
-    if what == "DTE":
-        ds = DatasetRef.model_validate(p["dataset"])
-        if ds.source == "registry":
-            registry = TaskRegistry.load(trial.task_files, trial.data_root)
-            examples, choices, origin = registry_examples(registry, ds.task, ds.n, trial.seed, trial.split_seed,
-                                                          trial.eval_fraction)
-            task = choice_task(ds.task, choices)
-            extra["choices"] = choices
-        else:
-            examples, origin = prompted_examples(ds.prompted_file, ds.task, ds.n, trial.seed, ds.free_text_choices)
-            task = choice_task(ds.task, None)
-        targets = one_hot(examples)
-        extra.update(data=ds.data_name, origin=origin)
-    else:
-        pool = _pool_for(trial)
-        table = ResultStore(trial.results_dir).read_predictions(p["probe_key"])
-        if table is None:
-            raise FileNotFoundError(f"no predictions of probe trial {p['probe_key']} (it must run first)")
-        examples, targets = mte_examples(pool, table.to_pylist(), p["choices"])
-        task = choice_task(trial.eval_task, p["choices"])
-        extra.update(data=f"probe:{pool.digest}", probe_key=p["probe_key"], choices=p["choices"])
+    examples, targets, task, extra = _dte_data(trial) if what == "DTE" else _mte_data(trial)
     tm = build_surrogate(space, task, trial.seed)
     ctx = replace(ctx, device=trial_device(trial, ctx))  # a single-process trial with a GPU trains on it
     tm.module.to(ctx.device)

@@ -206,6 +206,28 @@ def record_groups(store: ResultStore, rows: list[dict]) -> None:
 
 
 # -- the trial's executor (TrialSpec.executor) ------------------------------------------------------
+def _member_data(trial: TrialSpec, members: list[str]
+                 ) -> tuple[list[Example], dict[str, list[Example]], dict[str, Any], list[str]]:
+    """Each member's data, tagged with its task: the rendered training examples of all members, each member's
+    held-out pool, each member's task spec, and the origins for the run row."""
+    from rayjobs.models.multihead import tag
+    from rayjobs.tasks.templates import render_train, resolve
+
+    registry = TaskRegistry.load(trial.task_files, trial.data_root)
+    fam = trial.setup.model.family
+    train: list[Example] = []
+    evals: dict[str, list[Example]] = {}
+    specs, origins = {}, []
+    for m in members:
+        data = registry.load_data(m, trial.n_train, trial.n_eval, seed=trial.seed, eval_fraction=trial.eval_fraction,
+                                  split_seed=trial.split_seed)
+        specs[m] = data.spec
+        origins.append(f"{m}={data.origin}(n={len(data.train)})")
+        train.extend(render_train(tag(data.train, m), resolve(data.spec, trial.setup.prompts.train, fam), trial.seed))
+        evals[m] = tag(data.eval, m)
+    return train, evals, specs, origins
+
+
 def train_and_evaluate_mtl(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     """Train the shared encoder and every member's head with `fit`; evaluate each member on its held-out pool."""
     from dataclasses import replace
@@ -213,8 +235,8 @@ def train_and_evaluate_mtl(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     import torch
 
     from rayjobs.models.adaptation import apply_adaptation
-    from rayjobs.models.multihead import MultiHeadModel, tag
-    from rayjobs.tasks.templates import render_train, resolve
+    from rayjobs.models.multihead import MultiHeadModel
+    from rayjobs.tasks.templates import resolve
     from rayjobs.train.loop import (
         EvalResult,
         TrainContext,
@@ -230,18 +252,8 @@ def train_and_evaluate_mtl(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     ctx = ctx or TrainContext()
     seed_everything(trial.seed)
     members, sampling = list(trial.sources or []), trial.params.get("sampling", "proportional")
-    registry = TaskRegistry.load(trial.task_files, trial.data_root)
     fam = trial.setup.model.family
-    train: list[Example] = []
-    evals: dict[str, list[Example]] = {}
-    specs, origins = {}, []
-    for m in members:
-        data = registry.load_data(m, trial.n_train, trial.n_eval, seed=trial.seed, eval_fraction=trial.eval_fraction,
-                                  split_seed=trial.split_seed)
-        specs[m] = data.spec
-        origins.append(f"{m}={data.origin}(n={len(data.train)})")
-        train.extend(render_train(tag(data.train, m), resolve(data.spec, trial.setup.prompts.train, fam), trial.seed))
-        evals[m] = tag(data.eval, m)
+    train, evals, specs, origins = _member_data(trial, members)
     torch.manual_seed(trial.seed)  # head initialisation
     tm = apply_adaptation(MultiHeadModel(trial.setup.model, specs), trial.setup.adaptation, fam)
     device = trial_device(trial, ctx)

@@ -113,11 +113,8 @@ def _metric_candidates(con: duckdb.DuckDBPyConnection, setup: str) -> list[str]:
     return sorted(k[0] for k in keys if k[0].startswith("eval_"))
 
 
-def load_grid(con: duckdb.DuckDBPyConnection, setup: str, priors: list[str] | None = None) -> Grid:
-    """The setup's grid from a store: transfer runs at each target's canonical config, baselines
-    (stored, derived from the published PC, or estimated; see the module docstring), and priors:
-    stored selectors by name (default: roe and llm where stored), or `oracle[<setup>]` for another
-    setup's transfer scores (a cheaper setup's grid)."""
+def _transfer_runs(con: duckdb.DuckDBPyConnection, setup: str) -> Any:
+    """The setup's transfer runs at each target's canonical config (score NULL where the run failed)."""
     runs = con.execute("""
         SELECT r.source, r.target, r.seed, CASE WHEN r.status = 'ok' THEN r.score END AS score, r.metrics
         FROM runs r JOIN canonical_hparams h
@@ -127,6 +124,11 @@ def load_grid(con: duckdb.DuckDBPyConnection, setup: str, priors: list[str] | No
     if runs.empty:
         have = [r[0] for r in con.execute("SELECT DISTINCT setup FROM runs WHERE kind = 'transfer' ORDER BY 1").fetchall()]
         raise AnalysisError(f"no transfer runs for setup '{setup}' (setups with runs: {', '.join(have) or 'none'})")
+    return runs
+
+
+def _dense_grid(setup: str, runs: Any) -> tuple[Grid, dict[str, int], dict[str, int], dict[int, int]]:
+    """The runs as a Grid with no baselines yet, and the source, target and seed indices."""
     sources = sorted(runs.source.unique())
     targets = sorted(runs.target.unique())
     seeds = sorted(int(s) for s in runs.seed.unique())
@@ -135,56 +137,72 @@ def load_grid(con: duckdb.DuckDBPyConnection, setup: str, priors: list[str] | No
     ki = {k: i for i, k in enumerate(seeds)}
     S, T, K = len(sources), len(targets), len(seeds)
     idx = (runs.source.map(si).to_numpy(), runs.target.map(ti).to_numpy(), runs.seed.map(ki).to_numpy())
-
-    def dense(values: np.ndarray) -> np.ndarray:
-        a = np.full((S, T, K), np.nan)
-        a[idx] = values
-        return a
-
     ran = np.zeros((S, T, K), bool)
     ran[idx] = True
-    x = dense(runs.score.to_numpy(float))
+    x = np.full((S, T, K), np.nan)
+    x[idx] = runs.score.to_numpy(float)
     grid = Grid(setup, sources, targets, seeds, x, ran, np.full((T, K), np.nan), np.zeros(T, bool), p=x.copy())
+    return grid, si, ti, ki
 
+
+def _stored_baselines(con: duckdb.DuckDBPyConnection, grid: Grid, ti: dict[str, int], ki: dict[int, int]) -> None:
+    """Baselines from the store's target-only runs; a target with all of them is exact."""
     base = con.execute("""SELECT target, seed, avg(score) FROM runs WHERE setup = ? AND kind = 'target'
-                          AND status = 'ok' GROUP BY ALL""", [setup]).fetchall()
+                          AND status = 'ok' GROUP BY ALL""", [grid.setup]).fetchall()
     for t, k, v in base:
         if t in ti and k in ki:
             grid.base[ti[t], ki[k]] = v
     grid.exact[:] = ~np.isnan(grid.base).any(1)
 
+
+def _published_baselines(con: duckdb.DuckDBPyConnection, grid: Grid, runs: Any, si: dict[str, int],
+                         ti: dict[str, int], ki: dict[int, int]) -> None:
+    """Baselines solved from the published PC for the targets without stored ones; where the task metric
+    does not reproduce PC, the first single metric of the runs that does (its values replace x)."""
     pub = con.execute("""SELECT source, target, pc, pm FROM published_transfer_scores
-                         WHERE adaptation || ':' || model = ?""", [setup]).df()
-    if not pub.empty:
-        pc = np.full((S, T), np.nan)
-        pm = np.full((S, T), np.nan)
-        keep = pub.source.isin(si) & pub.target.isin(ti)
-        pi = (pub.source[keep].map(si).to_numpy(), pub.target[keep].map(ti).to_numpy())
-        pc[pi], pm[pi] = pub.pc[keep], pub.pm[keep]
-        grid.published = {"pc": pc, "pm": pm}
-        metrics = None
-        for t, j in ti.items():
-            rows = ~np.isnan(pc[:, j]) & ran[:, j].any(1)
-            if grid.exact[j] or not rows.any():
-                continue
-            b, err, _ = _solve_baselines(x[rows, j], ran[rows, j], pc[rows, j], pm[rows, j])
-            if err > 1e-9:  # the release's PC uses another metric of the run (cb: accuracy)
-                metrics = metrics if metrics is not None else _metric_candidates(con, setup)
-                for name in metrics:
-                    xm = _single_metric(runs, name, t, si, ki, S, K)
-                    if np.isnan(xm[ran[:, j]]).all():
-                        continue
-                    b2, err2, _ = _solve_baselines(xm[rows], ran[rows, j], pc[rows, j], pm[rows, j])
-                    if err2 <= 1e-9:
-                        x[:, j], b, err = xm, b2, err2
-                        grid.metric_of[t] = name.removeprefix("eval_")
-                        break
-            grid.base[j] = b
-            grid.exact[j] = err <= 1e-9
+                         WHERE adaptation || ':' || model = ?""", [grid.setup]).df()
+    if pub.empty:
+        return
+    x, ran = grid.x, grid.ran
+    S, T, K = x.shape
+    pc = np.full((S, T), np.nan)
+    pm = np.full((S, T), np.nan)
+    keep = pub.source.isin(si) & pub.target.isin(ti)
+    pi = (pub.source[keep].map(si).to_numpy(), pub.target[keep].map(ti).to_numpy())
+    pc[pi], pm[pi] = pub.pc[keep], pub.pm[keep]
+    grid.published = {"pc": pc, "pm": pm}
+    metrics = None
+    for t, j in ti.items():
+        rows = ~np.isnan(pc[:, j]) & ran[:, j].any(1)
+        if grid.exact[j] or not rows.any():
+            continue
+        b, err, _ = _solve_baselines(x[rows, j], ran[rows, j], pc[rows, j], pm[rows, j])
+        if err > 1e-9:  # the release's PC uses another metric of the run (cb: accuracy)
+            metrics = metrics if metrics is not None else _metric_candidates(con, grid.setup)
+            for name in metrics:
+                xm = _single_metric(runs, name, t, si, ki, S, K)
+                if np.isnan(xm[ran[:, j]]).all():
+                    continue
+                b2, err2, _ = _solve_baselines(xm[rows], ran[rows, j], pc[rows, j], pm[rows, j])
+                if err2 <= 1e-9:
+                    x[:, j], b, err = xm, b2, err2
+                    grid.metric_of[t] = name.removeprefix("eval_")
+                    break
+        grid.base[j] = b
+        grid.exact[j] = err <= 1e-9
+
+
+def _median_baselines(grid: Grid) -> None:
+    """Baselines still unknown: the median transfer into the target at that seed (estimated, not exact)."""
     for j in np.flatnonzero(np.isnan(grid.base).any(1)):
-        med = np.nanmedian(np.where(ran[:, j], x[:, j], np.nan), axis=0)
+        med = np.nanmedian(np.where(grid.ran[:, j], grid.x[:, j], np.nan), axis=0)
         grid.base[j] = np.where(np.isnan(grid.base[j]), med, grid.base[j])
 
+
+def _load_priors(con: duckdb.DuckDBPyConnection, grid: Grid, priors: list[str] | None, si: dict[str, int],
+                 ti: dict[str, int]) -> None:
+    """Each prior as an (S, T) array: a stored selector, or `oracle[<setup>]`; named ones must have scores."""
+    S, T = len(grid.sources), len(grid.targets)
     for name in priors if priors is not None else PRIORS:
         other = name[len("oracle["):-1] if name.startswith("oracle[") and name.endswith("]") else None
         rows = (con.execute("SELECT source, target, score FROM analysis_transfers WHERE setup = ?", [other]).fetchall()
@@ -198,6 +216,19 @@ def load_grid(con: duckdb.DuckDBPyConnection, setup: str, priors: list[str] | No
                 if s in si and t in ti:
                     a[si[s], ti[t]] = v
             grid.priors[name] = a
+
+
+def load_grid(con: duckdb.DuckDBPyConnection, setup: str, priors: list[str] | None = None) -> Grid:
+    """The setup's grid from a store: transfer runs at each target's canonical config, baselines
+    (stored, derived from the published PC, or estimated; see the module docstring), and priors:
+    stored selectors by name (default: roe and llm where stored), or `oracle[<setup>]` for another
+    setup's transfer scores (a cheaper setup's grid)."""
+    runs = _transfer_runs(con, setup)
+    grid, si, ti, ki = _dense_grid(setup, runs)
+    _stored_baselines(con, grid, ti, ki)
+    _published_baselines(con, grid, runs, si, ti, ki)
+    _median_baselines(grid)
+    _load_priors(con, grid, priors, si, ti)
     return grid
 
 

@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from analysis.cli.common import data_root, names
 from analysis.errors import AnalysisError
 
 
 def _release_dir() -> Path:
-    env = os.environ.get("TRANSFERLAB_DATA")
-    root = Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data"
-    return root / "taskweb"
+    return data_root() / "taskweb"
 
 
 def _fractions(text: str) -> list[float]:
@@ -42,10 +40,6 @@ def _positive(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
     return v
-
-
-def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def _source(args: argparse.Namespace) -> Any:
@@ -73,7 +67,7 @@ def cmd_budget_eval(args: argparse.Namespace) -> int:
     results = []
     with _source(args) as con:
         have = released_setups(con)
-        setups = have if args.setup == "all" else _names(args.setup)
+        setups = have if args.setup == "all" else names(args.setup)
         bad = [s for s in setups if s not in have]
         if bad:
             raise AnalysisError(f"no per-seed transfer runs for setup(s) {', '.join(bad)} "
@@ -172,7 +166,7 @@ def register(sub: argparse._SubParsersAction, default_db: Callable[[], str]) -> 
     p.add_argument("--screen", type=float, default=1.0,
                    help="racing / active: round 0 trains each target's top share of sources by the prior "
                         "(default: %(default)s, every pair)")
-    p.add_argument("--priors", type=_names, default=None,
+    p.add_argument("--priors", type=names, default=None,
                    help="stored selectors (or oracle[SETUP]) the policies may use (default: roe,llm where stored)")
     p.add_argument("--release", default=None, help="TaskWeb release folder (default: ../shared/data/taskweb)")
     p.add_argument("--db", default=None, help="replay a store's runs instead of the release (read only)")
@@ -188,9 +182,9 @@ def register(sub: argparse._SubParsersAction, default_db: Callable[[], str]) -> 
                                    "pair, observed or not; `--setup <setup>@predicted` then gives TaskShop, "
                                    "select and evaluate-selection the completed grid as T.")
     p.add_argument("--setup", required=True, help="ADAPTATION:MODEL with per-seed transfer runs (required)")
-    p.add_argument("--seeds", type=lambda s: [int(x) for x in _names(s)], default=None,
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in names(s)], default=None,
                    help="use only these seeds' runs, comma-separated (default: all)")
-    p.add_argument("--priors", type=_names, default=None, help="prior features (default: roe,llm where stored)")
+    p.add_argument("--priors", type=names, default=None, help="prior features (default: roe,llm where stored)")
     p.add_argument("--rank", type=int, default=0, help="low-rank residual (default: %(default)s)")
     p.add_argument("--db", default=default_db(), help="DuckDB results store (default: %(default)s)")
     p.set_defaults(func=cmd_predict)

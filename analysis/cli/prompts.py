@@ -10,10 +10,10 @@ then averaged over the tasks as the paper does. Reads only.
 from __future__ import annotations
 
 import argparse
-import functools
 from collections.abc import Callable
 from typing import Any
 
+from analysis.cli.common import add_command, dump, json_flag, names, pct, table
 from analysis.errors import AnalysisError
 
 ORDER = ["mi", "local_e", "global_e", "zps_log", "zps_prob", "zps_vote", "spell", "self_select", "fute", "random"]
@@ -51,12 +51,7 @@ def _ordered(methods: dict[str, Any]) -> list[str]:
     return sorted(methods, key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.2f}"
-
-
-def _cmd(args: argparse.Namespace, dump: Callable[[Any], None]) -> int:
-    from analysis.reports.textout import print_table as _table
+def _cmd(args: argparse.Namespace) -> int:
     from analysis.store.duck import read_store
 
     with read_store(args.db) as con:
@@ -66,28 +61,28 @@ def _cmd(args: argparse.Namespace, dump: Callable[[Any], None]) -> int:
         return 0
     for res in out["tasks"]:
         print(f"task {res['task']}: {len(res['prompts'])} prompts on {res['n_examples']} examples; "
-              f"best {res['best']} ({_pct(res['true_scores'][res['best']])}%)")
-        _table(["method", "selected", "performance", "rate", "ndcg", "rank of best", "uses labels"],
-               [(m, v["selected"], _pct(v["performance"]), _pct(v["rate"]), _pct(v["ndcg"]), v["rank_of_best"],
-                 v["uses_labels"]) for m, v in ((m, res["methods"][m]) for m in _ordered(res["methods"]))])
+              f"best {res['best']} ({pct(res['true_scores'][res['best']])}%)")
+        table(["method", "selected", "performance", "rate", "ndcg", "rank of best", "uses labels"],
+              [(m, v["selected"], pct(v["performance"]), pct(v["rate"]), pct(v["ndcg"]), v["rank_of_best"],
+                v["uses_labels"]) for m, v in ((m, res["methods"][m]) for m in _ordered(res["methods"]))])
         for m, why in res.get("not_applicable", {}).items():
             print(f"  {m}: not applicable ({why})")
     s = out["summary"]
     print(f"mean over {len(out['tasks'])} task(s) (FUTE Table 3: performance, rate and NDCG in %):")
-    _table(["method", "performance", "rate", "ndcg", "rho (mean rank of best)"],
-           [(m, _pct(s[m]["performance"]), _pct(s[m]["rate"]), _pct(s[m]["ndcg"]), f"{s[m]['rho']:.2f}")
-            for m in _ordered(s)])
+    table(["method", "performance", "rate", "ndcg", "rho (mean rank of best)"],
+          [(m, pct(s[m]["performance"]), pct(s[m]["rate"]), pct(s[m]["ndcg"]), f"{s[m]['rho']:.2f}")
+           for m in _ordered(s)])
     return 0
 
 
-def register(add: Callable[..., argparse.ArgumentParser], json_flag: Callable[[argparse.ArgumentParser], None],
-             names: Callable[[str], list[str]], dump: Callable[[Any], None]) -> None:
-    """Add `select-prompts` with the analysis commands' own helpers (`add`, `--json`, list parsing, JSON)."""
-    p = add("select-prompts", "zero-shot prompt selection: MI, LocalE, GlobalE, ZPS, SPELL, Self-Select, FUTE, random",
-            functools.partial(_cmd, dump=dump), "FUTE's Table 3 on this store: per task one model's prompts ranked by each method and scored "
-                  "against their measured accuracy, then the means over tasks. A method the stored rows do not "
-                  "allow (SPELL without perplexities, Self-Select without meta-prompt rows, FUTE without --space) "
-                  "is listed with why. Reads the store without changing it.")
+def register(sub: argparse._SubParsersAction, default_db: Callable[[], str]) -> None:
+    """Add `select-prompts`."""
+    p = add_command(sub, default_db, "select-prompts",
+                    "zero-shot prompt selection: MI, LocalE, GlobalE, ZPS, SPELL, Self-Select, FUTE, random", _cmd,
+                    "FUTE's Table 3 on this store: per task one model's prompts ranked by each method and scored "
+                    "against their measured accuracy, then the means over tasks. A method the stored rows do not "
+                    "allow (SPELL without perplexities, Self-Select without meta-prompt rows, FUTE without --space) "
+                    "is listed with why. Reads the store without changing it.")
     p.add_argument("--model", required=True, help="black-box name of the scoring runs (runs.model) (required)")
     p.add_argument("--tasks", type=names, help="tasks, comma-separated (default: every task the model scored)")
     p.add_argument("--space", help="FUTE embedding space (name or id) to rank by cos(MTE, DTE) (default: no FUTE)")

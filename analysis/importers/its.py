@@ -83,26 +83,9 @@ def _parse_transfers(con: duckdb.DuckDBPyConnection, path: Path) -> tuple[pa.Tab
     return _parse(con, path, cols, checks, ["source", "target"], select, source)
 
 
-def import_its(con: duckdb.DuckDBPyConnection, directory: str | Path, strict: bool = False) -> ImportReport:
-    """Load Lin et al.'s Table 7 (and task sizes, pools) from `directory` into setup `prompt_tuning:t5b`."""
-    root = Path(directory)
-    if not root.is_dir():
-        raise AnalysisError(f"ITS directory {root} does not exist")
-    path = root / ITS_FILE
-    if not path.is_file():
-        raise AnalysisError(f"no {ITS_FILE} in {root} (Lin et al.'s Table 7)")
-    prov = f"its:{ITS_FILE}"
-    good, bad = _parse_transfers(con, path)
-    report = ImportReport(skipped=list(bad))
-    if strict and bad:
-        raise AnalysisError(f"{len(bad)} malformed rows, nothing imported:\n  " + "\n  ".join(bad[:20]))
-    sizes = root / SIZES_FILE
-    if sizes.is_file():  # first: with strict=True a malformed sizes file stops the import before any write
-        sub = import_task_sizes(con, sizes, strict=strict)
-        report.kept.update(sub.kept)
-        report.skipped += sub.skipped
-    else:
-        report.missing.append(SIZES_FILE)
+def _write_its(con: duckdb.DuckDBPyConnection, good: pa.Table, n_bad: int, path: Path, prov: str) -> None:
+    """In one transaction: replace this file's runs (baselines as kind 'target', labelled by prompt kind) and
+    published PC / PM, the ITS source pools, and its `imports` row."""
     labels = {BASELINE: "text", **{b: b.removeprefix("no_transfer_") for b in OTHER_BASELINES}}
     is_base = "source IN (" + ", ".join(f"'{b}'" for b in labels) + ")"
     label = "CASE source " + " ".join(f"WHEN '{b}' THEN '{v}'" for b, v in labels.items()) + " END"
@@ -133,11 +116,34 @@ def import_its(con: duckdb.DuckDBPyConnection, directory: str | Path, strict: bo
         con.executemany("INSERT INTO source_pools VALUES (?, ?, ?)",
                         [(pool, s, POOL_PROVENANCE) for pool, srcs in ITS_POOLS.items() for s in srcs])
         con.execute("INSERT OR REPLACE INTO imports VALUES (?, ?, ?, ?, ?, ?)",
-                    [prov, str(path.resolve()), _sha256(path), good.num_rows, len(bad), _utcnow()])
+                    [prov, str(path.resolve()), _sha256(path), good.num_rows, n_bad, _utcnow()])
         con.execute("COMMIT")
     except Exception:
         con.execute("ROLLBACK")
         raise
+
+
+def import_its(con: duckdb.DuckDBPyConnection, directory: str | Path, strict: bool = False) -> ImportReport:
+    """Load Lin et al.'s Table 7 (and task sizes, pools) from `directory` into setup `prompt_tuning:t5b`."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise AnalysisError(f"ITS directory {root} does not exist")
+    path = root / ITS_FILE
+    if not path.is_file():
+        raise AnalysisError(f"no {ITS_FILE} in {root} (Lin et al.'s Table 7)")
+    prov = f"its:{ITS_FILE}"
+    good, bad = _parse_transfers(con, path)
+    report = ImportReport(skipped=list(bad))
+    if strict and bad:
+        raise AnalysisError(f"{len(bad)} malformed rows, nothing imported:\n  " + "\n  ".join(bad[:20]))
+    sizes = root / SIZES_FILE
+    if sizes.is_file():  # first: with strict=True a malformed sizes file stops the import before any write
+        sub = import_task_sizes(con, sizes, strict=strict)
+        report.kept.update(sub.kept)
+        report.skipped += sub.skipped
+    else:
+        report.missing.append(SIZES_FILE)
+    _write_its(con, good, len(bad), path, prov)
     report.kept[ITS_FILE] = good.num_rows
     n_transfer, n_base = con.execute(
         "SELECT count(*) FILTER (WHERE kind = 'transfer'), count(*) FILTER (WHERE kind = 'target' "

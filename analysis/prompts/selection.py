@@ -443,22 +443,9 @@ class PromptTable:
     outputs: PromptOutputs = field(repr=False)
 
 
-def prompt_table(con: duckdb.DuckDBPyConnection, keys: Sequence[str] | None = None, *, model: str | None = None,
-                 task: str | None = None, split: str | None = None, ppl_agg: str = "mean") -> PromptTable:
-    """The choice distributions of a set of prompts on one task, aligned by example_id.
-
-    Select the prompts by `keys` (scoring keys of `predictions`) or by `model` and `task` (the
-    `runs` row of each key names its model: keys of `status = 'ok'` runs whose model matches).
-    Only examples scored by every prompt are kept. A prompt is a template; one template under two
-    keys, or rows of several tasks or splits without `task` / `split` to choose, is an error.
-    `ppl_agg` aggregates prompt_ppl over the aligned examples: 'mean' (arithmetic) or 'log_mean'
-    (mean log-perplexity, i.e. the log of the geometric mean; the same SPELL ranking as a geometric
-    mean).
-    """
-    if ppl_agg not in PPL_AGGREGATES:
-        raise AnalysisError(f"unknown ppl_agg {ppl_agg!r}; choose one of {', '.join(PPL_AGGREGATES)}")
-    if keys is None and (model is None or task is None):
-        raise AnalysisError("prompt_table needs keys, or a model and a task")
+def _prediction_selection(keys: Sequence[str] | None, model: str | None, task: str | None,
+                          split: str | None) -> tuple[str, dict[str, Any]]:
+    """The SELECT of the chosen `predictions` rows (by keys, or by the runs' model) and its parameters."""
     where, params = ["TRUE"], {}
     join = ""
     if keys is not None:
@@ -475,8 +462,13 @@ def prompt_table(con: duckdb.DuckDBPyConnection, keys: Sequence[str] | None = No
     if split is not None:
         where.append("p.split = $split")
         params["split"] = split
-    sel = f"SELECT p.* FROM predictions p {join} WHERE {' AND '.join(where)}"
+    return f"SELECT p.* FROM predictions p {join} WHERE {' AND '.join(where)}", params
 
+
+def _checked_selection(con: duckdb.DuckDBPyConnection, sel: str, params: dict[str, Any], what: str,
+                       task: str | None, split: str | None) -> dict[str, Any]:
+    """The selection's tasks, splits and prompt count; an error unless it is one task, one split, and
+    each template under one key."""
     meta = query_arrow(con, f"""
         WITH sel AS ({sel})
         SELECT (SELECT list(DISTINCT task ORDER BY task) FROM sel) AS tasks,
@@ -486,7 +478,6 @@ def prompt_table(con: duckdb.DuckDBPyConnection, keys: Sequence[str] | None = No
                     FROM sel GROUP BY template HAVING count(DISTINCT key) > 1)) AS dup_templates,
                (SELECT count(DISTINCT template) FROM sel) AS n_prompts
     """, params).to_pylist()[0]
-    what = f"keys {list(keys)}" if keys is not None else f"model {model!r}"
     if meta["n_prompts"] == 0:
         raise AnalysisError(f"no predictions for {what}" + (f", task {task!r}" if task else "")
                             + (f", split {split!r}" if split else ""))
@@ -497,6 +488,28 @@ def prompt_table(con: duckdb.DuckDBPyConnection, keys: Sequence[str] | None = No
     if meta["dup_templates"]:
         raise AnalysisError(f"a prompt (template) must come from one key; scored under several: "
                             f"{'; '.join(meta['dup_templates'])}")
+    return meta
+
+
+def prompt_table(con: duckdb.DuckDBPyConnection, keys: Sequence[str] | None = None, *, model: str | None = None,
+                 task: str | None = None, split: str | None = None, ppl_agg: str = "mean") -> PromptTable:
+    """The choice distributions of a set of prompts on one task, aligned by example_id.
+
+    Select the prompts by `keys` (scoring keys of `predictions`) or by `model` and `task` (the
+    `runs` row of each key names its model: keys of `status = 'ok'` runs whose model matches).
+    Only examples scored by every prompt are kept. A prompt is a template; one template under two
+    keys, or rows of several tasks or splits without `task` / `split` to choose, is an error.
+    `ppl_agg` aggregates prompt_ppl over the aligned examples: 'mean' (arithmetic) or 'log_mean'
+    (mean log-perplexity, i.e. the log of the geometric mean; the same SPELL ranking as a geometric
+    mean).
+    """
+    if ppl_agg not in PPL_AGGREGATES:
+        raise AnalysisError(f"unknown ppl_agg {ppl_agg!r}; choose one of {', '.join(PPL_AGGREGATES)}")
+    if keys is None and (model is None or task is None):
+        raise AnalysisError("prompt_table needs keys, or a model and a task")
+    sel, params = _prediction_selection(keys, model, task, split)
+    what = f"keys {list(keys)}" if keys is not None else f"model {model!r}"
+    meta = _checked_selection(con, sel, params, what, task, split)
     n = int(meta["n_prompts"])
     ppl_expr = "avg(prompt_ppl)" if ppl_agg == "mean" else "avg(ln(prompt_ppl))"
     rows = query_arrow(con, f"""

@@ -450,22 +450,9 @@ def verdict(rows: Sequence[dict[str, Any]], metric: str = "macro_f1", criterion:
 
 
 # -- figures -------------------------------------------------------------------------------------------
-def pvi_figures(con: duckdb.DuckDBPyConnection, setup: str, out_dir: str | Path,
-                threshold: float = DEFAULT_THRESHOLD, welch: bool = False, seed: int | None = None) -> list[Path]:
-    """Two PNGs: the PVI distribution of each task (violins, mean marked, n in the label) and the
-    pairwise p-value heatmap (annotated; similar pairs, p > threshold, outlined)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _distributions_figure(dists: dict[str, Any], tasks: list[str], setup: str, path: Path) -> Path:
+    """Violins of each task's PVI (median line, mean marked, n in the label), tasks in the given order."""
     import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm
-    from matplotlib.patches import Rectangle
-
-    dists = load_pvi(con, setup, seed=seed)
-    tasks = sorted(dists, key=lambda t: float(np.median(dists[t].values)))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    slug = setup.replace(":", "_").replace("/", "_")
 
     fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(tasks) + 2), 4.5))
     vals = [dists[t].values for t in tasks]
@@ -479,9 +466,17 @@ def pvi_figures(con: duckdb.DuckDBPyConnection, setup: str, out_dir: str | Path,
     ax.set_title(f"PVI per held-out instance, setup {setup}")
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    p1 = out / f"pvi_distributions_{slug}.png"
-    fig.savefig(p1, dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path
+
+
+def _pvalue_figure(dists: dict[str, Any], tasks: list[str], setup: str, threshold: float, welch: bool,
+                   path: Path) -> Path:
+    """The pairwise t-test p-values as an annotated log-scale heatmap, similar pairs outlined in red."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+    from matplotlib.patches import Rectangle
 
     k = len(tasks)
     pm = np.full((k, k), np.nan)
@@ -509,7 +504,22 @@ def pvi_figures(con: duckdb.DuckDBPyConnection, setup: str, out_dir: str | Path,
     ax.set_title(f"{test} t-test p-values of PVI, setup {setup}\n(red: similar, p > {threshold:g})", fontsize=9)
     fig.colorbar(im, ax=ax, label="p (log scale)")
     fig.tight_layout()
-    p2 = out / f"pvi_pvalues_{slug}.png"
-    fig.savefig(p2, dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return [p1, p2]
+    return path
+
+
+def pvi_figures(con: duckdb.DuckDBPyConnection, setup: str, out_dir: str | Path,
+                threshold: float = DEFAULT_THRESHOLD, welch: bool = False, seed: int | None = None) -> list[Path]:
+    """Two PNGs: the PVI distribution of each task (violins, mean marked, n in the label) and the
+    pairwise p-value heatmap (annotated; similar pairs, p > threshold, outlined)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    dists = load_pvi(con, setup, seed=seed)
+    tasks = sorted(dists, key=lambda t: float(np.median(dists[t].values)))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = setup.replace(":", "_").replace("/", "_")
+    return [_distributions_figure(dists, tasks, setup, out / f"pvi_distributions_{slug}.png"),
+            _pvalue_figure(dists, tasks, setup, threshold, welch, out / f"pvi_pvalues_{slug}.png")]

@@ -403,43 +403,29 @@ def _transitivity_html(trans: pd.DataFrame, out: Path, all_setups: list[str], fi
             + wide.to_html(escape=True))
 
 
-def write_report(con: duckdb.DuckDBPyConnection, out_dir: str | Path, setups: list[str] | None = None,
-                 thresholds: tuple[float, ...] = an.DEFAULT_THRESHOLDS, graph_top_k: int = 3,
-                 graph_min_abs: float = 0.0, store_path: str | Path | None = None,
-                 selection_setup: str | None = None, k: int = 5) -> dict[str, Any]:
-    """All figures plus `index.html` in `out_dir`; returns the paths written and the selection table."""
-    all_setups = an.require_data(con)
-    chosen = setups or [an.MEAN]
-    for s in chosen:
-        an.require_setup(con, s, setups=all_setups)
-    sel_setup = an.require_setup(con, selection_setup, allow_mean=False, setups=all_setups) if selection_setup \
-        else default_selection_setup(con, chosen, all_setups)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files: list[Path] = []
-    sections: list[str] = []
-    for s in chosen:
-        label = setup_label(s, all_setups)
-        m = an.transfer_matrix(con, s)
-        n_pairs = int(m.notna().to_numpy().sum())
-        p_heat = heatmap(m, f"Transfer scores ({label})", out / f"transfer_matrix_{_slug(s)}.png")
-        p_graph, n_edges = graph(m, f"TaskWeb ({label})", out / f"taskweb_graph_{_slug(s)}.png", graph_top_k,
-                                 graph_min_abs)
-        comm = an.commutativity(con, s)
-        files += [p_heat, p_graph]
-        if comm["n_pairs"]:
-            p_comm = commutativity_plot(comm, out / f"commutativity_{_slug(s)}.png", label)
-            files.append(p_comm)
-            comm_html = _figure(p_comm, f"Commutativity ({html.escape(label)}): {comm['n_commutative']} of "
-                                        f"{comm['n_pairs']} unordered pairs share a sign (T(A->B) > 0 exactly when "
-                                        "T(B->A) > 0), among the pairs with both directions measured; orange pairs "
-                                        "transfer positively one way only.")
-        else:
-            comm_html = "<p>Commutativity: no pair has both directions (A->B and B->A) measured.</p>"
-        mean_note = (" Each cell is the average of the setups' transfer scores." if s == an.MEAN and len(all_setups) > 1
-                     else "")
-        sections.append(
-            f"<h2>{html.escape(label)}</h2>"
+def _setup_section(con: duckdb.DuckDBPyConnection, s: str, all_setups: list[str], out: Path, graph_top_k: int,
+                   graph_min_abs: float, files: list[Path]) -> str:
+    """One setup's heatmap, TaskWeb graph and commutativity plot (appended to `files`) with captions."""
+    label = setup_label(s, all_setups)
+    m = an.transfer_matrix(con, s)
+    n_pairs = int(m.notna().to_numpy().sum())
+    p_heat = heatmap(m, f"Transfer scores ({label})", out / f"transfer_matrix_{_slug(s)}.png")
+    p_graph, n_edges = graph(m, f"TaskWeb ({label})", out / f"taskweb_graph_{_slug(s)}.png", graph_top_k,
+                             graph_min_abs)
+    comm = an.commutativity(con, s)
+    files += [p_heat, p_graph]
+    if comm["n_pairs"]:
+        p_comm = commutativity_plot(comm, out / f"commutativity_{_slug(s)}.png", label)
+        files.append(p_comm)
+        comm_html = _figure(p_comm, f"Commutativity ({html.escape(label)}): {comm['n_commutative']} of "
+                                    f"{comm['n_pairs']} unordered pairs share a sign (T(A->B) > 0 exactly when "
+                                    "T(B->A) > 0), among the pairs with both directions measured; orange pairs "
+                                    "transfer positively one way only.")
+    else:
+        comm_html = "<p>Commutativity: no pair has both directions (A->B and B->A) measured.</p>"
+    mean_note = (" Each cell is the average of the setups' transfer scores." if s == an.MEAN and len(all_setups) > 1
+                 else "")
+    return (f"<h2>{html.escape(label)}</h2>"
             + _figure(p_heat, f"Transfer score {SCORE_FORMULA} of training on the source (row) before the target "
                               f"(column), {html.escape(label)}: PC is the mean relative change of the target metric "
                               f"against the target-only baseline, PM the fraction of seeds that improve. Blue helps, "
@@ -450,6 +436,12 @@ def write_report(con: duckdb.DuckDBPyConnection, out_dir: str | Path, setups: li
                                f"({n_edges} arrows); blue positive, red negative, width by |T|. Tasks on the circle "
                                "are grouped and coloured by category.")
             + comm_html)
+
+
+def _cross_setup_sections(con: duckdb.DuckDBPyConnection, thresholds: tuple[float, ...], all_setups: list[str],
+                          out: Path, files: list[Path]) -> list[str]:
+    """Transitivity over every setup and, with several setups, their similarity (figures appended to `files`)."""
+    sections = []
     trans = an.transitivity(con, thresholds)
     if len(all_setups) == 1:
         trans = trans[trans["setup"] != an.MEAN]
@@ -466,6 +458,25 @@ def write_report(con: duckdb.DuckDBPyConnection, out_dir: str | Path, setups: li
             p_sim, "Cosine similarity sum(x*y) / sqrt(sum(x^2) sum(y^2)) of two setups' transfer scores over the "
                    "(source, target) pairs both measured. The diagonal (1 by definition) is left grey so the colour "
                    "scale spans the off-diagonal values."))
+    return sections
+
+
+def write_report(con: duckdb.DuckDBPyConnection, out_dir: str | Path, setups: list[str] | None = None,
+                 thresholds: tuple[float, ...] = an.DEFAULT_THRESHOLDS, graph_top_k: int = 3,
+                 graph_min_abs: float = 0.0, store_path: str | Path | None = None,
+                 selection_setup: str | None = None, k: int = 5) -> dict[str, Any]:
+    """All figures plus `index.html` in `out_dir`; returns the paths written and the selection table."""
+    all_setups = an.require_data(con)
+    chosen = setups or [an.MEAN]
+    for s in chosen:
+        an.require_setup(con, s, setups=all_setups)
+    sel_setup = an.require_setup(con, selection_setup, allow_mean=False, setups=all_setups) if selection_setup \
+        else default_selection_setup(con, chosen, all_setups)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+    sections = [_setup_section(con, s, all_setups, out, graph_top_k, graph_min_abs, files) for s in chosen]
+    sections += _cross_setup_sections(con, thresholds, all_setups, out, files)
     tab = selection_table(con, sel_setup, k)
     prov = provenance(con, store_path)
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>transferlab report</title>"

@@ -201,6 +201,202 @@ def _selection_rows(rows: list[dict[str, Any]], taskweb: bool = False) -> tuple[
     return cols, out
 
 
+def _retrieval_section(con: duckdb.DuckDBPyConnection, space: str, info: dict[str, Any], out: Path,
+                       numbers: dict[str, Any]) -> list[str]:
+    """(a) how well each source model's MTE retrieves its own training task's DTE, and the figure."""
+    ret = te.own_task_retrieval(con, space)
+    numbers["retrieval"] = ret
+    retrieval_figure(con, space, out / "retrieval.png")
+    md = ["## (a) A model's MTE retrieves its own training task's DTE", ""]
+    if ret["n_models"]:
+        md += [f"Each source model labels the {info['name']} probe pool; its MTE is compared with the DTE of each of "
+               f"{ret['n_candidates']} tasks. Mean rank of its own task: **{ret['mean_rank']:.2f}** (chance "
+               f"{ret['chance_mean_rank']:.2f}); top-1 {ret['top1']}/{ret['n_models']} (chance "
+               f"{100 * ret['chance_top1']:.0f}%); MRR {ret['mrr']:.2f} (chance {ret['chance_mrr']:.2f}).", ""]
+        md += _md_table(["model", "trained on", "rank of own DTE", "cos(own)", "nearest DTEs"],
+                        [[m["model"], m["source_task"], m["rank"], _num(m["cosine_own"], 4), ", ".join(m["top"])]
+                         for m in ret["models"]])
+    return md + ["![cos(MTE, DTE)](retrieval.png)", ""]
+
+
+def _category_section(con: duckdb.DuckDBPyConnection, space: str, out: Path, numbers: dict[str, Any]) -> list[str]:
+    """(b) cosine within vs across task categories (all embeddings, DTEs alone) and the 2-D projection."""
+    proj = projection_figure(con, space, out / "projection.png")
+    cats = {r["task"]: _category(r["task"]) for r in te.embedding_rows(con, space=space)}
+    sep = te.category_separation(con, space, cats)
+    dte_cats = {r["task"]: _category(r["task"]) for r in te.embedding_rows(con, space=space, kind="DTE")}
+    sep_dte = _dte_separation(con, space, dte_cats)
+    numbers["categories"] = {"all": sep, "dte": sep_dte}
+    return ["## (b) Embeddings by task category", "",
+            f"Mean cosine of two embeddings whose tasks share a category: **{_num(sep['within'], 4)}** "
+            f"({sep['n_within']} pairs); across categories: **{_num(sep['across'], 4)}** ({sep['n_across']} pairs). "
+            f"DTEs alone: {_num(sep_dte['within'], 4)} within ({sep_dte['n_within']} pairs), "
+            f"{_num(sep_dte['across'], 4)} across ({sep_dte['n_across']}). "
+            f"Categories: {', '.join(f'{t} {c}' for t, c in sorted(dte_cats.items()))}.", "",
+            f"![projection](projection.png) (PCA, {100 * sum(proj['variance']):.0f}% of the variance in 2-D)", ""]
+
+
+def _local_selection_md(con: duckdb.DuckDBPyConnection, space: str, local_setup: str,
+                        numbers: dict[str, Any]) -> list[str]:
+    """(c) FUTE, RoE, TaskShop-RoE and random against the transfer matrix the pairwise job measured."""
+    local_rows = fe.source_selection_table(con, [
+        ("FUTE: cos(MTE of the source model, DTE)", f"fute-mte@{space}", fe.TARGET_DATA["fute"]),
+        ("FUTE: cos(DTE, DTE)", f"fute-dte@{space}", fe.TARGET_DATA["fute"]),
+        ("RoE (released scores)", "roe", fe.TARGET_DATA["roe"]),
+        ("TaskShop-RoE on the local matrix", "taskshop-roe", fe.TARGET_DATA["roe"]),
+        ("random", "random", fe.TARGET_DATA["random"])], [local_setup])
+    numbers["local_selection"] = local_rows
+    md = [f"Against the transfer matrix measured by the pairwise job (setup `{local_setup}`), with FUTE's "
+          "metrics (Sec. 4.1.1, after Vu et al. 2020; family `vu`): NDCG in percent (relevance = the "
+          "seed-averaged target score in percent, gain 2^rel - 1, over the whole ranking) and rho = mean rank "
+          "of the source with the highest transfer gain (lower is better); 'targets x candidates' says how "
+          "small this test is.", ""]
+    return md + _md_table(*_selection_rows(local_rows))
+
+
+def _published_dte_selection_md(con: duckdb.DuckDBPyConnection, space: str, setup: str,
+                                numbers: dict[str, Any]) -> list[str]:
+    """(c) this space's DTEs ranking each other as sources on the published TaskWeb transfers of `setup`."""
+    dtes = sorted(te.dte_rows(con, space))
+    pool = fe.ensure_pool(con, "fute-local-dtes", dtes)
+    dte_rows_ = fe.source_selection_table(con, [
+        ("FUTE: cos(DTE, DTE)", f"fute-dte@{space}", fe.TARGET_DATA["fute"]),
+        ("RoE", "roe", fe.TARGET_DATA["roe"]), ("TaskShop-RoE", "taskshop-roe", fe.TARGET_DATA["roe"]),
+        ("random", "random", fe.TARGET_DATA["random"])], [setup], targets=dtes, pool=pool)
+    numbers["published_dte_selection"] = dte_rows_
+    md = [f"This space's {len(dtes)} DTEs ranking each other as sources on the published TaskWeb transfers "
+          f"({setup}; candidates: the other {len(dtes) - 1} tasks):", ""]
+    return md + _md_table(*_selection_rows(dte_rows_))
+
+
+def _published_model_selection_md(con: duckdb.DuckDBPyConnection, space: str, setup: str,
+                                  numbers: dict[str, Any]) -> list[str]:
+    """(c) the space's source models ranked for the published transfers of `setup` (none: no lines)."""
+    models = sorted({r["source_task"] for r in te.embedding_rows(con, space=space, kind="MTE") if r["source_task"]})
+    if not models:
+        return []
+    pool = fe.ensure_pool(con, "fute-local-models", models)
+    targets = sorted(te.dte_rows(con, space))
+    pub_rows = fe.source_selection_table(con, [
+        ("FUTE: cos(MTE of the source model, DTE)", f"fute-mte@{space}", fe.TARGET_DATA["fute"]),
+        ("FUTE: cos(DTE, DTE)", f"fute-dte@{space}", fe.TARGET_DATA["fute"]),
+        ("RoE", "roe", fe.TARGET_DATA["roe"]), ("TaskShop-RoE", "taskshop-roe", fe.TARGET_DATA["roe"]),
+        ("random", "random", fe.TARGET_DATA["random"])], [setup], targets=targets, pool=pool)
+    numbers["published_model_selection"] = pub_rows
+    md = [f"The same source models ranked for the published TaskWeb transfers ({setup}) into the "
+          f"{len(targets)} tasks with a DTE here, candidates restricted to the models' tasks "
+          f"({', '.join(models)}):", ""]
+    return md + _md_table(*_selection_rows(pub_rows))
+
+
+def _taskshop_section(con: duckdb.DuckDBPyConnection, taskweb_space: str, taskweb_setups: list[str], out: Path,
+                      numbers: dict[str, Any]) -> list[str]:
+    """(c) FUTE as TaskShop's F on TaskWeb's Table 2 setups, both metric families, and the figure."""
+    ts = fe.taskshop_with_fute(con, taskweb_space, taskweb_setups)
+    numbers["taskshop"] = ts
+    taskshop_figure(ts["rows"], out / "taskshop.png")
+    tinfo = next(s for s in te.spaces(con) if s["space"] == ts["space"])
+    md = ["### FUTE inside TaskShop on the published TaskWeb transfers", "",
+          f"F = cos(DTE(s), DTE(t)) in space `{tinfo['name']}` (id `{ts['space']}`: {tinfo['variant']}, "
+          f"{tinfo['dims']} dims, one DTE per task from its 32 prompted examples). TaskWeb's Table 2 protocol: "
+          "leave-one-out, 20 targets; FUTE's metrics (`vu`: NDCG on the seed-averaged target scores, rho = "
+          "mean rank of the source with the highest transfer gain) next to TaskWeb's (`taskweb`: NDCG over "
+          "the gold ranks of T(s -> t), Regret@5, rho of the source with the highest T), in percent. "
+          f"TaskShop-FUTE with TaskWeb's lambda 0.7 and with lambda tuned on piqa for FUTE ({ts['tuned_lambda']:g}). "
+          "Published finetune:t5l (Table 2): "
+          + "; ".join(f"{m} {a:.2f} / {b:.2f}" for m, (a, b) in PUBLISHED_T5L.items()) + ".", ""]
+    md += _md_table(*_selection_rows(ts["rows"], taskweb=True))
+    t5l = {r["method"]: r for r in ts["rows"] if r.get("setup") == taskweb_setups[0] and "error" not in r}
+    for fam, ndcg in (("vu", lambda r: r["ndcg"]), ("taskweb", lambda r: r["taskweb"]["ndcg"])):
+        best = max(t5l.values(), key=ndcg) if t5l else None
+        if best is None:
+            continue
+        fute_rows = [r for m, r in t5l.items() if "FUTE" in m]
+        top = max(fute_rows, key=ndcg) if fute_rows else None
+        md += [f"On {taskweb_setups[0]} the best {fam} NDCG is {best['method']} ({_pct(ndcg(best))}); FUTE's best "
+               f"variant reaches {_pct(ndcg(top)) if top else '-'} ({top['method'] if top else '-'}).", ""]
+    return md + ["![TaskShop](taskshop.png)", ""]
+
+
+def _prompt_results(con: duckdb.DuckDBPyConnection, space: str, model: str, prompt_tasks: list[str],
+                    compare_spaces: list[str] | None) -> tuple[list[dict[str, Any]], list[str]]:
+    """(d) per task the prompt-selection result with FUTE of every space next to the same baselines, and
+    a line per task that could not be evaluated."""
+    presults, failed = [], []
+    for task in prompt_tasks:
+        try:
+            res = fe.prompt_selection(con, space, model, task)
+        except AnalysisError as e:
+            failed.append(f"- {task}: not evaluated: {e}")
+            continue
+        for other in [space, *(compare_spaces or [])]:  # FUTE of every space next to the same baselines
+            o = res if other == space else fe.prompt_selection(con, other, model, task)
+            name = f"fute [{next(x['name'] for x in te.spaces(con) if x['space'] == o['space'])}]"
+            res["methods"][name] = o["methods"]["fute"]
+            res["bad_positions"][name] = o["bad_positions"]["fute"]
+        del res["bad_positions"]["fute"]
+        presults.append(res)
+    return presults, failed
+
+
+def _prompt_task_md(res: dict[str, Any], primary: str, space_name: str) -> list[str]:
+    """(d) one task: measured accuracies, FUTE's ranking, where each method puts the bad prompts, duplicates."""
+    n = res["n_prompts"]
+    md = [f"**{res['task']}** ({n} prompts, {res['n_examples']} eval examples). Measured accuracy: "
+          + ", ".join(f"{p} {100 * a:.1f}" for p, a in sorted(res["true_scores"].items(), key=lambda x: -x[1]))
+          + ".", ""]
+    md += [f"FUTE's ranking in {space_name}: {', '.join(res['methods'][primary]['ranking'])}.", ""]
+    md += _md_table(["method", f"positions of the bad prompts (of {n})", "selected", "NDCG"],
+                    [[m, ", ".join(map(str, pos)), res["methods"][m]["selected"], _pct(res["methods"][m]["ndcg"])]
+                     for m, pos in res["bad_positions"].items()])
+    for d in res["duplicates"]:
+        md += [f"Duplicate `{d['copy']}` of `{d['prompt']}`: cos(MTE, MTE) = {d['mte_cosine']:.6f}, FUTE "
+               f"positions {d['positions'][0]} and {d['positions'][1]}.", ""]
+    return md
+
+
+def _prompt_section(con: duckdb.DuckDBPyConnection, space: str, info: dict[str, Any], model: str,
+                    prompt_tasks: list[str], compare_spaces: list[str] | None, out: Path,
+                    numbers: dict[str, Any]) -> list[str]:
+    """(d) prompt selection: FUTE next to the unlabelled baselines, the means over tasks and each task."""
+    md = ["## (d) Prompt selection", ""]
+    presults, failed = _prompt_results(con, space, model, prompt_tasks, compare_spaces)
+    md += failed
+    numbers["prompts"] = presults
+    if not presults:
+        return md
+    prompt_figure(presults, out / "prompts.png")
+    summary = {m: v for m, v in fe.prompt_selection_summary(presults).items() if m != "fute"}
+    numbers["prompt_summary"] = summary
+    na = presults[0].get("not_applicable", {})
+    md += [f"{model} with every prompt of {', '.join(prompt_tasks)} (plus bad and duplicated ones). Means over "
+           "the tasks: Performance = accuracy of the selected prompt, Rate = selected / best prompt, NDCG "
+           "(relevance = accuracy in percent, gain 2^rel - 1), rho = mean rank of the best prompt. "
+           "'uses labels': FUTE's DTE is trained on labelled target data; every baseline reads only the "
+           "unlabelled choice distributions."
+           + (f" Not applicable: {'; '.join(f'{k}: {v}' for k, v in na.items())}." if na else ""), ""]
+    md += _md_table(["method", "Performance", "Rate", "NDCG", "rho", "uses labels"],
+                    [[m, _pct(v["performance"]), _pct(v["rate"]), _pct(v["ndcg"]), _num(v["rho"]),
+                      "yes (DTE)" if v["uses_labels"] else "no"] for m, v in summary.items()])
+    for res in presults:
+        md += _prompt_task_md(res, f"fute [{info['name']}]", info["name"])
+    return md + ["![prompts](prompts.png)", ""]
+
+
+def _spaces_section(con: duckdb.DuckDBPyConnection, space: str, compare_spaces: list[str], model: str,
+                    prompt_tasks: list[str], numbers: dict[str, Any]) -> list[str]:
+    """The same measures in each space of the experiment, one row per space."""
+    rows = [space_summary(con, other, model, prompt_tasks) for other in [space, *compare_spaces]]
+    numbers["spaces"] = rows
+    md = ["## The same measures in each space of the experiment", "",
+          "One probe pool, the same black boxes, data, seed and hyperparameters; only the surrogate differs.", ""]
+    return md + _md_table(["space", "head / variant", "own-task rank of a source model's MTE (chance)", "top-1",
+                           "cos within / across categories (DTEs)", "FUTE prompt NDCG", "bad prompts' positions"],
+                          [[r["name"], r["head"], f"{_num(r['mean_rank'])} ({_num(r['chance_mean_rank'])})",
+                            r["top1"], f"{_num(r['within'], 3)} / {_num(r['across'], 3)}", _pct(r["prompt_ndcg"]),
+                            "; ".join(f"{t}: {p}" for t, p in r["bad_positions"].items())] for r in rows])
+
+
 def write_fute_report(con: duckdb.DuckDBPyConnection, out: str | Path, space: str, model: str,
                       prompt_tasks: list[str], local_setup: str | None, taskweb_space: str | None = None,
                       taskweb_setups: list[str] | None = None, cost: dict[str, Any] | None = None,
@@ -216,166 +412,19 @@ def write_fute_report(con: duckdb.DuckDBPyConnection, out: str | Path, space: st
            "otherwise.", ""]
     md += [f"- {n}" for n in notes or []] + ([""] if notes else [])
     numbers: dict[str, Any] = {"space": space}
-
-    # (a) retrieval
-    ret = te.own_task_retrieval(con, space)
-    numbers["retrieval"] = ret
-    retrieval_figure(con, space, out / "retrieval.png")
-    md += ["## (a) A model's MTE retrieves its own training task's DTE", ""]
-    if ret["n_models"]:
-        md += [f"Each source model labels the {info['name']} probe pool; its MTE is compared with the DTE of each of "
-               f"{ret['n_candidates']} tasks. Mean rank of its own task: **{ret['mean_rank']:.2f}** (chance "
-               f"{ret['chance_mean_rank']:.2f}); top-1 {ret['top1']}/{ret['n_models']} (chance "
-               f"{100 * ret['chance_top1']:.0f}%); MRR {ret['mrr']:.2f} (chance {ret['chance_mrr']:.2f}).", ""]
-        md += _md_table(["model", "trained on", "rank of own DTE", "cos(own)", "nearest DTEs"],
-                        [[m["model"], m["source_task"], m["rank"], _num(m["cosine_own"], 4), ", ".join(m["top"])]
-                         for m in ret["models"]])
-    md += ["![cos(MTE, DTE)](retrieval.png)", ""]
-
-    # (b) clusters
-    proj = projection_figure(con, space, out / "projection.png")
-    cats = {r["task"]: _category(r["task"]) for r in te.embedding_rows(con, space=space)}
-    sep = te.category_separation(con, space, cats)
-    dte_cats = {r["task"]: _category(r["task"]) for r in te.embedding_rows(con, space=space, kind="DTE")}
-    sep_dte = _dte_separation(con, space, dte_cats)
-    numbers["categories"] = {"all": sep, "dte": sep_dte}
-    md += ["## (b) Embeddings by task category", "",
-           f"Mean cosine of two embeddings whose tasks share a category: **{_num(sep['within'], 4)}** "
-           f"({sep['n_within']} pairs); across categories: **{_num(sep['across'], 4)}** ({sep['n_across']} pairs). "
-           f"DTEs alone: {_num(sep_dte['within'], 4)} within ({sep_dte['n_within']} pairs), "
-           f"{_num(sep_dte['across'], 4)} across ({sep_dte['n_across']}). "
-           f"Categories: {', '.join(f'{t} {c}' for t, c in sorted(dte_cats.items()))}.", "",
-           f"![projection](projection.png) (PCA, {100 * sum(proj['variance']):.0f}% of the variance in 2-D)", ""]
-
-    # (c) source / model selection
+    md += _retrieval_section(con, space, info, out, numbers)
+    md += _category_section(con, space, out, numbers)
     md += ["## (c) Source and model selection", ""]
     if local_setup:
-        local_rows = fe.source_selection_table(con, [
-            ("FUTE: cos(MTE of the source model, DTE)", f"fute-mte@{space}", fe.TARGET_DATA["fute"]),
-            ("FUTE: cos(DTE, DTE)", f"fute-dte@{space}", fe.TARGET_DATA["fute"]),
-            ("RoE (released scores)", "roe", fe.TARGET_DATA["roe"]),
-            ("TaskShop-RoE on the local matrix", "taskshop-roe", fe.TARGET_DATA["roe"]),
-            ("random", "random", fe.TARGET_DATA["random"])], [local_setup])
-        numbers["local_selection"] = local_rows
-        md += [f"Against the transfer matrix measured by the pairwise job (setup `{local_setup}`), with FUTE's "
-               "metrics (Sec. 4.1.1, after Vu et al. 2020; family `vu`): NDCG in percent (relevance = the "
-               "seed-averaged target score in percent, gain 2^rel - 1, over the whole ranking) and rho = mean rank "
-               "of the source with the highest transfer gain (lower is better); 'targets x candidates' says how "
-               "small this test is.", ""]
-        md += _md_table(*_selection_rows(local_rows))
+        md += _local_selection_md(con, space, local_setup, numbers)
         if taskweb_setups:
-            dtes = sorted(te.dte_rows(con, space))
-            pool = fe.ensure_pool(con, "fute-local-dtes", dtes)
-            dte_rows_ = fe.source_selection_table(con, [
-                ("FUTE: cos(DTE, DTE)", f"fute-dte@{space}", fe.TARGET_DATA["fute"]),
-                ("RoE", "roe", fe.TARGET_DATA["roe"]), ("TaskShop-RoE", "taskshop-roe", fe.TARGET_DATA["roe"]),
-                ("random", "random", fe.TARGET_DATA["random"])], taskweb_setups[:1], targets=dtes, pool=pool)
-            numbers["published_dte_selection"] = dte_rows_
-            md += [f"This space's {len(dtes)} DTEs ranking each other as sources on the published TaskWeb transfers "
-                   f"({taskweb_setups[0]}; candidates: the other {len(dtes) - 1} tasks):", ""]
-            md += _md_table(*_selection_rows(dte_rows_))
-        models = sorted({r["source_task"] for r in te.embedding_rows(con, space=space, kind="MTE") if r["source_task"]})
-        if models and taskweb_setups:
-            pool = fe.ensure_pool(con, "fute-local-models", models)
-            targets = sorted(te.dte_rows(con, space))
-            pub_rows = fe.source_selection_table(con, [
-                ("FUTE: cos(MTE of the source model, DTE)", f"fute-mte@{space}", fe.TARGET_DATA["fute"]),
-                ("FUTE: cos(DTE, DTE)", f"fute-dte@{space}", fe.TARGET_DATA["fute"]),
-                ("RoE", "roe", fe.TARGET_DATA["roe"]), ("TaskShop-RoE", "taskshop-roe", fe.TARGET_DATA["roe"]),
-                ("random", "random", fe.TARGET_DATA["random"])], taskweb_setups[:1], targets=targets, pool=pool)
-            numbers["published_model_selection"] = pub_rows
-            md += [f"The same source models ranked for the published TaskWeb transfers ({taskweb_setups[0]}) into the "
-                   f"{len(targets)} tasks with a DTE here, candidates restricted to the models' tasks "
-                   f"({', '.join(models)}):", ""]
-            md += _md_table(*_selection_rows(pub_rows))
+            md += _published_dte_selection_md(con, space, taskweb_setups[0], numbers)
+            md += _published_model_selection_md(con, space, taskweb_setups[0], numbers)
     if taskweb_space and taskweb_setups:
-        ts = fe.taskshop_with_fute(con, taskweb_space, taskweb_setups)
-        numbers["taskshop"] = ts
-        taskshop_figure(ts["rows"], out / "taskshop.png")
-        tinfo = next(s for s in te.spaces(con) if s["space"] == ts["space"])
-        md += ["### FUTE inside TaskShop on the published TaskWeb transfers", "",
-               f"F = cos(DTE(s), DTE(t)) in space `{tinfo['name']}` (id `{ts['space']}`: {tinfo['variant']}, "
-               f"{tinfo['dims']} dims, one DTE per task from its 32 prompted examples). TaskWeb's Table 2 protocol: "
-               "leave-one-out, 20 targets; FUTE's metrics (`vu`: NDCG on the seed-averaged target scores, rho = "
-               "mean rank of the source with the highest transfer gain) next to TaskWeb's (`taskweb`: NDCG over "
-               "the gold ranks of T(s -> t), Regret@5, rho of the source with the highest T), in percent. "
-               f"TaskShop-FUTE with TaskWeb's lambda 0.7 and with lambda tuned on piqa for FUTE ({ts['tuned_lambda']:g}). "
-               "Published finetune:t5l (Table 2): "
-               + "; ".join(f"{m} {a:.2f} / {b:.2f}" for m, (a, b) in PUBLISHED_T5L.items()) + ".", ""]
-        md += _md_table(*_selection_rows(ts["rows"], taskweb=True))
-        t5l = {r["method"]: r for r in ts["rows"] if r.get("setup") == taskweb_setups[0] and "error" not in r}
-        for fam, ndcg in (("vu", lambda r: r["ndcg"]), ("taskweb", lambda r: r["taskweb"]["ndcg"])):
-            best = max(t5l.values(), key=ndcg) if t5l else None
-            if best is None:
-                continue
-            fute_rows = [r for m, r in t5l.items() if "FUTE" in m]
-            top = max(fute_rows, key=ndcg) if fute_rows else None
-            md += [f"On {taskweb_setups[0]} the best {fam} NDCG is {best['method']} ({_pct(ndcg(best))}); FUTE's best "
-                   f"variant reaches {_pct(ndcg(top)) if top else '-'} ({top['method'] if top else '-'}).", ""]
-        md += ["![TaskShop](taskshop.png)", ""]
-
-    # (d) prompt selection
-    md += ["## (d) Prompt selection", ""]
-    presults = []
-    primary = f"fute [{info['name']}]"
-    for task in prompt_tasks:
-        try:
-            res = fe.prompt_selection(con, space, model, task)
-        except AnalysisError as e:
-            md += [f"- {task}: not evaluated: {e}"]
-            continue
-        for other in [space, *(compare_spaces or [])]:  # FUTE of every space next to the same baselines
-            o = res if other == space else fe.prompt_selection(con, other, model, task)
-            name = f"fute [{next(x['name'] for x in te.spaces(con) if x['space'] == o['space'])}]"
-            res["methods"][name] = o["methods"]["fute"]
-            res["bad_positions"][name] = o["bad_positions"]["fute"]
-        del res["bad_positions"]["fute"]
-        presults.append(res)
-    numbers["prompts"] = presults
-    if presults:
-        prompt_figure(presults, out / "prompts.png")
-        summary = {m: v for m, v in fe.prompt_selection_summary(presults).items() if m != "fute"}
-        numbers["prompt_summary"] = summary
-        na = presults[0].get("not_applicable", {})
-        md += [f"{model} with every prompt of {', '.join(prompt_tasks)} (plus bad and duplicated ones). Means over "
-               "the tasks: Performance = accuracy of the selected prompt, Rate = selected / best prompt, NDCG "
-               "(relevance = accuracy in percent, gain 2^rel - 1), rho = mean rank of the best prompt. "
-               "'uses labels': FUTE's DTE is trained on labelled target data; every baseline reads only the "
-               "unlabelled choice distributions."
-               + (f" Not applicable: {'; '.join(f'{k}: {v}' for k, v in na.items())}." if na else ""), ""]
-        md += _md_table(["method", "Performance", "Rate", "NDCG", "rho", "uses labels"],
-                        [[m, _pct(v["performance"]), _pct(v["rate"]), _pct(v["ndcg"]), _num(v["rho"]),
-                          "yes (DTE)" if v["uses_labels"] else "no"] for m, v in summary.items()])
-        for res in presults:
-            n = res["n_prompts"]
-            md += [f"**{res['task']}** ({n} prompts, {res['n_examples']} eval examples). Measured accuracy: "
-                   + ", ".join(f"{p} {100 * a:.1f}" for p, a in sorted(res["true_scores"].items(), key=lambda x: -x[1]))
-                   + ".", ""]
-            md += [f"FUTE's ranking in {info['name']}: {', '.join(res['methods'][primary]['ranking'])}.", ""]
-            md += _md_table(["method", f"positions of the bad prompts (of {n})", "selected", "NDCG"],
-                            [[m, ", ".join(map(str, pos)), res["methods"][m]["selected"], _pct(res["methods"][m]["ndcg"])]
-                             for m, pos in res["bad_positions"].items()])
-            for d in res["duplicates"]:
-                md += [f"Duplicate `{d['copy']}` of `{d['prompt']}`: cos(MTE, MTE) = {d['mte_cosine']:.6f}, FUTE "
-                       f"positions {d['positions'][0]} and {d['positions'][1]}.", ""]
-        md += ["![prompts](prompts.png)", ""]
-
-    # the same measures in the other spaces of the experiment
+        md += _taskshop_section(con, taskweb_space, taskweb_setups, out, numbers)
+    md += _prompt_section(con, space, info, model, prompt_tasks, compare_spaces, out, numbers)
     if compare_spaces:
-        rows = []
-        for other in [space, *compare_spaces]:
-            summ = space_summary(con, other, model, prompt_tasks)
-            rows.append(summ)
-        numbers["spaces"] = rows
-        md += ["## The same measures in each space of the experiment", "",
-               "One probe pool, the same black boxes, data, seed and hyperparameters; only the surrogate differs.", ""]
-        md += _md_table(["space", "head / variant", "own-task rank of a source model's MTE (chance)", "top-1",
-                         "cos within / across categories (DTEs)", "FUTE prompt NDCG", "bad prompts' positions"],
-                        [[r["name"], r["head"], f"{_num(r['mean_rank'])} ({_num(r['chance_mean_rank'])})", r["top1"],
-                          f"{_num(r['within'], 3)} / {_num(r['across'], 3)}", _pct(r["prompt_ndcg"]),
-                          "; ".join(f"{t}: {p}" for t, p in r["bad_positions"].items())] for r in rows])
-
-    # (e) cost
+        md += _spaces_section(con, space, compare_spaces, model, prompt_tasks, numbers)
     if cost:
         md += ["## (e) Cost: FUTE's O((k_p + k_D) c) against the baselines' O(k_p k_D c)", ""] + cost["lines"] + [""]
         numbers["cost"] = cost
