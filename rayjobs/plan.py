@@ -215,23 +215,29 @@ def expand_pairwise(cfg: PairwiseConfig, registry: TaskRegistry, results_dir: st
                 for t in cfg.tasks.target_list:
                     if s == t and cfg.tasks.exclude_self:
                         continue
-                    srcs, bases = src_keys[s, src_seed], base_keys[t, seed]
-                    # one candidate each (no spaces): the keys of before search spaces existed
-                    init = srcs[0] if len(srcs) == 1 else None
-                    base = next(iter(bases)) if len(bases) == 1 else None
-                    hp = bases[base] if base else next(iter(bases.values()))  # resolved when it starts
-                    k = trial_key(kind="transfer", setup=setup, hparams=hp, train_task=t,
-                                  train_origin=data[t], eval_task=t, eval_origin=data[t], seed=seed,
-                                  n_train=sz.target_train, source_run_key=init or best_of_identity(srcs),
-                                  train_identity=None if base else best_of_identity(list(bases)), **key_common)
-                    transfers.append(TrialSpec(run_key=k, kind="transfer", setup=setup, hparams=hp,
-                                               train_task=t, eval_task=t, source=s, target=t, seed=seed,
-                                               source_seed=src_seed, n_train=sz.target_train,
-                                               source_run_key=init, baseline_run_key=base,
-                                               source_candidates=[] if init else srcs,
-                                               baseline_candidates={} if base else bases, **common))
+                    transfers.append(_transfer(setup, s, t, src_seed, seed, src_keys[s, src_seed],
+                                               base_keys[t, seed], data[t], sz.target_train, key_common, common))
     trials = sources + baselines + transfers  # a setup with `simulate:` runs the benchmark's executor
-    return [t.model_copy(update={"executor": "rayjobs.engine.simulate:simulate_trial"}) if t.setup.simulate else t for t in trials]
+    return [t.model_copy(update={"executor": "rayjobs.engine.simulate:simulate_trial"}) if t.setup.simulate else t
+            for t in trials]
+
+
+def _transfer(setup: SetupSpec, s: str, t: str, src_seed: int, seed: int, srcs: list[str],
+              bases: dict[str, TrainSpec], data: str, n_train: int | None, key_common: dict[str, Any],
+              common: dict[str, Any]) -> TrialSpec:
+    """One transfer s -> t: from the source run (the best of `srcs` when the source stage is searched),
+    with the baseline's hyperparameters (the best of `bases` when the target stage is searched)."""
+    # one candidate each (no spaces): the keys of before search spaces existed
+    init = srcs[0] if len(srcs) == 1 else None
+    base = next(iter(bases)) if len(bases) == 1 else None
+    hp = bases[base] if base else next(iter(bases.values()))  # resolved when it starts
+    k = trial_key(kind="transfer", setup=setup, hparams=hp, train_task=t, train_origin=data, eval_task=t,
+                  eval_origin=data, seed=seed, n_train=n_train, source_run_key=init or best_of_identity(srcs),
+                  train_identity=None if base else best_of_identity(list(bases)), **key_common)
+    return TrialSpec(run_key=k, kind="transfer", setup=setup, hparams=hp, train_task=t, eval_task=t, source=s,
+                     target=t, seed=seed, source_seed=src_seed, n_train=n_train, source_run_key=init,
+                     baseline_run_key=base, source_candidates=[] if init else srcs,
+                     baseline_candidates={} if base else bases, **common)
 
 
 def _searched(group: list[TrialSpec], cfgs: list[tuple[dict[str, Any], TrainSpec]], spaces: dict[str, Any]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from analysis.errors import AnalysisError
+from analysis.reports.textout import pct  # noqa: F401
 
 if TYPE_CHECKING:
     import duckdb
@@ -80,8 +81,6 @@ def table(cols: list[str], rows: list[tuple]) -> None:
     print_table(cols, rows)
 
 
-def pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.2f}"
 
 
 # Selectors this system names whose scores only an import or `compute-selector` brings into a store.

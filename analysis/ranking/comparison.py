@@ -20,6 +20,7 @@ import duckdb
 from analysis.errors import AnalysisError
 from analysis.ranking.evaluate import evaluate_selection
 from analysis.ranking.families import get_family
+from analysis.reports.textout import pct as _pct
 from analysis.selection import selectors as sel
 from analysis.transfer import require_setup
 
@@ -120,8 +121,6 @@ def winner(rows: list[dict[str, Any]], family: str) -> dict[str, Any] | None:
             "seed_sd": statistics.pstdev(seeds) if len(seeds) > 1 else None, "n_seeds": len(seeds)}
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
 
 
 def _rank(v: float | None) -> str:

@@ -35,6 +35,7 @@ from matplotlib.patches import FancyArrowPatch  # noqa: E402
 from analysis import transfer as an  # noqa: E402
 from analysis.errors import AnalysisError  # noqa: E402
 from analysis.ranking.evaluate import TASKWEB_CATEGORIES, _registry_category, evaluate_selection  # noqa: E402
+from analysis.reports.textout import pct as _pct
 from analysis.selection import selectors as sel  # noqa: E402
 from analysis.store.status import mixed_stacks, stack_warning  # noqa: E402
 
@@ -323,8 +324,6 @@ def selection_table(con: duckdb.DuckDBPyConnection, setup: str, k: int = 5, seed
 
 
 # -- the page ---------------------------------------------------------------------------------------------
-def _pct(v: float | None) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
 
 
 def _figure(path: Path, caption: str) -> str:

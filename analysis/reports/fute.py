@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 
 from analysis.errors import AnalysisError  # noqa: E402
 from analysis.reports.experiment import _CAT_COLORS, _category  # noqa: E402
+from analysis.reports.textout import pct as _pct
 from analysis.selection import fute as te  # noqa: E402
 from analysis.selection import fute_eval as fe  # noqa: E402
 
@@ -31,8 +32,6 @@ PUBLISHED_T5L = {"TaskShop-RoE": (71.54, 2.66), "TaskShop-LLM": (59.69, 2.73), "
                  "LLM-similarity": (56.69, 3.67)}
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.2f}"
 
 
 def _num(v: float | None, digits: int = 2) -> str:

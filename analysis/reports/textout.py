@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 def print_table(cols: list[str], rows: list[tuple]) -> None:
     def fmt(v: object) -> str:
@@ -16,3 +18,8 @@ def print_table(cols: list[str], rows: list[tuple]) -> None:
     for r in cells:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=False)))
     print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+
+
+def pct(v: float | None) -> str:
+    """A fraction as the papers print it (percent, two decimals); '-' where there is no number."""
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"

@@ -27,12 +27,12 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rayjobs.config import RunSpec
 from rayjobs.engine import observe, tuning
+from rayjobs.engine.events import RunCallback, StageResult, TrialRecord  # noqa: F401 - the run's reports
 from rayjobs.engine.pool import Shape, is_distributed, worker_shape
 from rayjobs.engine.tuning import WorkerPool
 from rayjobs.plan import TrialSpec
@@ -126,58 +126,6 @@ def shape_caps(trials: list[TrialSpec], run: RunSpec) -> dict[Shape, int]:
             cap = max(cap, REMOTE_MIN_WORKERS)
         caps[shape] = min(cap, n, run.max_concurrent_trials or cap)
     return caps
-
-
-# -- what a run reports ----------------------------------------------------------------------------------
-@dataclass
-class TrialRecord:
-    """One attempt of one trial, as the driver saw it; times in seconds since the run began."""
-
-    run_key: str
-    label: str
-    experiment: str
-    kind: str
-    attempt: int
-    released_s: float  # its dependencies were stored
-    started_s: float = 0.0  # handed to a worker
-    finished_s: float | None = None
-    status: str = "running"  # running | ok | failed
-    worker: str = ""  # pid@host
-    warm: bool = False  # the worker had run a trial before
-    busy_s: float = 0.0  # the worker's time on it (trial.execute), by the worker's clock
-    error: str | None = None
-    tune_pid: int = 0  # the Tune trial process that forwarded it
-
-
-@dataclass
-class StageResult:
-    name: str
-    total: int
-    ok: int = 0
-    failed: list[str] = field(default_factory=list)
-    blocked: list[str] = field(default_factory=list)  # waiting for a failed (or stopped) run
-    stopped: list[str] = field(default_factory=list)  # stopped early by Tune's scheduler (decided runs)
-    skipped: list[str] = field(default_factory=list)  # never proposed by the run's budget policy
-    seconds: float = 0.0
-    records: list[TrialRecord] = field(default_factory=list)
-    experiment_path: str = ""  # Tune's experiment folder
-    workers: dict[str, Any] = field(default_factory=dict)  # warm workers started, their start seconds
-
-
-class RunCallback:
-    """Hooks into `run_trials`, called in the driver process (progress lines, ingest, metrics)."""
-
-    def on_trial_start(self, record: TrialRecord) -> None:
-        """The trial was handed to a worker."""
-
-    def on_trial_end(self, record: TrialRecord) -> None:
-        """The trial is done: stored ok, or failed for good."""
-
-    def on_trial_retry(self, record: TrialRecord) -> None:
-        """The attempt failed and the trial goes back in the queue (`run.max_failures`)."""
-
-    def on_run_end(self, result: StageResult) -> None:
-        """Every trial is done, failed or blocked."""
 
 
 def _fmt_s(s: float) -> str:
@@ -314,7 +262,9 @@ def schedule(name: str, trials: list[TrialSpec], run: RunSpec, done: set[str], *
     hooks = [ProgressLines(result, run.verbose), TrialMetrics(), *callbacks]
     t0 = time.time()
     searcher = tuning.make_searcher(trials, set(done), pool.name, own_pool, gate=gate, stopped=set(stopped))
-    adapter = _TuneHooks(result, hooks, searcher, searcher.specs, t0)
+    from rayjobs.engine.tune_events import TuneEvents  # ray.tune only once a run starts
+
+    adapter = TuneEvents(result, hooks, searcher, searcher.specs, t0)
     try:
         grid = _fit(name, experiment, run, searcher, adapter, caps, storage, storage_fs, len(trials))
         result.experiment_path = grid.experiment_path
@@ -358,85 +308,6 @@ def _fit(name: str, experiment: str, run: RunSpec, searcher: Any, adapter: Any, 
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
     )
     return tuner.fit()
-
-
-class _TuneHooks:
-    """Tune's trial events as `TrialRecord`s for the `RunCallback`s (a Tune `Callback`)."""
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        from ray import tune
-
-        class Hooks(tune.Callback):
-            def __init__(self, result: StageResult, hooks: list[RunCallback], searcher: Any,
-                         specs: dict[str, TrialSpec], t0: float):
-                self.result, self.hooks, self.searcher, self.specs, self.t0 = result, hooks, searcher, specs, t0
-                self.attempts: Counter[str] = Counter()
-                self.records: dict[str, TrialRecord] = {}
-
-            def now(self) -> float:  # wall clock: the trial's hand-over time comes from another process
-                return time.time() - self.t0
-
-            def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-                uid = trial.config["uid"]
-                spec = self.specs[uid]
-                self.attempts[uid] += 1
-                released = self.searcher.released_at.get(uid, self.t0) - self.t0
-                rec = TrialRecord(spec.run_key, spec.label, spec.experiment, spec.kind, self.attempts[uid],
-                                  released, self.now())
-                self.records[trial.trial_id] = rec
-                self.result.records.append(rec)
-                for h in self.hooks:
-                    h.on_trial_start(rec)
-
-            def _finish(self, trial: Any, status: str) -> TrialRecord:
-                rec = self.records[trial.trial_id]
-                done_at = self.searcher.completed_at.get(trial.config["uid"])  # before it released any dependent
-                rec.finished_s = done_at - self.t0 if done_at and status != "failed" else self.now()
-                rec.status = status
-                last = trial.last_result or {}
-                if last.get("final"):
-                    rec.worker, rec.warm = last.get("worker", ""), bool(last.get("warm"))
-                    rec.busy_s = float(last.get("busy_s") or 0.0)
-                    rec.tune_pid = int(last.get("trainable_pid") or 0)
-                    rec.started_s = max(rec.started_s, last["handed_at"] - self.t0)  # handed to its worker
-                return rec
-
-            def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-                last = trial.last_result or {}
-                ok = last.get("final") and last.get("status") == "ok"
-                rec = self._finish(trial, "ok" if ok else "stopped")
-                if ok:
-                    self.result.ok += 1
-                else:
-                    self.result.stopped.append(rec.run_key)
-                for h in self.hooks:
-                    h.on_trial_end(rec)
-
-            def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-                rec = self._finish(trial, "failed")
-                rec.error = _stored_error(self.specs[trial.config["uid"]])
-                for h in self.hooks:
-                    h.on_trial_retry(rec)
-
-            def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-                rec = self._finish(trial, "failed")
-                rec.error = _stored_error(self.specs[trial.config["uid"]])
-                self.result.failed.append(rec.run_key)
-                for h in self.hooks:
-                    h.on_trial_end(rec)
-
-        return Hooks(*args, **kwargs)
-
-
-def _stored_error(spec: TrialSpec) -> str:
-    """The failed row's error; a Tune trial process that died with its trial (a lost node) wrote none,
-    so the driver stores it."""
-    from analysis.store.results import ResultStore
-
-    row = ResultStore(spec.results_dir).read_result(spec.run_key)
-    if row is None:
-        return tuning.lost_worker_outcome(spec, observe.TrialLost("the Tune trial process died"), 0.0)["error"]
-    return row.get("error") or ""
 
 
 def finish(store: Any, trials: list[TrialSpec], view: str, gate: Any = None) -> int:
