@@ -12,8 +12,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TOP = ("rayjobs", "analysis", "serving")
-SKIP = shutil.ignore_patterns(".git", ".venv", "venv", "results", "reports", "build", "dist", "*.egg-info",
-                              "__pycache__", ".pytest_cache", ".ruff_cache")
+_SKIP_ANYWHERE = shutil.ignore_patterns(".git", ".venv", "venv", "*.egg-info", "__pycache__", ".pytest_cache",
+                                       ".ruff_cache")
+_SKIP_AT_ROOT = {"results", "reports", "build", "dist"}  # run outputs; `analysis/reports` is a package
+
+
+def SKIP(folder: str, names: list[str]) -> set[str]:  # noqa: N802 - shutil.copytree's `ignore`
+    skip = set(_SKIP_ANYWHERE(folder, names))
+    return skip | (_SKIP_AT_ROOT & set(names) if Path(folder) == ROOT else set())
 
 
 def subpackages() -> list[str]:
