@@ -26,7 +26,7 @@ from pydantic import Field, field_validator
 from analysis.store.results import ResultStore
 from rayjobs.config import ConfigError, JobConfig
 from rayjobs.engine.preflight import check_setup
-from rayjobs.engine.smoke import local_first, smoke_setup
+from rayjobs.engine.smoke import shrink_per_task
 from rayjobs.job import Job, Plan, check_choice_tasks
 from rayjobs.models.loading import ModelError
 from rayjobs.plan import TrialSpec, prompt_identity, trial_key
@@ -200,14 +200,10 @@ def accuracy_and_macro_f1(rows: list[dict[str, Any]], n_classes: int) -> dict[st
     return {"accuracy": float(np.mean(acc)), "macro_f1": float(np.mean(mf1))}
 
 
-# -- job -------------------------------------------------------------------------------------------------
 # -- --smoke: the config shrunk to run end to end on a laptop CPU in minutes ------------------------------
 def smoke(cfg: Any) -> Any:
     """2 tasks (local data first), demonstrations from 24 training examples, 16 held-out, one seed."""
-    sizes = cfg.sizes.model_copy(update={"train": 24, "eval": 16})
-    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1], "sizes": sizes,
-                                  "tasks": local_first(cfg, cfg.tasks, 2),
-                                  "setups": [smoke_setup(s) for s in cfg.setups]})
+    return shrink_per_task(cfg, train=24, eval=16)
 
 
 class FewshotJob(Job):

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from analysis.store.results import ResultStore
 from rayjobs.config import ConfigError, JobConfig, PromptSpec, SetupSpec
 from rayjobs.engine.preflight import check_setup
-from rayjobs.engine.smoke import local_first, smoke_setup
+from rayjobs.engine.smoke import shrink_per_task
 from rayjobs.job import Job, Plan, check_choice_tasks
 from rayjobs.models.loading import ModelError
 from rayjobs.plan import TrialSpec, prompt_identity, trial_key
@@ -128,10 +128,7 @@ def v_information_lines(store: ResultStore, cfg: PviConfig) -> list[str]:
 # -- --smoke: the config shrunk to run end to end on a laptop CPU in minutes ------------------------------
 def smoke(cfg: Any) -> Any:
     """2 tasks (local data first), 24 training and 24 held-out examples each, one seed."""
-    sizes = cfg.sizes.model_copy(update={"train": 24, "eval": 24})
-    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1], "sizes": sizes,
-                                  "tasks": local_first(cfg, cfg.tasks, 2),
-                                  "setups": [smoke_setup(s) for s in cfg.setups]})
+    return shrink_per_task(cfg, train=24, eval=24)
 
 
 class PviJob(Job):

@@ -93,15 +93,22 @@ def expand_score(cfg: ScoreConfig, registry: TaskRegistry, results_dir: str) -> 
                               "generate": cfg.generate, "perplexity": cfg.perplexity}
                     key = run_key({"kind": "score", "params": params, "task": [task, origin], "seed": seed,
                                    "split": [sz.eval_fraction, sz.split_seed]})
-                    trials.append(TrialSpec(
-                        run_key=key, experiment=cfg.name, kind="score", executor="rayjobs.score:score_trial", setup=setup,
-                        hparams=setup.train, train_task=task, eval_task=task, target=task, seed=seed,
-                        n_train=cfg.n if cfg.split != "eval" else 0, n_eval=cfg.n if cfg.split == "eval" else None,
-                        eval_fraction=sz.eval_fraction, split_seed=sz.split_seed, data_root=cfg.data_root,
-                        task_files=list(cfg.task_files), results_dir=str(store), params=params))
+                    trials.append(_scoring_trial(cfg, "score", "rayjobs.score:score_trial", key, setup, task, seed,
+                                                 params, str(store)))
             if cfg.self_select:
                 trials += _self_select_trials(cfg, m, setup, task, origin, _templates(cfg, spec), str(store))
     return trials
+
+
+def _scoring_trial(cfg: ScoreConfig, kind: str, executor: str, key: str, setup: SetupSpec, task: str, seed: int,
+                   params: dict[str, Any], store: str) -> TrialSpec:
+    """A trial that scores `task`'s split with a black box (no training): `cfg.n` examples of `cfg.split`."""
+    sz = cfg.sizes
+    return TrialSpec(run_key=key, experiment=cfg.name, kind=kind, executor=executor, setup=setup,
+                     hparams=setup.train, train_task=task, eval_task=task, target=task, seed=seed,
+                     n_train=cfg.n if cfg.split != "eval" else 0, n_eval=cfg.n if cfg.split == "eval" else None,
+                     eval_fraction=sz.eval_fraction, split_seed=sz.split_seed, data_root=cfg.data_root,
+                     task_files=list(cfg.task_files), results_dir=store, params=params)
 
 
 def _self_select_trials(cfg: ScoreConfig, m: BlackBoxSpec, setup: SetupSpec, task: str, origin: Any,
@@ -114,12 +121,8 @@ def _self_select_trials(cfg: ScoreConfig, m: BlackBoxSpec, setup: SetupSpec, tas
     for seed in cfg.seeds:
         key = run_key({"kind": "self_select", "params": params, "task": [task, origin], "seed": seed,
                        "split": [sz.eval_fraction, sz.split_seed]})
-        out.append(TrialSpec(
-            run_key=key, experiment=cfg.name, kind="self_select", executor="rayjobs.scoring.self_select:self_select_trial", setup=setup,
-            hparams=setup.train, train_task=task, eval_task=task, target=task, seed=seed,
-            n_train=cfg.n if cfg.split != "eval" else 0, n_eval=cfg.n if cfg.split == "eval" else None,
-            eval_fraction=sz.eval_fraction, split_seed=sz.split_seed, data_root=cfg.data_root,
-            task_files=list(cfg.task_files), results_dir=store, params=params))
+        out.append(_scoring_trial(cfg, "self_select", "rayjobs.scoring.self_select:self_select_trial", key, setup,
+                                  task, seed, params, store))
     return out
 
 

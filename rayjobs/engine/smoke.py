@@ -128,6 +128,14 @@ def smoke_tasks(cfg: PairwiseConfig) -> TaskSelection:
     return sel.model_copy(update={"sources": src, "targets": None if sel.targets is None else pick(sel.targets, 3)})
 
 
+def shrink_per_task(cfg: Any, train: int, eval: int, k: int = 2) -> Any:
+    """A per-task job (pvi, fewshot) shrunk: `k` tasks (local data first), `train` + `eval` examples, one seed."""
+    sizes = cfg.sizes.model_copy(update={"train": train, "eval": eval})
+    return cfg.model_copy(update={"name": f"{cfg.name}-smoke", "seeds": cfg.seeds[:1], "sizes": sizes,
+                                  "tasks": local_first(cfg, cfg.tasks, k),
+                                  "setups": [smoke_setup(s) for s in cfg.setups]})
+
+
 def local_first(cfg: JobConfig, tasks: list[str], k: int) -> list[str]:
     registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
     return sorted(tasks, key=lambda t: not has_local_data(registry, t))[:k]
