@@ -264,7 +264,7 @@ def test_grid_runs_every_configuration_and_transfers_start_from_the_best_on_vali
 
 
 def test_smoke_keeps_the_spaces_except_on_the_fields_it_fixes() -> None:
-    from rayjobs.engine.smoke import smoke_pairwise
+    from rayjobs.pairwise import smoke as smoke_pairwise
 
     cfg = PairwiseConfig.model_validate(grid_data({**VALIDATED, "learning_rate": {"grid": [1e-2, 1e-3]},
                                                      "epochs": {"choice": [5, 10]}}))
