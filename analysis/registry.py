@@ -10,11 +10,22 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Iterator, MutableMapping
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from analysis.errors import AnalysisError
 
 T = TypeVar("T")
+
+
+def load_target(target: str, what: str = "target") -> Any:
+    """The object a `"module:attr"` string names; a malformed or unloadable one is a ValueError naming it."""
+    module, sep, attr = target.partition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"{what} {target!r} is not 'module:attr'")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{what} {target!r} cannot be loaded: {e}") from None
 
 
 class Registry(MutableMapping[str, T], Generic[T]):
@@ -35,7 +46,7 @@ class Registry(MutableMapping[str, T], Generic[T]):
     def add_lazy(self, name: str, target: str) -> None:
         """Register the object at `"module:attr"`, imported when `name` is first looked up."""
         if ":" not in target:
-            raise ValueError(f"lazy {self.what} target {target!r} is not 'module:attr'")
+            raise ValueError(f"lazy {self.what} {target!r} is not 'module:attr'")
         self.add(name, target)  # type: ignore[arg-type]
         self._lazy.add(name)
 
@@ -55,8 +66,7 @@ class Registry(MutableMapping[str, T], Generic[T]):
     def __getitem__(self, name: str) -> T:
         entry = self._entries[name]
         if name in self._lazy:
-            module, _, attr = str(entry).partition(":")
-            entry = getattr(importlib.import_module(module), attr)
+            entry = load_target(str(entry), f"lazy {self.what}")
             self._entries[name] = entry
             self._lazy.discard(name)
         return entry  # type: ignore[return-value]

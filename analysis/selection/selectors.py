@@ -29,7 +29,6 @@ TaskShop, as in TaskWeb's taskshop/taskshop_predict.py:
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 
 from analysis.errors import AnalysisError
-from analysis.registry import Registry
+from analysis.registry import Registry, load_target
 from analysis.selection.scores import (  # noqa: F401 - the registry module re-exports the score table
     base_selectors,
     has_selector,
@@ -202,10 +201,7 @@ class SelectorSpec:
     stored: bool = False  # scores must have been stored beforehand (imported, or computed by a command)
 
     def run(self, con: duckdb.DuckDBPyConnection, req: Request) -> str:
-        fn = self.compute
-        if isinstance(fn, str):
-            module, _, attr = fn.partition(":")
-            fn = getattr(importlib.import_module(module), attr)
+        fn = load_target(self.compute, "selector") if isinstance(self.compute, str) else self.compute
         return fn(con, req)
 
 

@@ -12,6 +12,7 @@ import time
 import traceback
 from typing import Any
 
+from analysis.registry import load_target
 from analysis.store.results import ResultStore
 from rayjobs.engine import observe, stack
 from rayjobs.engine.faults import inject_fault
@@ -32,15 +33,7 @@ class TrialStopped(Exception):
 
 def executor(target: str) -> Any:
     """The function a trial's `executor` names (`"module:function"`, set by its job kind's plan)."""
-    import importlib
-
-    module, sep, fn = target.partition(":")
-    if not sep or not module or not fn:
-        raise ValueError(f"trial executor {target!r} is not 'module:function'")
-    try:
-        return getattr(importlib.import_module(module), fn)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"trial executor {target!r} cannot be loaded: {e}") from None
+    return load_target(target, "trial executor")
 
 
 def execute(spec: TrialSpec, progress: Any = None, report: Any = None) -> dict[str, Any]:
