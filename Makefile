@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 CONSTRAINTS ?= constraints.txt
 LOCK_EXCLUDE := ^(torch|torchvision|torchaudio|triton|nvidia-[a-z0-9-]+|pip|setuptools|wheel)==
 
-.PHONY: venv demo test bench bench-budget bench-training bench-serve bench-scale bench-scale-full smoke-configs fute-cpu lint lock clean
+.PHONY: venv demo test bench bench-budget bench-budget-run bench-training bench-serve bench-scale bench-scale-full smoke-configs fute-cpu lint lock clean
 
 # deepspeed (in `dev`) is an sdist: its isolated build env gets only setuptools (without torch its
 # setup.py skips op pre-compilation), so no CUDA torch is fetched and no --no-build-isolation is
@@ -39,6 +39,11 @@ bench: venv
 # Replay speed of the budgeted-grid evaluation (30 seed splits x every TaskWeb setup).
 bench-budget: venv
 	$(BIN)/python benchmarks/bench_budget.py
+
+# A real budgeted grid (MiniLM, 6 local tasks, half the runs) next to the exhaustive one: ~20 min on 2 cores.
+bench-budget-run: venv
+	rm -rf results/bench_budget_run
+	$(BIN)/python benchmarks/bench_budget_run.py --out results/bench_budget_run
 
 # Throughput and peak memory per model family x adaptation method (and ZeRO stages).
 bench-training: venv

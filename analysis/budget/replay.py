@@ -127,10 +127,12 @@ def _transfer_runs(con: duckdb.DuckDBPyConnection, setup: str) -> Any:
     return runs
 
 
-def _dense_grid(setup: str, runs: Any) -> tuple[Grid, dict[str, int], dict[str, int], dict[int, int]]:
-    """The runs as a Grid with no baselines yet, and the source, target and seed indices."""
-    sources = sorted(runs.source.unique())
-    targets = sorted(runs.target.unique())
+def _dense_grid(setup: str, runs: Any, sources: Any = (), targets: Any = ()
+                ) -> tuple[Grid, dict[str, int], dict[str, int], dict[int, int]]:
+    """The runs as a Grid with no baselines yet, and the source, target and seed indices; `sources` and
+    `targets` add tasks that have no transfer run (a budgeted grid's untrained sources)."""
+    sources = sorted(set(runs.source.unique()) | set(sources))
+    targets = sorted(set(runs.target.unique()) | set(targets))
     seeds = sorted(int(s) for s in runs.seed.unique())
     si = {s: i for i, s in enumerate(sources)}
     ti = {t: i for i, t in enumerate(targets)}
@@ -218,13 +220,15 @@ def _load_priors(con: duckdb.DuckDBPyConnection, grid: Grid, priors: list[str] |
             grid.priors[name] = a
 
 
-def load_grid(con: duckdb.DuckDBPyConnection, setup: str, priors: list[str] | None = None) -> Grid:
+def load_grid(con: duckdb.DuckDBPyConnection, setup: str, priors: list[str] | None = None,
+              tasks: list[str] | None = None) -> Grid:
     """The setup's grid from a store: transfer runs at each target's canonical config, baselines
     (stored, derived from the published PC, or estimated; see the module docstring), and priors:
     stored selectors by name (default: roe and llm where stored), or `oracle[<setup>]` for another
-    setup's transfer scores (a cheaper setup's grid)."""
+    setup's transfer scores (a cheaper setup's grid). `tasks` are sources and targets of the grid
+    even where nothing was trained from or into them (a budgeted grid's plan)."""
     runs = _transfer_runs(con, setup)
-    grid, si, ti, ki = _dense_grid(setup, runs)
+    grid, si, ti, ki = _dense_grid(setup, runs, tasks or (), tasks or ())
     _stored_baselines(con, grid, ti, ki)
     _published_baselines(con, grid, runs, si, ti, ki)
     _median_baselines(grid)

@@ -22,11 +22,13 @@ PREDICTED_SUFFIX = "@predicted"
 
 
 def predict_setup(con: duckdb.DuckDBPyConnection, setup: str, seeds: list[int] | None = None,
-                  priors: list[str] | None = None, rank: int = 0) -> pa.Table:
-    """Fit the predictor on the setup's stored runs (only `seeds` if given) and return the rows."""
+                  priors: list[str] | None = None, rank: int = 0, tasks: list[str] | None = None) -> pa.Table:
+    """Fit the predictor on the setup's stored runs (only `seeds` if given) and return the rows; the
+    pairs are those of the tasks with transfer runs, plus every pair among `tasks` (a budgeted grid's
+    tasks: its untrained sources have no run to find them by)."""
     if setup.endswith(PREDICTED_SUFFIX):
         raise AnalysisError(f"setup '{setup}' is already a predicted grid; name the setup of the runs")
-    grid = load_grid(con, setup, priors=priors)
+    grid = load_grid(con, setup, priors=priors, tasks=tasks)
     mask = np.ones(len(grid.seeds), bool) if seeds is None else np.isin(grid.seeds, seeds)
     if seeds is not None and not mask.any():
         raise AnalysisError(f"none of seeds {seeds} has runs in setup '{setup}' (seeds: {grid.seeds})")

@@ -137,7 +137,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from analysis.store.duck import open_store
 
     with open_store(args.db) as con:
-        table = predict_setup(con, args.setup, seeds=args.seeds, priors=args.priors, rank=args.rank)
+        table = predict_setup(con, args.setup, seeds=args.seeds, priors=args.priors, rank=args.rank,
+                              tasks=args.tasks)
         n = write_predictions(con, table)
     obs = sum(table.column("observed").to_pylist())
     print(f"stored {n} pairs of setup '{args.setup}' ({obs} observed, {n - obs} predicted) in "
@@ -186,5 +187,8 @@ def register(sub: argparse._SubParsersAction, default_db: Callable[[], str]) -> 
                    help="use only these seeds' runs, comma-separated (default: all)")
     p.add_argument("--priors", type=names, default=None, help="prior features (default: roe,llm where stored)")
     p.add_argument("--rank", type=int, default=0, help="low-rank residual (default: %(default)s)")
+    p.add_argument("--tasks", type=names, default=None,
+                   help="the grid's tasks, comma-separated: every pair among them is predicted, also from sources "
+                        "never trained (default: the tasks of the setup's transfer runs)")
     p.add_argument("--db", default=default_db(), help="DuckDB results store (default: %(default)s)")
     p.set_defaults(func=cmd_predict)

@@ -326,7 +326,8 @@ def finish(store: Any, trials: list[TrialSpec], view: str, gate: Any = None) -> 
         print(f"transferlab: budget: {sum(spent.values())} of {len(trials)} runs of the full grid spent "
               f"({spent['transfers']} transfers, {spent['baselines']} baselines, {spent['sources']} sources); "
               f"{len(skipped)} runs left out by the budget; predict them with "
-              f"`transferlab predict-transfers --setup {trials[0].setup.key} --db {store.db_path}`")
+              f"`transferlab predict-transfers --setup {trials[0].setup.key} --db {store.db_path} "
+              f"--tasks {','.join(sorted({t.target for t in trials if t.kind == 'transfer'}))}`")
     if missing:
         print(f"transferlab: {len(missing)} runs did not finish (see runs.status/error); re-run to retry them",
               file=sys.stderr)

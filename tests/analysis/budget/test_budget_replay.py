@@ -136,5 +136,12 @@ def test_local_store_uses_its_baseline_runs_and_predicts_untrained_pairs():
     assert got == {("y", "x"): (True, 2), ("z", "x"): (True, 1), ("x", "y"): (True, 1), ("z", "y"): (False, 0)}
     write_predictions(con, table)
     assert con.execute("SELECT count(*) FROM analysis_transfers WHERE setup = 'full:tiny@predicted'").fetchone()[0] == 4
+    # a budgeted grid's plan names tasks nothing was trained from (w) or into (z): every pair among them
+    table = predict_setup(con, "full:tiny", tasks=["w", "x", "y", "z"])
+    pairs = set(zip(table.column("source").to_pylist(), table.column("target").to_pylist(), strict=True))
+    assert pairs == {(s, t) for s in "wxyz" for t in "wxyz" if s != t}
+    observed = {(s, t) for s, t, o in zip(*(table.column(c).to_pylist() for c in ("source", "target", "observed")),
+                                           strict=True) if o}
+    assert observed == {("y", "x"), ("z", "x"), ("x", "y")}
     with pytest.raises(AnalysisError, match="no transfer runs for setup 'full:nope'"):
         load_grid(con, "full:nope")
