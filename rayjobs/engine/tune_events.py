@@ -29,6 +29,11 @@ class TuneEvents(tune.Callback):
         return time.time() - self.t0
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        rec = self._start(trial)
+        for h in self.hooks:
+            h.on_trial_start(rec)
+
+    def _start(self, trial: Any) -> TrialRecord:
         uid = trial.config["uid"]
         spec = self.specs[uid]
         self.attempts[uid] += 1
@@ -37,11 +42,12 @@ class TuneEvents(tune.Callback):
                           released, self.now())
         self.records[trial.trial_id] = rec
         self.result.records.append(rec)
-        for h in self.hooks:
-            h.on_trial_start(rec)
+        return rec
 
     def _finish(self, trial: Any, status: str) -> TrialRecord:
-        rec = self.records[trial.trial_id]
+        rec = self.records.get(trial.trial_id)
+        if rec is None:  # its Tune trial process died before the trial started (e.g. on a lost node)
+            rec = self._start(trial)
         done_at = self.searcher.completed_at.get(trial.config["uid"])  # before it released any dependent
         rec.finished_s = done_at - self.t0 if done_at and status != "failed" else self.now()
         rec.status = status
