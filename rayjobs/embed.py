@@ -36,7 +36,7 @@ from pydantic import Field, field_validator
 from analysis.store.results import ResultStore
 from rayjobs.config import ConfigError, JobConfig, ModelSpec, ResourceSpec, SetupSpec, _Strict
 from rayjobs.engine.smoke import TINY, has_local_data
-from rayjobs.job import Job, Plan
+from rayjobs.job import Job, Plan, module_entry
 from rayjobs.plan import TrialSpec, run_key
 from rayjobs.score import BlackBoxSpec
 from rayjobs.scoring.fute_data import DatasetRef, PoolSpec, ProbePool, build_pool
@@ -577,11 +577,7 @@ def smoke(cfg: Any) -> Any:
                                   "resources": res})
 
 
-class EmbedJob(Job):
-    kind = "embed"
-    config_cls = EmbedConfig
-    description = __doc__ or ""
-
+class EmbedJob(Job, kind="embed", config=EmbedConfig):
     def plan(self, cfg: EmbedConfig, store: ResultStore) -> Plan:
         trials, pool, sids = expand_embed(cfg, store)
         n = {k: sum(1 for t in trials if t.kind == k) for k in ("embed", "probe", "score")}
@@ -611,15 +607,4 @@ class EmbedJob(Job):
 
 
 JOB = EmbedJob()
-
-
-def main(argv: list[str] | None = None) -> int:
-    from rayjobs.engine.driver import module_main
-
-    return module_main("embed", argv)
-
-
-if __name__ == "__main__":
-    from rayjobs.engine.driver import guarded_module_main
-
-    guarded_module_main("embed")
+main = module_entry(JOB.kind, __name__)

@@ -27,7 +27,7 @@ from analysis.store.results import ResultStore
 from rayjobs.config import ConfigError, JobConfig
 from rayjobs.engine.preflight import check_setup
 from rayjobs.engine.smoke import shrink_per_task
-from rayjobs.job import Job, Plan, check_choice_tasks
+from rayjobs.job import Job, Plan, check_choice_tasks, module_entry
 from rayjobs.models.loading import ModelError
 from rayjobs.plan import TrialSpec, prompt_identity, trial_key
 from rayjobs.pvi import TaskSizes
@@ -206,11 +206,7 @@ def smoke(cfg: Any) -> Any:
     return shrink_per_task(cfg, train=24, eval=16)
 
 
-class FewshotJob(Job):
-    kind = "fewshot"
-    config_cls = FewshotConfig
-    description = __doc__ or ""
-
+class FewshotJob(Job, kind="fewshot", config=FewshotConfig):
     def plan(self, cfg: FewshotConfig, store: ResultStore) -> Plan:
         registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
         check_fewshot(cfg, registry)
@@ -234,15 +230,4 @@ class FewshotJob(Job):
 
 
 JOB = FewshotJob()
-
-
-def main(argv: list[str] | None = None) -> int:
-    from rayjobs.engine.driver import module_main
-
-    return module_main("fewshot", argv)
-
-
-if __name__ == "__main__":
-    from rayjobs.engine.driver import guarded_module_main
-
-    guarded_module_main("fewshot")
+main = module_entry(JOB.kind, __name__)

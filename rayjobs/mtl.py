@@ -38,7 +38,7 @@ from analysis.store.results import ResultStore
 from rayjobs.config import ConfigError, JobConfig, SetupSpec
 from rayjobs.engine.preflight import check_setup
 from rayjobs.engine.smoke import has_local_data, smoke_setup
-from rayjobs.job import Job, Plan, task_spec
+from rayjobs.job import Job, Plan, module_entry, task_spec
 from rayjobs.models.loading import ModelError
 from rayjobs.plan import TrialSpec, prompt_identity, trial_key
 from rayjobs.pvi import TaskSizes
@@ -342,11 +342,7 @@ def smoke(cfg: Any) -> Any:
                                   "groups": groups, "setups": [smoke_setup(s) for s in cfg.setups]})
 
 
-class MtlJob(Job):
-    kind = "mtl"
-    config_cls = MtlConfig
-    description = __doc__ or ""
-
+class MtlJob(Job, kind="mtl", config=MtlConfig):
     def plan(self, cfg: MtlConfig, store: ResultStore) -> Plan:
         registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
         check_mtl(cfg, registry)
@@ -359,15 +355,4 @@ class MtlJob(Job):
 
 
 JOB = MtlJob()
-
-
-def main(argv: list[str] | None = None) -> int:
-    from rayjobs.engine.driver import module_main
-
-    return module_main("mtl", argv)
-
-
-if __name__ == "__main__":
-    from rayjobs.engine.driver import guarded_module_main
-
-    guarded_module_main("mtl")
+main = module_entry(JOB.kind, __name__)

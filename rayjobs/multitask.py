@@ -26,7 +26,7 @@ from analysis.store.results import ResultStore
 from rayjobs.config import SetupSpec
 from rayjobs.engine.preflight import check_setup
 from rayjobs.engine.smoke import has_local_data, smoke_setup
-from rayjobs.job import Job, Plan
+from rayjobs.job import Job, Plan, module_entry
 from rayjobs.models.loading import ModelError
 from rayjobs.multitask_config import RANKED_KINDS, MultitaskConfig, load_multitask_config
 from rayjobs.multitask_sources import (
@@ -274,11 +274,7 @@ def smoke(cfg: MultitaskConfig) -> MultitaskConfig:
                                   "setups": [smoke_setup(s) for s in cfg.setups]})
 
 
-class MultitaskJob(Job):
-    kind = "multitask"
-    config_cls = MultitaskConfig
-    description = __doc__ or ""
-
+class MultitaskJob(Job, kind="multitask", config=MultitaskConfig):
     def plan(self, cfg: MultitaskConfig, store: ResultStore) -> Plan:
         trials, rows = _plan(cfg, store)
         return Plan(trials, summary=f"{len(rows)} (choice, target, setup, seed) cells -> {len(trials)} distinct runs",
@@ -289,15 +285,4 @@ class MultitaskJob(Job):
 
 
 JOB = MultitaskJob()
-
-
-def main(argv: list[str] | None = None) -> int:
-    from rayjobs.engine.driver import module_main
-
-    return module_main("multitask", argv)
-
-
-if __name__ == "__main__":
-    from rayjobs.engine.driver import guarded_module_main
-
-    guarded_module_main("multitask")
+main = module_entry(JOB.kind, __name__)

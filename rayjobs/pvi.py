@@ -23,7 +23,7 @@ from analysis.store.results import ResultStore
 from rayjobs.config import ConfigError, JobConfig, PromptSpec, SetupSpec
 from rayjobs.engine.preflight import check_setup
 from rayjobs.engine.smoke import shrink_per_task
-from rayjobs.job import Job, Plan, check_choice_tasks
+from rayjobs.job import Job, Plan, check_choice_tasks, module_entry
 from rayjobs.models.loading import ModelError
 from rayjobs.plan import TrialSpec, prompt_identity, trial_key
 from rayjobs.tasks.registry import TaskError, TaskRegistry
@@ -131,11 +131,7 @@ def smoke(cfg: Any) -> Any:
     return shrink_per_task(cfg, train=24, eval=24)
 
 
-class PviJob(Job):
-    kind = "pvi"
-    config_cls = PviConfig
-    description = __doc__ or ""
-
+class PviJob(Job, kind="pvi", config=PviConfig):
     def plan(self, cfg: PviConfig, store: ResultStore) -> Plan:
         registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
         check_pvi(cfg, registry)
@@ -148,15 +144,4 @@ class PviJob(Job):
 
 
 JOB = PviJob()
-
-
-def main(argv: list[str] | None = None) -> int:
-    from rayjobs.engine.driver import module_main
-
-    return module_main("pvi", argv)
-
-
-if __name__ == "__main__":
-    from rayjobs.engine.driver import guarded_module_main
-
-    guarded_module_main("pvi")
+main = module_entry(JOB.kind, __name__)

@@ -23,7 +23,7 @@ from pydantic import Field, field_validator
 from analysis.store.results import ResultStore
 from rayjobs.config import JobConfig, ModelSpec, ResourceSpec, SetupSpec, _Strict
 from rayjobs.engine.smoke import has_local_data
-from rayjobs.job import Job, Plan
+from rayjobs.job import Job, Plan, module_entry
 from rayjobs.plan import TrialSpec, run_key
 from rayjobs.tasks.registry import TaskRegistry
 from rayjobs.tasks.templates import BASE, IDENTITY, PromptTemplate, coerce_templates, task_templates
@@ -180,11 +180,7 @@ def smoke(cfg: Any) -> Any:
                                   "models": models[:2]})
 
 
-class ScoreJob(Job):
-    kind = "score"
-    config_cls = ScoreConfig
-    description = __doc__ or ""
-
+class ScoreJob(Job, kind="score", config=ScoreConfig):
     def plan(self, cfg: ScoreConfig, store: ResultStore) -> Plan:
         from rayjobs.config import ConfigError
         from rayjobs.tasks.registry import TaskError
@@ -228,15 +224,4 @@ def _check_ref(ref: str, cfg: ScoreConfig, field: str) -> None:
 
 
 JOB = ScoreJob()
-
-
-def main(argv: list[str] | None = None) -> int:
-    from rayjobs.engine.driver import module_main
-
-    return module_main("score", argv)
-
-
-if __name__ == "__main__":
-    from rayjobs.engine.driver import guarded_module_main
-
-    guarded_module_main("score")
+main = module_entry(JOB.kind, __name__)
