@@ -8,7 +8,7 @@ run keys, running trials on Ray as their dependencies are stored, ingest, and th
 
 Adding a kind: write the module (its config, `plan`, the executors its trials name, `smoke`, `report`),
 subclass `Job` (`class MyJob(Job, kind="my", config=MyConfig)`; its `--help` text is the module's
-docstring), end it with `JOB = MyJob()` and `main = module_entry(JOB.kind, __name__)`, and add one line to `JOB_MODULES`: the one table of kinds.
+docstring), end it with `JOB = MyJob()` and `main = module_entry(JOB.kind, __name__)` (rayjobs.engine.driver), and add one line to `JOB_MODULES`: the one table of kinds.
 """
 
 from __future__ import annotations
@@ -104,22 +104,6 @@ class Job(ABC):
     def report(self, cfg: Any, store: ResultStore) -> list[str]:
         """Lines printed after the run (a matrix, a table); nothing by default."""
         return []
-
-
-def module_entry(kind: str, module_name: str) -> Callable[[list[str] | None], int]:
-    """The `main(argv)` of a kind's module (`python -m rayjobs.<kind> --config FILE ...`, through the driver);
-    called with the module's `__name__`, it also runs (and exits) when the module runs as `__main__`."""
-
-    def main(argv: list[str] | None = None) -> int:
-        from rayjobs.engine.driver import module_main  # lazy: the driver imports rayjobs.job (a circle)
-
-        return module_main(kind, argv)
-
-    if module_name == "__main__":
-        from rayjobs.errors import guarded  # lazy: it imports torch (the model errors); only for `python -m`
-
-        sys.exit(guarded(main))
-    return main
 
 
 def job_kinds() -> list[str]:

@@ -20,13 +20,16 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import yaml
 
+from analysis.store.duck import registered
 from analysis.store.results import ResultStore
 from rayjobs.config import SetupSpec
+from rayjobs.engine.driver import module_entry
 from rayjobs.engine.preflight import check_setup
 from rayjobs.engine.smoke import has_local_data, smoke_setup
-from rayjobs.job import Job, Plan, module_entry
+from rayjobs.job import Job, Plan
 from rayjobs.models.loading import ModelError
 from rayjobs.multitask_config import RANKED_KINDS, MultitaskConfig, load_multitask_config
 from rayjobs.multitask_sources import (
@@ -195,9 +198,7 @@ def record_selections(store: ResultStore, rows: list[dict]) -> None:
     """Upsert which choice asked for which run key (idempotent: keyed by experiment/setup/target/choice/seed)."""
     if not rows:
         return
-    import pyarrow as pa
 
-    from analysis.store.duck import registered
 
     cols = ["experiment", "setup", "target", "selection", "seed", "method", "selector", "selection_setup",
             "k", "replaced", "sources", "run_key"]

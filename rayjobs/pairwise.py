@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from analysis.store.results import ResultStore
 from rayjobs.config import PairwiseConfig
+from rayjobs.engine.budget import budget_gate
+from rayjobs.engine.driver import module_entry
 from rayjobs.engine.preflight import check_setups
 from rayjobs.engine.smoke import smoke_setup, smoke_tasks
-from rayjobs.job import Job, Plan, module_entry
+from rayjobs.job import Job, Plan
 from rayjobs.plan import TrialSpec, expand_pairwise
 from rayjobs.tasks.registry import TaskRegistry
 
@@ -61,8 +63,6 @@ def smoke(cfg: PairwiseConfig) -> PairwiseConfig:
 
 class PairwiseJob(Job, kind="pairwise", config=PairwiseConfig):
     def plan(self, cfg: PairwiseConfig, store: ResultStore) -> Plan:
-        from rayjobs.engine.budget import budget_gate
-
         registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
         check_setups(cfg, registry)
         trials = expand_pairwise(cfg, registry, str(store.root))

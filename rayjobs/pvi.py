@@ -17,13 +17,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import duckdb
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from analysis.store.results import ResultStore
 from rayjobs.config import ConfigError, JobConfig, PromptSpec, SetupSpec
+from rayjobs.engine.driver import module_entry
 from rayjobs.engine.preflight import check_setup
 from rayjobs.engine.smoke import shrink_per_task
-from rayjobs.job import Job, Plan, check_choice_tasks, module_entry
+from rayjobs.job import Job, Plan, check_choice_tasks
 from rayjobs.models.loading import ModelError
 from rayjobs.plan import TrialSpec, prompt_identity, trial_key
 from rayjobs.tasks.registry import TaskError, TaskRegistry
@@ -107,7 +109,6 @@ def expand_pvi(cfg: PviConfig, registry: TaskRegistry, results_dir: str) -> list
 
 def v_information_lines(store: ResultStore, cfg: PviConfig) -> list[str]:
     """Per (setup, task): the mean PVI over held-out instances (the `pvi_tasks` view), when it exists."""
-    import duckdb
 
     with store.connect(read_only=True) as con:
         try:
