@@ -352,9 +352,7 @@ class JobConfig(_Strict):
     @field_validator("seeds")
     @classmethod
     def _unique_seeds(cls, v: list[int]) -> list[int]:
-        if len(set(v)) != len(v):
-            raise ValueError("seeds must be unique")
-        return v
+        return require_unique(v, "seeds")
 
     @model_validator(mode="after")
     def _unique_setups(self) -> JobConfig:
@@ -382,9 +380,7 @@ class SeedLists(_Strict):
     @model_validator(mode="after")
     def _check(self) -> SeedLists:
         for name in ("source", "target"):
-            v = getattr(self, name)
-            if len(set(v)) != len(v):
-                raise ValueError(f"seeds.{name} must be unique")
+            require_unique(getattr(self, name), f"seeds.{name}")
         if self.pairing == "zip" and len(self.source) != len(self.target):
             raise ValueError(f"seeds.pairing zip needs as many source as target seeds "
                              f"({len(self.source)} vs {len(self.target)})")
@@ -427,9 +423,7 @@ class PairwiseConfig(JobConfig):
     @field_validator("seeds")
     @classmethod
     def _unique_seeds(cls, v: list[int] | SeedLists) -> list[int] | SeedLists:
-        if isinstance(v, list) and len(set(v)) != len(v):
-            raise ValueError("seeds must be unique")
-        return v
+        return require_unique(v, "seeds") if isinstance(v, list) else v
 
     @model_validator(mode="after")
     def _budget_without_spaces(self) -> PairwiseConfig:
@@ -449,6 +443,13 @@ class PairwiseConfig(JobConfig):
     def seed_pairs(self) -> list[tuple[int, int]]:
         """(source seed, target seed) of the transfers: the same seed twice for a plain list."""
         return self.seeds.pairs() if isinstance(self.seeds, SeedLists) else [(s, s) for s in self.seeds]
+
+
+def require_unique(values: list[Any], what: str) -> list[Any]:
+    """A validator's check: `values` unchanged when none repeats, else the error "<what> must be unique"."""
+    if len(set(values)) != len(values):
+        raise ValueError(f"{what} must be unique")
+    return values
 
 
 def unique_setup_keys(setups: list[SetupSpec]) -> None:

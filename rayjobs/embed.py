@@ -33,14 +33,38 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
+from analysis.selection.fute import own_task_retrieval
 from analysis.store.results import ResultStore
-from rayjobs.config import ConfigError, JobConfig, ModelSpec, ResourceSpec, SetupSpec, _Strict
+from rayjobs.config import ConfigError, JobConfig, ModelSpec, ResourceSpec, SetupSpec, _Strict, load_config
+from rayjobs.engine.driver import module_entry
+from rayjobs.engine.preflight import check_setups
 from rayjobs.engine.smoke import TINY, has_local_data
 from rayjobs.job import Job, Plan
-from rayjobs.plan import TrialSpec, run_key
-from rayjobs.score import BlackBoxSpec
-from rayjobs.scoring.fute_data import DatasetRef, PoolSpec, ProbePool, build_pool
-from rayjobs.scoring.fute_embeddings import LOSS, SpaceSpec
+from rayjobs.pairwise import smoke as smoke_pairwise
+from rayjobs.plan import TrialSpec, expand_pairwise, run_key
+from rayjobs.score import BlackBoxSpec, ScoreConfig, expand_score
+from rayjobs.scoring.blackbox import open_black_box
+from rayjobs.scoring.fute_data import (
+    DatasetRef,
+    PoolSpec,
+    ProbePool,
+    _prompted_file,
+    build_pool,
+    file_digest,
+    mte_examples,
+    one_hot,
+    prompted_examples,
+    read_prompted,
+    registry_examples,
+)
+from rayjobs.scoring.fute_embeddings import (
+    LOSS,
+    SoftLabelModel,
+    SpaceSpec,
+    build_surrogate,
+    choice_task,
+    compute_embedding,
+)
 from rayjobs.tasks.registry import TaskError, TaskRegistry
 from rayjobs.tasks.templates import IDENTITY, PromptTemplate, coerce_templates, task_templates
 
@@ -162,14 +186,9 @@ def _pairwise(cfg: EmbedConfig, store: ResultStore) -> tuple[list[TrialSpec], li
     ref = cfg.mte.pairwise
     if ref is None:
         return [], [], []
-    from rayjobs.config import load_config
-    from rayjobs.engine.preflight import check_setups
-    from rayjobs.plan import expand_pairwise
 
     pcfg = load_config(ref.config)
     if ref.smoke:
-        from rayjobs.pairwise import smoke as smoke_pairwise
-
         pcfg = smoke_pairwise(pcfg)
     registry = TaskRegistry.load(pcfg.task_files, pcfg.data_root)
     check_setups(pcfg, registry)
@@ -243,8 +262,6 @@ def _check_tasks(cfg: EmbedConfig, registry: TaskRegistry) -> list[str]:
                               "(use dte.prompted_tasks for it)")
     prompted: list[str] = []
     if cfg.dte.prompted_tasks:
-        from rayjobs.scoring.fute_data import read_prompted
-
         try:
             have = read_prompted(cfg.dte.prompted_file)
         except TaskError as e:
@@ -281,7 +298,6 @@ def _probe_trials(cfg: EmbedConfig, items: list[BlackBoxItem], pool: ProbePool, 
 def _score_trials(cfg: EmbedConfig, items: list[BlackBoxItem], registry: TaskRegistry, results: str,
                   seen: set[str]) -> list[TrialSpec]:
     """With `mte.score_eval`: the score job's trials of each prompt set on its task's eval split (new keys only)."""
-    from rayjobs.score import ScoreConfig, expand_score
 
     trials: list[TrialSpec] = []
     if not cfg.mte.score_eval:
@@ -386,8 +402,6 @@ def expand_embed(cfg: EmbedConfig, store: ResultStore) -> tuple[list[TrialSpec],
 
 
 def _prompted_origin(path: str | None) -> str:
-    from rayjobs.scoring.fute_data import _prompted_file, file_digest
-
     p = _prompted_file(path)
     return f"{p.name}#{file_digest(p)}"
 
@@ -420,19 +434,18 @@ def _pool_for(trial: TrialSpec) -> ProbePool:
 def probe_trial(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     """A black box labels the probe pool: one `predictions` row per probe input (split 'pool', no gold),
     `probs` in the task's canonical label order (the template's verbalisers are in that order)."""
-    from rayjobs.scoring.blackbox import open_black_box
-    from rayjobs.train.loop import TrainContext, prediction_rows, seed_everything, trial_device
+    from rayjobs.train.loop import begin_trial, prediction_rows, trial_device  # lazy: scipy, worker-only
 
     t0 = time.time()
     p = trial.params
-    seed_everything(trial.seed)
+    ctx = begin_trial(trial, ctx)
     pool = _pool_for(trial)
     choices = tuple(p["choices"])
     examples = [replace(e, choices=choices, label=-1) for e in pool.examples]
     template = PromptTemplate.model_validate(p["template"])
     box = open_black_box(p["ref"], results=p.get("results_store") or trial.results_dir,
                          temperature=p.get("temperature"), max_length=p.get("max_length", 512)
-                         ).to(trial_device(trial, ctx or TrainContext()))
+                         ).to(trial_device(trial, ctx))
     records = box.score(template, examples, batch_size=p["batch_size"])
     bad = [e.uid for e, r in zip(examples, records, strict=True) if not r.get("probs") or len(r["probs"]) != len(choices)]
     if bad:
@@ -456,8 +469,6 @@ def probe_trial(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
 def _dte_data(trial: TrialSpec) -> tuple[list[Any], Any, Any, dict[str, Any]]:
     """A DTE's training data: the dataset's examples, their one-hot labels, the choice task, and the run
     row's extra metrics (data name, origin, choices)."""
-    from rayjobs.scoring.fute_data import one_hot, prompted_examples, registry_examples
-    from rayjobs.scoring.fute_embeddings import choice_task
 
     ds = DatasetRef.model_validate(trial.params["dataset"])
     extra: dict[str, Any] = {}
@@ -478,8 +489,6 @@ def _dte_data(trial: TrialSpec) -> tuple[list[Any], Any, Any, dict[str, Any]]:
 def _mte_data(trial: TrialSpec) -> tuple[list[Any], Any, Any, dict[str, Any]]:
     """An MTE's training data: the probe pool with the probe trial's stored soft labels, the choice task,
     and the run row's extra metrics (data, probe key, choices)."""
-    from rayjobs.scoring.fute_data import mte_examples
-    from rayjobs.scoring.fute_embeddings import choice_task
 
     p = trial.params
     pool = _pool_for(trial)
@@ -495,8 +504,12 @@ def _mte_data(trial: TrialSpec) -> tuple[list[Any], Any, Any, dict[str, Any]]:
 def embed_trial(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     """One task embedding: train the space's surrogate on the data (one-hot labels for a DTE, the probe
     trial's stored soft labels for an MTE), compute the method's vector, write it, return the run row."""
-    from rayjobs.scoring.fute_embeddings import SoftLabelModel, build_surrogate, compute_embedding
-    from rayjobs.train.loop import TrainContext, fit, seed_everything, trial_device
+    from rayjobs.train.loop import (  # lazy: the train loop (scipy) only in the trial's worker
+        TrainContext,
+        fit,
+        seed_everything,
+        trial_device,
+    )
 
     t0 = time.time()
     ctx = ctx or TrainContext()
@@ -577,11 +590,7 @@ def smoke(cfg: Any) -> Any:
                                   "resources": res})
 
 
-class EmbedJob(Job):
-    kind = "embed"
-    config_cls = EmbedConfig
-    description = __doc__ or ""
-
+class EmbedJob(Job, kind="embed", config=EmbedConfig):
     def plan(self, cfg: EmbedConfig, store: ResultStore) -> Plan:
         trials, pool, sids = expand_embed(cfg, store)
         n = {k: sum(1 for t in trials if t.kind == k) for k in ("embed", "probe", "score")}
@@ -592,8 +601,6 @@ class EmbedJob(Job):
         return Plan(trials, summary=summary, view="task_embeddings", before_run=[_write_pool(pool)])
 
     def report(self, cfg: EmbedConfig, store: ResultStore) -> list[str]:
-        from analysis.selection.fute import own_task_retrieval
-
         with store.connect(read_only=True) as con:
             rows = con.execute("""SELECT space_name, space, kind, count(*), any_value(dims) FROM task_embeddings
                                   WHERE experiment = ? GROUP BY ALL ORDER BY ALL""", [cfg.name]).fetchall()
@@ -611,15 +618,4 @@ class EmbedJob(Job):
 
 
 JOB = EmbedJob()
-
-
-def main(argv: list[str] | None = None) -> int:
-    from rayjobs.engine.driver import module_main
-
-    return module_main("embed", argv)
-
-
-if __name__ == "__main__":
-    from rayjobs.engine.driver import guarded_module_main
-
-    guarded_module_main("embed")
+main = module_entry(JOB.kind, __name__)

@@ -21,18 +21,23 @@ import time
 import warnings
 from typing import Any, Literal
 
+import numpy as np
+import torch
 from pydantic import Field, field_validator
 
 from analysis.store.results import ResultStore
-from rayjobs.config import ConfigError, JobConfig
+from rayjobs.config import AdaptationSpec, ConfigError, JobConfig
+from rayjobs.engine.driver import module_entry
 from rayjobs.engine.preflight import check_setup
 from rayjobs.engine.smoke import shrink_per_task
 from rayjobs.job import Job, Plan, check_choice_tasks
+from rayjobs.models import build_task_model
 from rayjobs.models.loading import ModelError
 from rayjobs.plan import TrialSpec, prompt_identity, trial_key
 from rayjobs.pvi import TaskSizes
+from rayjobs.tasks import metrics
 from rayjobs.tasks.registry import Example, TaskError, TaskRegistry, TaskSpec
-from rayjobs.tasks.templates import PromptTemplate
+from rayjobs.tasks.templates import PromptTemplate, resolve
 
 Shots = int | Literal["classes"]
 
@@ -134,25 +139,19 @@ def expand_fewshot(cfg: FewshotConfig, registry: TaskRegistry, results_dir: str)
 # -- the trial's executor (TrialSpec.executor) ------------------------------------------------------
 def score_fewshot(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     """Build the model, score the held-out pool k-shot under every evaluation template; nothing is trained."""
-    import torch
 
-    from rayjobs.config import AdaptationSpec
-    from rayjobs.models import build_task_model
-    from rayjobs.tasks.templates import resolve
-    from rayjobs.train.loop import (
+    from rayjobs.train.loop import (  # lazy: the train loop (scipy) only in the trial's worker
         EvalResult,
         FitResult,
-        TrainContext,
         TrialData,
+        begin_trial,
         evaluate_prompts,
         result_row,
-        seed_everything,
         trial_device,
     )
 
     t0 = time.time()
-    ctx = ctx or TrainContext()
-    seed_everything(trial.seed)
+    ctx = begin_trial(trial, ctx)
     task, shots, separator = trial.eval_task, trial.params["shots"], trial.params["separator"]
     registry = TaskRegistry.load(trial.task_files, trial.data_root)
     data = registry.load_data(task, trial.n_train, trial.n_eval, seed=trial.seed, eval_fraction=trial.eval_fraction,
@@ -182,9 +181,7 @@ def score_fewshot(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
 def accuracy_and_macro_f1(rows: list[dict[str, Any]], n_classes: int) -> dict[str, float]:
     """Paper 003 reports both for every task (Tables 7-8): accuracy and macro-F1 (`rayjobs.tasks.metrics.f1`) over
     the labelled held-out rows, per template and then averaged over the templates."""
-    import numpy as np
 
-    from rayjobs.tasks import metrics
 
     by_tpl: dict[str, list[tuple[int, int]]] = {}
     for r in rows:
@@ -206,11 +203,7 @@ def smoke(cfg: Any) -> Any:
     return shrink_per_task(cfg, train=24, eval=16)
 
 
-class FewshotJob(Job):
-    kind = "fewshot"
-    config_cls = FewshotConfig
-    description = __doc__ or ""
-
+class FewshotJob(Job, kind="fewshot", config=FewshotConfig):
     def plan(self, cfg: FewshotConfig, store: ResultStore) -> Plan:
         registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
         check_fewshot(cfg, registry)
@@ -234,15 +227,4 @@ class FewshotJob(Job):
 
 
 JOB = FewshotJob()
-
-
-def main(argv: list[str] | None = None) -> int:
-    from rayjobs.engine.driver import module_main
-
-    return module_main("fewshot", argv)
-
-
-if __name__ == "__main__":
-    from rayjobs.engine.driver import guarded_module_main
-
-    guarded_module_main("fewshot")
+main = module_entry(JOB.kind, __name__)

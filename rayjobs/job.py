@@ -7,7 +7,8 @@ that can fail before Ray starts), and `report` (the lines printed after the run)
 run keys, running trials on Ray as their dependencies are stored, ingest, and the closing lines.
 
 Adding a kind: write the module (its config, `plan`, the executors its trials name, `smoke`, `report`),
-subclass `Job`, and add one line to `JOB_MODULES`: the one table of kinds.
+subclass `Job` (`class MyJob(Job, kind="my", config=MyConfig)`; its `--help` text is the module's
+docstring), end it with `JOB = MyJob()` and `main = module_entry(JOB.kind, __name__)` (rayjobs.engine.driver), and add one line to `JOB_MODULES`: the one table of kinds.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from rayjobs.config import ConfigError, JobConfig, load_typed, load_yaml
+from rayjobs.tasks.registry import TaskError
 
 if TYPE_CHECKING:
     from analysis.store.results import ResultStore
@@ -39,8 +41,6 @@ JOB_MODULES: dict[str, str] = {
 
 def task_spec(registry: Any, task: str, where: str, field: str = "tasks") -> Any:
     """A task a config names, known to the registry with its data; errors name the file and the field."""
-    from rayjobs.tasks.registry import TaskError
-
     try:
         spec = registry.get(task)
         registry.origin(task)
@@ -78,6 +78,17 @@ class Job(ABC):
     kind: ClassVar[str]
     config_cls: ClassVar[type[JobConfig]]
     description: ClassVar[str] = ""
+
+    def __init_subclass__(cls, kind: str | None = None, config: type[JobConfig] | None = None,
+                          **kwargs: Any) -> None:
+        """`class PviJob(Job, kind="pvi", config=PviConfig)`; `description` defaults to the module's docstring."""
+        super().__init_subclass__(**kwargs)
+        if kind is not None:
+            cls.kind = kind
+        if config is not None:
+            cls.config_cls = config
+        if "description" not in cls.__dict__:
+            cls.description = getattr(sys.modules.get(cls.__module__), "__doc__", None) or ""
 
     @abstractmethod
     def plan(self, cfg: Any, store: ResultStore) -> Plan:

@@ -29,20 +29,29 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import replace
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
+import torch
 from pydantic import Field, field_validator, model_validator
 
+from analysis.errors import AnalysisError
+from analysis.store.duck import registered
 from analysis.store.results import ResultStore
 from rayjobs.config import ConfigError, JobConfig, SetupSpec
+from rayjobs.engine.driver import module_entry
 from rayjobs.engine.preflight import check_setup
 from rayjobs.engine.smoke import has_local_data, smoke_setup
 from rayjobs.job import Job, Plan, task_spec
+from rayjobs.models.adaptation import apply_adaptation
 from rayjobs.models.loading import ModelError
+from rayjobs.models.multihead import MultiHeadModel, tag
 from rayjobs.plan import TrialSpec, prompt_identity, trial_key
 from rayjobs.pvi import TaskSizes
 from rayjobs.tasks.registry import Example, TaskError, TaskRegistry
+from rayjobs.tasks.templates import render_train, resolve
 
 GROUPINGS = ("pvi", "dissimilar", "all", "random", "single", "embedding")
 Grouping = Literal["pvi", "dissimilar", "all", "random", "single", "embedding"]
@@ -192,9 +201,7 @@ def record_groups(store: ResultStore, rows: list[dict]) -> None:
     """Add the rows not stored yet to `mtl_groups` (re-running a config adds nothing)."""
     if not rows:
         return
-    import pyarrow as pa
 
-    from analysis.store.duck import registered
 
     cols = ", ".join(MTL_GROUP_COLUMNS)
     table = pa.Table.from_pylist(rows, schema=pa.schema([("experiment", pa.string()), ("grouping", pa.string()),
@@ -210,8 +217,6 @@ def _member_data(trial: TrialSpec, members: list[str]
                  ) -> tuple[list[Example], dict[str, list[Example]], dict[str, Any], list[str]]:
     """Each member's data, tagged with its task: the rendered training examples of all members, each member's
     held-out pool, each member's task spec, and the origins for the run row."""
-    from rayjobs.models.multihead import tag
-    from rayjobs.tasks.templates import render_train, resolve
 
     registry = TaskRegistry.load(trial.task_files, trial.data_root)
     fam = trial.setup.model.family
@@ -230,27 +235,20 @@ def _member_data(trial: TrialSpec, members: list[str]
 
 def train_and_evaluate_mtl(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     """Train the shared encoder and every member's head with `fit`; evaluate each member on its held-out pool."""
-    from dataclasses import replace
 
-    import torch
 
-    from rayjobs.models.adaptation import apply_adaptation
-    from rayjobs.models.multihead import MultiHeadModel
-    from rayjobs.tasks.templates import resolve
-    from rayjobs.train.loop import (
+    from rayjobs.train.loop import (  # lazy: the train loop (scipy) only in the trial's worker
         EvalResult,
-        TrainContext,
         TrialData,
+        begin_trial,
         evaluate_prompts,
         fit,
         result_row,
-        seed_everything,
         trial_device,
     )
 
     t0 = time.time()
-    ctx = ctx or TrainContext()
-    seed_everything(trial.seed)
+    ctx = begin_trial(trial, ctx)
     members, sampling = list(trial.sources or []), trial.params.get("sampling", "proportional")
     fam = trial.setup.model.family
     train, evals, specs, origins = _member_data(trial, members)
@@ -299,8 +297,7 @@ def _unique_ids(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def member_lines(store: ResultStore, cfg: MtlConfig) -> list[str]:
     """Paper 003 Tables 3-6: each member's accuracy and macro-F1 (mean over seeds +- 95% CI) next to its
     single-task baseline (the `mtl_comparison` view)."""
-    from analysis.errors import AnalysisError
-    from analysis.pvi.grouping import comparison_table
+    from analysis.pvi.grouping import comparison_table  # lazy: scipy only for the closing report
 
     with store.connect() as con:
         try:
@@ -342,11 +339,7 @@ def smoke(cfg: Any) -> Any:
                                   "groups": groups, "setups": [smoke_setup(s) for s in cfg.setups]})
 
 
-class MtlJob(Job):
-    kind = "mtl"
-    config_cls = MtlConfig
-    description = __doc__ or ""
-
+class MtlJob(Job, kind="mtl", config=MtlConfig):
     def plan(self, cfg: MtlConfig, store: ResultStore) -> Plan:
         registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
         check_mtl(cfg, registry)
@@ -359,15 +352,4 @@ class MtlJob(Job):
 
 
 JOB = MtlJob()
-
-
-def main(argv: list[str] | None = None) -> int:
-    from rayjobs.engine.driver import module_main
-
-    return module_main("mtl", argv)
-
-
-if __name__ == "__main__":
-    from rayjobs.engine.driver import guarded_module_main
-
-    guarded_module_main("mtl")
+main = module_entry(JOB.kind, __name__)

@@ -20,10 +20,13 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import yaml
 
+from analysis.store.duck import registered
 from analysis.store.results import ResultStore
 from rayjobs.config import SetupSpec
+from rayjobs.engine.driver import module_entry
 from rayjobs.engine.preflight import check_setup
 from rayjobs.engine.smoke import has_local_data, smoke_setup
 from rayjobs.job import Job, Plan
@@ -195,9 +198,7 @@ def record_selections(store: ResultStore, rows: list[dict]) -> None:
     """Upsert which choice asked for which run key (idempotent: keyed by experiment/setup/target/choice/seed)."""
     if not rows:
         return
-    import pyarrow as pa
 
-    from analysis.store.duck import registered
 
     cols = ["experiment", "setup", "target", "selection", "seed", "method", "selector", "selection_setup",
             "k", "replaced", "sources", "run_key"]
@@ -274,11 +275,7 @@ def smoke(cfg: MultitaskConfig) -> MultitaskConfig:
                                   "setups": [smoke_setup(s) for s in cfg.setups]})
 
 
-class MultitaskJob(Job):
-    kind = "multitask"
-    config_cls = MultitaskConfig
-    description = __doc__ or ""
-
+class MultitaskJob(Job, kind="multitask", config=MultitaskConfig):
     def plan(self, cfg: MultitaskConfig, store: ResultStore) -> Plan:
         trials, rows = _plan(cfg, store)
         return Plan(trials, summary=f"{len(rows)} (choice, target, setup, seed) cells -> {len(trials)} distinct runs",
@@ -289,15 +286,4 @@ class MultitaskJob(Job):
 
 
 JOB = MultitaskJob()
-
-
-def main(argv: list[str] | None = None) -> int:
-    from rayjobs.engine.driver import module_main
-
-    return module_main("multitask", argv)
-
-
-if __name__ == "__main__":
-    from rayjobs.engine.driver import guarded_module_main
-
-    guarded_module_main("multitask")
+main = module_entry(JOB.kind, __name__)

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from rayjobs.config import JobConfig, SetupSpec, SizeSpec, _Strict, load_typed
+from rayjobs.config import JobConfig, SetupSpec, SizeSpec, _Strict, load_typed, require_unique
 from rayjobs.tasks.templates import PromptTemplate
 
 ChoiceKind = Literal["top", "bottom", "random", "all", "most_similar", "mix"]
@@ -73,8 +73,7 @@ class ChoiceSpec(_Strict):
         for k in ks:
             if isinstance(k, int) and k < 1:
                 raise ValueError(f"k must be at least 1 or 'all', got {k}")
-        if len(set(ks)) != len(ks):
-            raise ValueError("k values must be unique")
+        require_unique(ks, "k values")
         if self.kind == "mix" and (len(ks) != 1 or ks[0] == "all"):
             raise ValueError("kind 'mix' takes one integer k (top-k replaced one by one by the bottom-k)")
         if self.kind == "random" and "all" in ks:
@@ -105,9 +104,7 @@ class MultitaskConfig(JobConfig):
     @field_validator("targets")
     @classmethod
     def _unique(cls, v: list[Any]) -> list[Any]:
-        if len(set(v)) != len(v):
-            raise ValueError("values must be unique")
-        return v
+        return require_unique(v, "values")
 
     @field_validator("eval_templates", mode="before")
     @classmethod

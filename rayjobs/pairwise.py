@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from analysis.store.results import ResultStore
 from rayjobs.config import PairwiseConfig
+from rayjobs.engine.budget import budget_gate
+from rayjobs.engine.driver import module_entry
 from rayjobs.engine.preflight import check_setups
 from rayjobs.engine.smoke import smoke_setup, smoke_tasks
 from rayjobs.job import Job, Plan
@@ -59,14 +61,8 @@ def smoke(cfg: PairwiseConfig) -> PairwiseConfig:
                                   "tasks": smoke_tasks(cfg), "setups": [smoke_setup(s) for s in cfg.setups]})
 
 
-class PairwiseJob(Job):
-    kind = "pairwise"
-    config_cls = PairwiseConfig
-    description = __doc__ or ""
-
+class PairwiseJob(Job, kind="pairwise", config=PairwiseConfig):
     def plan(self, cfg: PairwiseConfig, store: ResultStore) -> Plan:
-        from rayjobs.engine.budget import budget_gate
-
         registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
         check_setups(cfg, registry)
         trials = expand_pairwise(cfg, registry, str(store.root))
@@ -80,15 +76,4 @@ class PairwiseJob(Job):
 
 
 JOB = PairwiseJob()
-
-
-def main(argv: list[str] | None = None) -> int:
-    from rayjobs.engine.driver import module_main
-
-    return module_main("pairwise", argv)
-
-
-if __name__ == "__main__":
-    from rayjobs.engine.driver import guarded_module_main
-
-    guarded_module_main("pairwise")
+main = module_entry(JOB.kind, __name__)

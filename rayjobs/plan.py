@@ -192,22 +192,14 @@ def expand_pairwise(cfg: PairwiseConfig, registry: TaskRegistry, results_dir: st
         src_keys: dict[tuple[str, int], list[str]] = {}
         for seed in cfg.source_seeds:
             for s in cfg.tasks.sources:
-                group = [TrialSpec(run_key=trial_key(
-                    kind="source", setup=setup, hparams=hp, train_task=s, train_origin=data[s], eval_task=s,
-                    eval_origin=data[s], seed=seed, n_train=sz.source_train, **key_common),
-                    kind="source", setup=setup, hparams=hp, train_task=s, eval_task=s, source=s, seed=seed,
-                    n_train=sz.source_train, save_checkpoint=True, **common) for _, hp in src_cfgs]
+                group = _stage("source", setup, s, seed, sz.source_train, data[s], src_cfgs, True, key_common, common)
                 src_keys[s, seed] = [t.run_key for t in group]
                 sources += _searched(group, src_cfgs, setup.source_space)
         base_keys: dict[tuple[str, int], dict[str, TrainSpec]] = {}
         for seed in cfg.target_seeds:
             for t in cfg.tasks.target_list:
-                group = [TrialSpec(run_key=trial_key(
-                    kind="target", setup=setup, hparams=hp, train_task=t, train_origin=data[t], eval_task=t,
-                    eval_origin=data[t], seed=seed, n_train=sz.target_train, **key_common),
-                    kind="target", setup=setup, hparams=hp, train_task=t, eval_task=t, target=t, seed=seed,
-                    n_train=sz.target_train, save_checkpoint=cfg.save_target_checkpoints, **common)
-                    for _, hp in tgt_cfgs]
+                group = _stage("target", setup, t, seed, sz.target_train, data[t], tgt_cfgs,
+                               cfg.save_target_checkpoints, key_common, common)
                 base_keys[t, seed] = {b.run_key: b.hparams for b in group}
                 baselines += _searched(group, tgt_cfgs, setup.train_space)
         for src_seed, seed in cfg.seed_pairs():
@@ -220,6 +212,17 @@ def expand_pairwise(cfg: PairwiseConfig, registry: TaskRegistry, results_dir: st
     trials = sources + baselines + transfers  # a setup with `simulate:` runs the benchmark's executor
     return [t.model_copy(update={"executor": "rayjobs.engine.simulate:simulate_trial"}) if t.setup.simulate else t
             for t in trials]
+
+
+def _stage(kind: str, setup: SetupSpec, task: str, seed: int, n_train: int | None, data: str,
+           configs: list[tuple[dict[str, Any], Any]], save: bool, key_common: dict[str, Any],
+           common: dict[str, Any]) -> list[TrialSpec]:
+    """One task's source runs (kind "source") or target baselines ("target"): one per configuration of the
+    stage's search; `TrialSpec.source` or `.target` names the task."""
+    return [TrialSpec(run_key=trial_key(kind=kind, setup=setup, hparams=hp, train_task=task, train_origin=data,
+                                        eval_task=task, eval_origin=data, seed=seed, n_train=n_train, **key_common),
+                      kind=kind, setup=setup, hparams=hp, train_task=task, eval_task=task, seed=seed,
+                      n_train=n_train, save_checkpoint=save, **{kind: task}, **common) for _, hp in configs]
 
 
 def _transfer(setup: SetupSpec, s: str, t: str, src_seed: int, seed: int, srcs: list[str],

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import duckdb
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from analysis.store.results import ResultStore
 from rayjobs.config import ConfigError, JobConfig, PromptSpec, SetupSpec
+from rayjobs.engine.driver import module_entry
 from rayjobs.engine.preflight import check_setup
 from rayjobs.engine.smoke import shrink_per_task
 from rayjobs.job import Job, Plan, check_choice_tasks
@@ -107,7 +109,6 @@ def expand_pvi(cfg: PviConfig, registry: TaskRegistry, results_dir: str) -> list
 
 def v_information_lines(store: ResultStore, cfg: PviConfig) -> list[str]:
     """Per (setup, task): the mean PVI over held-out instances (the `pvi_tasks` view), when it exists."""
-    import duckdb
 
     with store.connect(read_only=True) as con:
         try:
@@ -131,11 +132,7 @@ def smoke(cfg: Any) -> Any:
     return shrink_per_task(cfg, train=24, eval=24)
 
 
-class PviJob(Job):
-    kind = "pvi"
-    config_cls = PviConfig
-    description = __doc__ or ""
-
+class PviJob(Job, kind="pvi", config=PviConfig):
     def plan(self, cfg: PviConfig, store: ResultStore) -> Plan:
         registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
         check_pvi(cfg, registry)
@@ -148,15 +145,4 @@ class PviJob(Job):
 
 
 JOB = PviJob()
-
-
-def main(argv: list[str] | None = None) -> int:
-    from rayjobs.engine.driver import module_main
-
-    return module_main("pvi", argv)
-
-
-if __name__ == "__main__":
-    from rayjobs.engine.driver import guarded_module_main
-
-    guarded_module_main("pvi")
+main = module_entry(JOB.kind, __name__)

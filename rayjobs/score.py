@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import socket
 import time
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
 from analysis.store.results import ResultStore
-from rayjobs.config import JobConfig, ModelSpec, ResourceSpec, SetupSpec, _Strict
+from rayjobs.config import ConfigError, JobConfig, ModelSpec, ResourceSpec, SetupSpec, _Strict
+from rayjobs.engine.driver import module_entry
 from rayjobs.engine.smoke import has_local_data
 from rayjobs.job import Job, Plan
 from rayjobs.plan import TrialSpec, run_key
-from rayjobs.tasks.registry import TaskRegistry
+from rayjobs.tasks.registry import TaskError, TaskRegistry
 from rayjobs.tasks.templates import BASE, IDENTITY, PromptTemplate, coerce_templates, task_templates
 
 
@@ -138,18 +140,18 @@ def split_examples(trial: TrialSpec) -> tuple[Any, list[Any]]:
 
 def score_trial(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     """Executor of one score trial: load the black box, score the split, return the run row + predictions."""
-    from rayjobs.models.base import answer
-    from rayjobs.scoring.blackbox import open_black_box
-    from rayjobs.tasks import metrics
-    from rayjobs.train.loop import TrainContext, prediction_rows, seed_everything, trial_device
+    from rayjobs.models.base import answer  # lazy: torch stays out of score planning
+    from rayjobs.scoring.blackbox import open_black_box  # lazy: torch stays out of score planning
+    from rayjobs.tasks import metrics  # lazy: scipy (the metrics) stays out of score planning
+    from rayjobs.train.loop import begin_trial, prediction_rows, trial_device  # lazy: torch, scipy
 
     t0 = time.time()
     p = trial.params
-    seed_everything(trial.seed)
+    ctx = begin_trial(trial, ctx)
     data, examples = split_examples(trial)
     template = PromptTemplate.model_validate(p["template"])
     box = open_black_box(p["ref"], results=trial.results_dir, temperature=p.get("temperature"),
-                         max_length=p.get("max_length", 512)).to(trial_device(trial, ctx or TrainContext()))
+                         max_length=p.get("max_length", 512)).to(trial_device(trial, ctx))
     records = box.score(template, examples, generate=p["generate"], perplexity=p["perplexity"])
     rows = prediction_rows(data.spec.name, template.name, p["split"], [template.render(e) for e in examples], records)
     if p["split"] == "pool":  # an unlabelled probe pool: the labels were never there
@@ -180,15 +182,8 @@ def smoke(cfg: Any) -> Any:
                                   "models": models[:2]})
 
 
-class ScoreJob(Job):
-    kind = "score"
-    config_cls = ScoreConfig
-    description = __doc__ or ""
-
+class ScoreJob(Job, kind="score", config=ScoreConfig):
     def plan(self, cfg: ScoreConfig, store: ResultStore) -> Plan:
-        from rayjobs.config import ConfigError
-        from rayjobs.tasks.registry import TaskError
-
         registry = TaskRegistry.load(cfg.task_files, cfg.data_root)
         for i, t in enumerate(cfg.tasks):
             try:
@@ -215,9 +210,7 @@ class ScoreJob(Job):
 
 def _check_ref(ref: str, cfg: ScoreConfig, field: str) -> None:
     """Model references that cannot resolve fail before Ray starts (a stored run must exist)."""
-    from pathlib import Path
 
-    from rayjobs.config import ConfigError
 
     if ref.startswith("run:") and cfg.results_store:
         folder = ResultStore(cfg.results_store).checkpoint_dir(ref[4:])
@@ -228,15 +221,4 @@ def _check_ref(ref: str, cfg: ScoreConfig, field: str) -> None:
 
 
 JOB = ScoreJob()
-
-
-def main(argv: list[str] | None = None) -> int:
-    from rayjobs.engine.driver import module_main
-
-    return module_main("score", argv)
-
-
-if __name__ == "__main__":
-    from rayjobs.engine.driver import guarded_module_main
-
-    guarded_module_main("score")
+main = module_entry(JOB.kind, __name__)

@@ -47,6 +47,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
+from analysis.errors import AnalysisError
 from serving.schemas import (
     CompletionRequest,
     CompletionResponse,
@@ -62,7 +63,7 @@ from serving.schemas import (
     ScoreRequest,
     ScoreResponse,
 )
-from serving.scorer import Scorer
+from serving.scorer import Scorer, apply_batching
 from serving.settings import ServeSettings, is_endpoint
 
 log = logging.getLogger("ray.serve")
@@ -209,12 +210,7 @@ class Ingress:
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """user_config, shared with the scorer: the ingress batches with the same size and wait."""
-        if "max_batch_size" in config:
-            self.max_batch_size = int(config["max_batch_size"])
-            self._forward.set_max_batch_size(self.max_batch_size)
-        if "batch_wait_timeout_s" in config:
-            self.batch_wait_timeout_s = float(config["batch_wait_timeout_s"])
-            self._forward.set_batch_wait_timeout_s(self.batch_wait_timeout_s)
+        apply_batching(self, self._forward, config)
 
     async def _call(self, response: Any, model: str = "") -> dict[str, Any]:
         """Await a scorer call: its outcome dict, 503 while a replica is down, 504 past the timeout."""
@@ -338,7 +334,7 @@ class Ingress:
     @api.get("/v1/models", response_model=ModelList, responses=ERRORS, dependencies=AUTH)
     async def models(self) -> ModelList:
         """The configured models, then every stored run with a checkpoint (as run:<key>)."""
-        from serving.store_queries import stored_runs
+        from serving.store_queries import stored_runs  # lazy: duckdb only on store endpoints
 
         cards = [ModelCard(id=m) for m in self.settings.models]
         db = self.settings.db
@@ -351,7 +347,7 @@ class Ingress:
     async def rank_sources(self, body: RankRequest) -> RankResponse:
         """Top-k source tasks for a target by a selector (TaskShop, RoE, LLM-similarity, measured transfer:
         `oracle`), computed over the store read-only."""
-        from serving.store_queries import rank_sources
+        from serving.store_queries import rank_sources  # lazy: duckdb only on store endpoints
 
         if not self.settings.db:
             raise ApiError(503, "no results store configured (args.db or TRANSFERLAB_DB)", "service_unavailable")
@@ -363,7 +359,7 @@ class Ingress:
     async def rank_models(self, body: RankModelsRequest) -> RankModelsResponse:
         """FUTE (paper 004): top-k black boxes (fine-tuned models, model + prompt) for a target by
         cos(MTE, DTE(target)), from the stored task embeddings of one space."""
-        from serving.store_queries import rank_models
+        from serving.store_queries import rank_models  # lazy: duckdb only on store endpoints
 
         out = await self._store(rank_models, self._db(), body.target, body.space, body.k, body.data, body.models)
         return RankModelsResponse(**out)
@@ -372,7 +368,7 @@ class Ingress:
     async def rank_prompts(self, body: RankPromptsRequest) -> RankPromptsResponse:
         """FUTE (paper 004): one model's prompts for a task ranked by cos(MTE(model + prompt), DTE(task)),
         from stored embeddings: no black-box call at query time."""
-        from serving.store_queries import rank_prompts
+        from serving.store_queries import rank_prompts  # lazy: duckdb only on store endpoints
 
         out = await self._store(rank_prompts, self._db(), body.task, body.model, body.space, body.k, body.data)
         return RankPromptsResponse(**out)
@@ -385,9 +381,8 @@ class Ingress:
     async def _store(self, fn: Any, *args: Any) -> Any:
         """A read of the store in a worker thread: at most `max_store_queries` at once (a request waits up
         to `store_timeout_s` for a slot, then 503), each cancelled after `store_timeout_s` (504)."""
-        from analysis.errors import AnalysisError
-        from analysis.store.results import StoreError
-        from serving.store_queries import StoreTimeout
+        from analysis.store.results import StoreError  # lazy: duckdb only on store endpoints
+        from serving.store_queries import StoreTimeout  # lazy: duckdb only on store endpoints
 
         timeout = self.settings.store_timeout_s
         try:

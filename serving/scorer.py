@@ -32,12 +32,17 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import ray
+import torch
 from ray import serve
 
 from rayjobs.engine import observe
-from rayjobs.models.loading import ModelError
+from rayjobs.models.loading import BUILTINS, ModelError
+from rayjobs.models.sentence_zero_shot import ChoiceCache
 from rayjobs.scoring.blackbox import BlackBox, UnknownModelError, open_black_box, split_as
 from serving.batching import Failure, ScoreJob, internal_error, request_failure, score_jobs
+from serving.completions import causal_lm, complete
+from serving.schemas import ExampleIn, TemplateIn
 from serving.settings import ServeSettings
 
 
@@ -50,8 +55,6 @@ class Loaded:
         self._hook = None
         module = getattr(getattr(box, "tm", None), "module", None)
         if module is not None:
-            import torch
-
             # a SentenceTransformer is a Sequential whose forward encode() calls directly: hook its first stage
             root = module[0] if isinstance(module, torch.nn.Sequential) and len(module) else module
             self._hook = root.register_forward_hook(self._count)
@@ -69,8 +72,6 @@ def _to_gpu(box: BlackBox) -> None:
     """Move a model to the replica's GPU where its scoring path follows the model's device: LMs (inputs go to
     `TaskModel.device`) and the sentence scorer; encoder classifiers are scored on the CPU (their batches are
     built on the CPU by the shared scoring loop). Only where Ray gave this replica a GPU."""
-    import ray
-    import torch
 
     tm = getattr(box, "tm", None)
     if tm is None or not ray.get_gpu_ids() or not torch.cuda.is_available():
@@ -94,6 +95,17 @@ def _failure(status: int, message: str, kind: str = "invalid_request_error") -> 
     return {"status": status, "message": message, "type": kind}
 
 
+def apply_batching(replica: Any, batched: Any, config: dict[str, Any]) -> None:
+    """user_config's {max_batch_size, batch_wait_timeout_s} on a replica (scorer or ingress, which batch alike)
+    and on its `@serve.batch` method `batched`; a key not given keeps its value."""
+    if "max_batch_size" in config:
+        replica.max_batch_size = int(config["max_batch_size"])
+        batched.set_max_batch_size(replica.max_batch_size)
+    if "batch_wait_timeout_s" in config:
+        replica.batch_wait_timeout_s = float(config["batch_wait_timeout_s"])
+        batched.set_batch_wait_timeout_s(replica.batch_wait_timeout_s)
+
+
 @serve.deployment(name="Scorer", max_ongoing_requests=256, health_check_period_s=5)
 class Scorer:
     def __init__(self, settings: dict[str, Any]):
@@ -105,8 +117,6 @@ class Scorer:
         self._score_pool = ThreadPoolExecutor(1, thread_name_prefix="score")  # one forward pass at a time
         self._busy = 0  # bundles queued or being scored (the adaptive wait)
         if self.settings.torch_threads:
-            import torch
-
             torch.set_num_threads(self.settings.torch_threads)
         self.counts: Counter[str] = Counter()
         self.loaded: dict[str, Loaded] = {}
@@ -122,12 +132,7 @@ class Scorer:
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """user_config: {max_batch_size, batch_wait_timeout_s}; `serve deploy` changes them without a restart."""
-        if "max_batch_size" in config:
-            self.max_batch_size = int(config["max_batch_size"])
-            self._batched.set_max_batch_size(self.max_batch_size)
-        if "batch_wait_timeout_s" in config:
-            self.batch_wait_timeout_s = float(config["batch_wait_timeout_s"])
-            self._batched.set_batch_wait_timeout_s(self.batch_wait_timeout_s)
+        apply_batching(self, self._batched, config)
 
     # -- models -----------------------------------------------------------------------------------
     async def _load(self, model_id: str) -> Loaded:
@@ -151,7 +156,6 @@ class Scorer:
                 _inject_load_fault(model_id)
                 box = open_black_box(model_id, results=s.results, max_length=s.max_length)
                 if box.kind == "sentence":  # the bound of its choice-embedding cache is the operator's
-                    from rayjobs.models.sentence_zero_shot import ChoiceCache
 
                     box.tm.choice_cache = ChoiceCache(s.choice_cache_size)
                 _to_gpu(box)  # where the replica was given a GPU (ray_actor_options.num_gpus)
@@ -174,8 +178,6 @@ class Scorer:
                 self.counts["unloads"] += 1
 
     async def _model(self, model_id: str) -> Loaded | dict[str, Any]:
-        from rayjobs.models.loading import BUILTINS
-
         refused = self.settings.refusal(model_id)
         if refused:
             return _failure(404, refused, "not_found_error")
@@ -206,7 +208,6 @@ class Scorer:
         """Several /v1/score requests in one call (the ingress sends its own batches this way: one Ray call
         per batch instead of per request); one outcome per request, in order. Requests of different models
         are scored apart; the ingress groups them by model so multiplexing routes each group."""
-        from serving.schemas import ExampleIn, TemplateIn
 
         out: list[dict[str, Any] | None] = [None] * len(requests)
         by_model: dict[str, list[int]] = {}
@@ -276,7 +277,6 @@ class Scorer:
     # -- completions ------------------------------------------------------------------------------
     async def complete(self, request: dict[str, Any]) -> dict[str, Any]:
         """One /v1/completions request: {model, prompts, max_tokens, echo, logprobs}."""
-        from serving.completions import causal_lm, complete
 
         model = await self._model(request["model"])
         if isinstance(model, dict):

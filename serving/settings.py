@@ -71,7 +71,7 @@ class ServeSettings(BaseModel):
         `completion_model`, and run:<key> for a well-formed key (its checkpoint under `results`, else 404);
         with `allow_unlisted_models` also any other local folder, hub id or builtin. An http(s) endpoint
         is served only when listed, whatever the flag (the app would call it on the client's behalf)."""
-        from serving.schemas import RUN_KEY
+        from serving.schemas import RUN_KEY  # lazy: the task registry stays out of settings
 
         if model in self.models or model == self.completion_model:
             return None

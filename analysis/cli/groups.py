@@ -25,8 +25,12 @@ def _print_plan(plan: Any) -> None:
 
 
 def _cmd_groups(args: argparse.Namespace) -> int:
-    from analysis.pvi.grouping import plan_groups, pvi_figures, write_groups_config
-    from analysis.store.duck import open_store
+    from analysis.pvi.grouping import (  # lazy: scipy, duckdb only when `groups` runs
+        plan_groups,
+        pvi_figures,
+        write_groups_config,
+    )
+    from analysis.store.duck import open_store  # lazy: duckdb only when `groups` runs
 
     if args.figures:
         try:

@@ -9,8 +9,8 @@ from analysis.cli.common import DB_NOTE, add_command, floats, thresholds_text
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from analysis.reports.experiment import write_report
-    from analysis.store.duck import read_store
+    from analysis.reports.experiment import write_report  # lazy: matplotlib, duckdb only when `report` runs
+    from analysis.store.duck import read_store  # lazy: duckdb only when `report` runs
 
     with read_store(args.db) as con:
         res = write_report(con, args.out, args.setup, tuple(args.thresholds), args.graph_top_k, args.graph_min_abs,
@@ -21,7 +21,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction, default_db: Callable[[], str]) -> None:
     """Add `report`."""
-    from analysis.transfer import DEFAULT_THRESHOLDS
+    from analysis.transfer import DEFAULT_THRESHOLDS  # lazy: duckdb, pandas: not at every CLI start
 
     p = add_command(sub, default_db, "report",
                     "write the figures (heatmap, TaskWeb graph, transitivity, ...) and index.html", _cmd_report,

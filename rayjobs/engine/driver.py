@@ -15,7 +15,7 @@ import argparse
 import contextlib
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from analysis.store.results import ResultStore
@@ -145,7 +145,15 @@ def module_main(kind: str, argv: list[str] | None = None) -> int:
     return run_from_args(ap.parse_args(argv), expect=kind)
 
 
-def guarded_module_main(kind: str) -> None:
-    from rayjobs.errors import guarded
+def module_entry(kind: str, module_name: str) -> Callable[[list[str] | None], int]:
+    """The `main(argv)` of a kind's module (`module_main` for that kind); called with the module's
+    `__name__`, it also runs it (and exits) when the module runs as `python -m rayjobs.<kind>`."""
 
-    sys.exit(guarded(module_main, kind))
+    def main(argv: list[str] | None = None) -> int:
+        return module_main(kind, argv)
+
+    if module_name == "__main__":
+        from rayjobs.errors import guarded  # lazy: it imports torch (the model errors); only for `python -m`
+
+        sys.exit(guarded(main))
+    return main

@@ -418,6 +418,12 @@ def result_row(trial: TrialSpec, data: TrialData, tm: TaskModel, fitted: FitResu
     }
 
 
+def begin_trial(trial: TrialSpec, ctx: TrainContext | None) -> TrainContext:
+    """An executor's first step: every RNG seeded from the trial; the context it was given, or one process's."""
+    seed_everything(trial.seed)
+    return ctx or TrainContext()
+
+
 def trial_device(trial: TrialSpec, ctx: Any) -> str:
     """The GPU when the setup asks for one and the worker has it, else the context's device (a Ray Train
     worker's context already names its GPU)."""
