@@ -86,9 +86,8 @@ def rank_models(db: str | Path, target: str, space: str | None = None, k: int = 
                 models: list[str] | None = None, timeout_s: float | None = None) -> dict[str, Any]:
     """FUTE model selection: the black boxes of a space (fine-tuned models, model + prompt) ranked for
     `target` by cos(MTE, DTE(target)); the top k."""
-    from analysis.selection.fute import (
-        rank_models as rank,  # lazy: each query binds its own `rank` (models or prompts)
-    )
+    # lazy: each query binds its own `rank` (models or prompts)
+    from analysis.selection.fute import rank_models as rank
 
     with read_only_store(db, timeout_s) as con:
         res = rank(con, _space(con, space), target, data, models)
@@ -101,9 +100,8 @@ def rank_models(db: str | Path, target: str, space: str | None = None, k: int = 
 def rank_prompts(db: str | Path, task: str, model: str, space: str | None = None, k: int = 5,
                  data: str | None = None, timeout_s: float | None = None) -> dict[str, Any]:
     """FUTE prompt selection: one model's prompts on `task` ranked by cos(MTE(model + prompt), DTE(task))."""
-    from analysis.selection.fute import (
-        rank_prompts as rank,  # lazy: each query binds its own `rank` (models or prompts)
-    )
+    # lazy: each query binds its own `rank` (models or prompts)
+    from analysis.selection.fute import rank_prompts as rank
 
     with read_only_store(db, timeout_s) as con:
         res = rank(con, _space(con, space), task, model, data)
