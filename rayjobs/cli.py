@@ -11,9 +11,17 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
+from analysis.ranking.evaluate import set_category_source
 from analysis.reports.textout import print_table
+from analysis.store.remote import is_uri, node_mirror
 from analysis.store.results import DB_NAME, ResultStore
+from analysis.store.sql_guard import open_guarded, run_guarded, store_relations
+from analysis.store.status import PLAN_FILE, render, summarise
+from rayjobs.engine.driver import add_job_arguments, run_from_args
 from rayjobs.errors import guarded
+from rayjobs.job import job_kinds
+from rayjobs.models.peft_export import export_peft
+from rayjobs.tasks.registry import TaskRegistry
 
 DEFAULT_RESULTS = os.environ.get("TRANSFERLAB_RESULTS", "results")
 
@@ -33,20 +41,14 @@ def default_db() -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from rayjobs.engine.driver import run_from_args
-
     return run_from_args(args)
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from rayjobs.engine.driver import run_from_args
-
     return run_from_args(args, expect="embed")
 
 
 def _cmd_sql(args: argparse.Namespace) -> int:
-    from analysis.store.sql_guard import open_guarded, run_guarded
-
     with open_guarded(args.db) as con:
         cols, rows = run_guarded(con, args.query, timeout_s=args.timeout or None, memory_limit=args.memory_limit)
     if args.json:
@@ -57,8 +59,6 @@ def _cmd_sql(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_peft(args: argparse.Namespace) -> int:
-    from rayjobs.models.peft_export import export_peft
-
     out = export_peft(args.run_key, args.results, args.out)
     print(f"transferlab: run {out['run_key']} exported to {out['out']} ({', '.join(out['files'])}; base model "
           f"{out['base_model'] or 'unnamed: set base_model_name_or_path'})")
@@ -66,8 +66,6 @@ def _cmd_export_peft(args: argparse.Namespace) -> int:
 
 
 def _sql_description() -> str:
-    from analysis.store.sql_guard import store_relations
-
     rel = store_relations()
     return ("Run one read-only SQL query (DuckDB dialect) over the results store and print the rows.\n\n"
             "Read-only: exactly one statement, and it must be a query (SELECT, WITH, FROM, DESCRIBE, SHOW);\n"
@@ -79,8 +77,6 @@ def _sql_description() -> str:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from analysis.store.remote import is_uri, node_mirror
-    from analysis.store.status import PLAN_FILE, render, summarise
 
     if is_uri(args.results):  # a remote results location: read it through this machine's mirror
         store = ResultStore(node_mirror(args.results), remote=args.results)
@@ -98,8 +94,6 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _registry_categories() -> dict[str, str]:
-    from rayjobs.tasks.registry import TaskRegistry
-
     reg = TaskRegistry.load()
     return {name: reg.get(name).category or "other" for name in reg.names}
 
@@ -116,8 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    from rayjobs.engine.driver import add_job_arguments
-    from rayjobs.job import job_kinds
 
     run_help = (f"run a job config on Ray (any kind: {', '.join(job_kinds())}; the config's `job:` names it); "
                 "runs already stored are skipped, so re-running resumes")
@@ -176,8 +168,6 @@ def command_groups() -> list[Callable[..., None]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from analysis.ranking.evaluate import set_category_source
-
     set_category_source(_registry_categories)  # analysis knows no task registry; the CLI composes the two
     args = build_parser().parse_args(argv)
     try:

@@ -17,7 +17,10 @@ from typing import Any
 import duckdb
 
 from analysis.errors import AnalysisError
+from analysis.selection.source_sets import select_sources
+from analysis.store.duck import open_store
 from analysis.store.results import ResultStore
+from analysis.transfer import require_setup
 from rayjobs.config import ConfigError
 from rayjobs.multitask_config import ChoiceSpec, MultitaskConfig
 from rayjobs.tasks.registry import TaskError, TaskRegistry
@@ -74,8 +77,6 @@ def _need_task(registry: TaskRegistry, task: str, where: str, field: str) -> str
 # -- choosing source sets ----------------------------------------------------------------------------
 @contextmanager
 def selection_store(cfg: MultitaskConfig, results_dir: str, where: str) -> Iterator[duckdb.DuckDBPyConnection]:
-    from analysis.store.duck import open_store
-
     path = Path(cfg.selection.store) if cfg.selection.store else ResultStore(results_dir).db_path
     if not path.exists():
         raise _fail(where, "selection.store",
@@ -88,8 +89,6 @@ def selection_store(cfg: MultitaskConfig, results_dir: str, where: str) -> Itera
 def choose_sets(cfg: MultitaskConfig, registry: TaskRegistry, pool: list[str],
                 con: duckdb.DuckDBPyConnection | None, where: str | None = None) -> list[SourceSet]:
     """Every (target, choice, k) source set, through `analysis.selection.source_sets.select_sources`."""
-    from analysis.transfer import require_setup
-
     where = where or cfg.source_file
     for i, t in enumerate(cfg.targets):
         _need_task(registry, t, where, f"targets.{i}")
@@ -145,8 +144,6 @@ def choose_sets(cfg: MultitaskConfig, registry: TaskRegistry, pool: list[str],
 def _ranked_sets(con: duckdb.DuckDBPyConnection, cfg: MultitaskConfig, ch: ChoiceSpec, selector: str,
                  setup: str | None, target: str, pool: list[str], where: str, field: str,
                  sel_field: str) -> list[SourceSet]:
-    from analysis.selection.source_sets import select_sources
-
     def select(k: int, exclude: list[str] | None = None) -> dict[str, Any]:
         return select_sources(con, target, selector, k, setup=setup, lam=cfg.selection.lam, seed=ch.seed,
                               exclude=exclude)

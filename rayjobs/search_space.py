@@ -28,7 +28,8 @@ import json
 import math
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 if TYPE_CHECKING:
     from pydantic import BaseModel as TrainSpecLike
@@ -122,8 +123,6 @@ def split_spaces(where: str, raw: Any) -> tuple[Any, dict[str, Space]]:
 def check_space_values(where: str, base: TrainSpecLike, spaces: dict[str, Space]) -> None:
     """Every value a space can give (grid / choice values, the bounds of a range) is a valid value of its
     field, so no sampled configuration fails later."""
-    from pydantic import ValidationError
-
     for field, space in spaces.items():
         for v in space.values:
             try:
@@ -134,7 +133,7 @@ def check_space_values(where: str, base: TrainSpecLike, spaces: dict[str, Space]
 
 
 def _tune_domain(space: Space, num: type) -> Any:
-    from ray import tune
+    from ray import tune  # lazy: ray only on the cluster path
 
     lo, hi = space.values[0], space.values[-1]
     if space.kind == "grid":
@@ -162,8 +161,7 @@ def configurations(base: TrainSpecLike, spaces: dict[str, Space], num_samples: i
         return [({}, base)]
     if algorithm != "basic":
         raise ValueError(f"unknown search algorithm {algorithm!r} (known: basic)")
-    import numpy as np
-    from ray.tune.search.variant_generator import generate_variants
+    from ray.tune.search.variant_generator import generate_variants  # lazy: ray only on the cluster path
 
     domains = {f: _tune_domain(s, SEARCHABLE[f]) for f, s in sorted(spaces.items())}
     rng = np.random.RandomState(seed)

@@ -9,12 +9,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
+
+from rayjobs.config import ConfigError
+from serving.settings import ServeSettings
 
 CONFIG = Path(__file__).resolve().parent / "config.yaml"
 
@@ -24,11 +30,8 @@ def load_serve_config(path: str | Path, overrides: dict[str, Any], max_batch_siz
     """(the config's first application with `http_options`, its validated and resolved settings with
     `overrides` applied). The file is checked against Serve's own schema (`serve deploy` would refuse what
     it refuses); `max_batch_size` replaces both deployments' `user_config.max_batch_size`."""
-    from pydantic import ValidationError
-    from ray.serve.schema import DeploymentSchema, ServeDeploySchema
+    from ray.serve.schema import DeploymentSchema, ServeDeploySchema  # lazy: ray only on the cluster path
 
-    from rayjobs.config import ConfigError
-    from serving.settings import ServeSettings
 
     p = Path(path)
     if not p.is_file():
@@ -76,8 +79,6 @@ def direct_ingress_env(port: int) -> dict[str, str]:
 
 def free_port(host: str, port: int = 0) -> int:
     """`port` if it can be bound (else OSError); with 0, any free port."""
-    import socket
-
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a TIME_WAIT port is free
         s.bind((host, port))
@@ -86,8 +87,6 @@ def free_port(host: str, port: int = 0) -> int:
 
 def answering_port(host: str, ports: range, timeout_s: float = 120.0) -> int | None:
     """The first of `ports` whose /healthz answers (where the direct-ingress replica listens)."""
-    import urllib.request
-
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         for p in ports:
@@ -102,8 +101,6 @@ def answering_port(host: str, ports: range, timeout_s: float = 120.0) -> int | N
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from rayjobs.config import ConfigError
-
     overrides: dict[str, Any] = {}
     db = args.db or os.environ.get("TRANSFERLAB_DB")
     if db:  # the store given here: its checkpoints are next to it unless --results says otherwise
@@ -114,10 +111,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.check:
         print(json.dumps({**settings, "deployments": app["deployments"]}, indent=2))
         return 0
-    import ray
-    from ray import serve
+    import ray  # lazy: ray only on the cluster path
+    from ray import serve  # lazy: ray only on the cluster path
 
-    from serving.app import application
+    from serving.app import application  # lazy: ray only on the cluster path
 
     http = app["http_options"]
     host, port = args.host or http.get("host", "127.0.0.1"), args.port or http.get("port", 8000)

@@ -17,11 +17,10 @@ from typing import Any
 import torch
 
 from rayjobs.models.base import TaskModel
+from rayjobs.models.text_to_text import CausalModel
 
 
 def causal_lm(tm: Any) -> bool:
-    from rayjobs.models.text_to_text import CausalModel
-
     return isinstance(tm, CausalModel)
 
 
@@ -69,7 +68,7 @@ def prompt_logprobs(tm: TaskModel, prompts: list[str], top: int = 0) -> list[dic
 def greedy(tm: TaskModel, prompt: str, max_tokens: int, top: int = 0) -> dict[str, Any]:
     """Greedy continuation (argmax of raw logits, stops at EOS): text, per-token log-probabilities and
     offsets (relative to the continuation), finish_reason."""
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig  # lazy: transformers loads only when a model is built
 
     tok = tm.tokenizer
     ids = tok(prompt, add_special_tokens=False)["input_ids"][-max(1, tm.max_length - max_tokens):]

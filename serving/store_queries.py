@@ -18,6 +18,9 @@ from typing import Any
 import duckdb
 
 from analysis.errors import AnalysisError
+from analysis.selection.fute import resolve_space, spaces
+from analysis.selection.source_sets import select_sources
+from analysis.store.duck import read_store
 from analysis.store.results import StoreError
 
 
@@ -30,8 +33,6 @@ def read_only_store(db: str | Path, timeout_s: float | None = None) -> Iterator[
     """`analysis.store.duck.read_store`, with "no store" / "cannot open it" as `StoreError` (the service is not
     ready: 503) rather than `AnalysisError` (a bad request: 422). Past `timeout_s` the running query is
     cancelled (`con.interrupt()` from a timer thread) and the block raises `StoreTimeout`."""
-    from analysis.store.duck import read_store
-
     path = Path(db)
     if not path.is_file():
         raise StoreError(f"no results database at {path} (import or run something first, e.g. "
@@ -59,8 +60,6 @@ def rank_sources(db: str | Path, target: str, selector: str, k: int = 5, setup: 
                  lam: float | None = None, seed: int = 0, timeout_s: float | None = None) -> dict[str, Any]:
     """The top-k sources for `target` by `selector` (`analysis.selection.source_sets.select_sources`), with
     scores and ranks; ties rank by source name."""
-    from analysis.selection.source_sets import select_sources
-
     with read_only_store(db, timeout_s) as con:
         res = select_sources(con, target, selector, k, setup=setup, lam=lam, seed=seed)
     ranking = res["ranking"]
@@ -72,8 +71,6 @@ def rank_sources(db: str | Path, target: str, selector: str, k: int = 5, setup: 
 
 def _space(con: duckdb.DuckDBPyConnection, space: str | None) -> str:
     """The space a request names, or the only one stored; embeddings of two spaces are never compared."""
-    from analysis.selection.fute import resolve_space, spaces
-
     if space:
         return resolve_space(con, space)
     found = spaces(con)
@@ -89,6 +86,7 @@ def rank_models(db: str | Path, target: str, space: str | None = None, k: int = 
                 models: list[str] | None = None, timeout_s: float | None = None) -> dict[str, Any]:
     """FUTE model selection: the black boxes of a space (fine-tuned models, model + prompt) ranked for
     `target` by cos(MTE, DTE(target)); the top k."""
+    # lazy: each query binds its own `rank` (models or prompts)
     from analysis.selection.fute import rank_models as rank
 
     with read_only_store(db, timeout_s) as con:
@@ -102,6 +100,7 @@ def rank_models(db: str | Path, target: str, space: str | None = None, k: int = 
 def rank_prompts(db: str | Path, task: str, model: str, space: str | None = None, k: int = 5,
                  data: str | None = None, timeout_s: float | None = None) -> dict[str, Any]:
     """FUTE prompt selection: one model's prompts on `task` ranked by cos(MTE(model + prompt), DTE(task))."""
+    # lazy: each query binds its own `rank` (models or prompts)
     from analysis.selection.fute import rank_prompts as rank
 
     with read_only_store(db, timeout_s) as con:

@@ -19,6 +19,7 @@ import numpy as np
 
 from analysis.budget import metrics as M
 from analysis.budget.policies import FINISHED, Policy, make_policy
+from analysis.budget.predictor import _standardise
 from analysis.budget.replay import Grid, Replay, full_grid_cost
 from analysis.errors import AnalysisError
 
@@ -111,8 +112,6 @@ def evaluate(grid: Grid, policy: str, fractions: list[float], n_splits: int = 30
         add(f"full grid on A ({len(a)} seeds)", None, grid.score(mask_a)[2], gold, perf,
             full_grid_cost(grid, len(a)).total / full.total, len(a) / len(grid.seeds))
         if prior_names:
-            from analysis.budget.predictor import _standardise
-
             p = np.mean([_standardise(grid.priors[n], grid.pairs) for n in prior_names], 0)
             add(f"prior alone ({'+'.join(prior_names)})", None, p, gold, perf, 0.0, 0.0)
         for frac in fractions:

@@ -29,6 +29,7 @@ z = 0.5 (x - b) / b + 0.1 * 1[x > b] - 0.05, so one seed's run is one observatio
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ import duckdb
 import numpy as np
 
 from analysis.errors import AnalysisError
+from analysis.store.views import ANALYSIS_SQL
 
 TIE_RTOL = 1e-9
 PRIORS = ("roe", "llm")
@@ -239,8 +241,6 @@ def load_grid(con: duckdb.DuckDBPyConnection, setup: str, priors: list[str] | No
 def _single_metric(runs: Any, name: str, target: str, si: dict[str, int], ki: dict[int, int], S: int, K: int
                    ) -> np.ndarray:
     """(S, K) one metric of the runs into `target` (fractions; the release mixes percent and fractions)."""
-    import json
-
     out = np.full((S, K), np.nan)
     for s, k, m in runs.loc[runs.target == target, ["source", "seed", "metrics"]].itertuples(index=False):
         v = json.loads(m).get(name) if isinstance(m, str) else None
@@ -251,9 +251,8 @@ def _single_metric(runs: Any, name: str, target: str, si: dict[str, int], ki: di
 
 def taskweb_store(directory: str | Path) -> duckdb.DuckDBPyConnection:
     """An in-memory store holding the TaskWeb release (the same import as `transferlab import taskweb`)."""
-    from analysis.importers.taskweb import import_taskweb
-    from analysis.store.results import SCHEMA_SQL
-    from analysis.store.views import ANALYSIS_SQL
+    from analysis.importers.taskweb import import_taskweb  # lazy: pyarrow only when a store is opened
+    from analysis.store.results import SCHEMA_SQL  # lazy: pyarrow only when a store is opened
 
     con = duckdb.connect()
     con.execute(SCHEMA_SQL)

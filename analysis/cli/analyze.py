@@ -12,7 +12,7 @@ from analysis.cli.common import DB_NOTE, add_command, dump, floats, json_flag, t
 
 
 def _matrix(con: Any, args: argparse.Namespace) -> None:
-    from analysis import transfer as an
+    from analysis import transfer as an  # lazy: duckdb only when a store is opened
 
     m = an.transfer_matrix(con, args.setup)
     if args.json:
@@ -23,7 +23,7 @@ def _matrix(con: Any, args: argparse.Namespace) -> None:
 
 
 def _commutativity(con: Any, args: argparse.Namespace) -> None:
-    from analysis import transfer as an
+    from analysis import transfer as an  # lazy: duckdb only when a store is opened
 
     c = an.commutativity(con, args.setup)
     if args.json:
@@ -35,7 +35,7 @@ def _commutativity(con: Any, args: argparse.Namespace) -> None:
 
 
 def _transitivity(con: Any, args: argparse.Namespace) -> None:
-    from analysis import transfer as an
+    from analysis import transfer as an  # lazy: duckdb only when a store is opened
 
     setups = None if args.setup == "all" else [args.setup]
     df = an.transitivity(con, args.thresholds, setups)
@@ -46,7 +46,7 @@ def _transitivity(con: Any, args: argparse.Namespace) -> None:
 
 
 def _setup_similarity(con: Any, args: argparse.Namespace) -> None:
-    from analysis import transfer as an
+    from analysis import transfer as an  # lazy: duckdb only when a store is opened
 
     sim = an.setup_similarity(con)
     if args.json:
@@ -62,8 +62,8 @@ _ANALYSES: dict[str, Callable[[Any, argparse.Namespace], None]] = {
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from analysis import transfer as an
-    from analysis.store.duck import read_store
+    from analysis import transfer as an  # lazy: duckdb only when a store is opened
+    from analysis.store.duck import read_store  # lazy: duckdb only when a store is opened
 
     if args.setup is None:
         args.setup = "all" if args.what == "transitivity" else an.MEAN
@@ -74,7 +74,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction, default_db: Callable[[], str]) -> None:
     """Add `analyze`."""
-    from analysis.transfer import DEFAULT_THRESHOLDS
+    from analysis.transfer import DEFAULT_THRESHOLDS  # lazy: duckdb only when a store is opened
 
     p = add_command(sub, default_db, "analyze", "transfer matrix, commutativity, transitivity, setup similarity",
                     _cmd_analyze, "Transfer score T = 0.5*PC + 0.5*(0.2*PM - 0.1) per (source, target, setup). "

@@ -11,11 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from analysis.budget.policies import Policy
 from analysis.cli.common import data_root, names
 from analysis.errors import AnalysisError
+from analysis.reports.textout import print_table
 
 
 def _release_dir() -> Path:
@@ -43,24 +46,22 @@ def _positive(text: str) -> int:
 
 
 def _source(args: argparse.Namespace) -> Any:
-    from analysis.budget.replay import taskweb_store
+    from analysis.budget.replay import taskweb_store  # lazy: duckdb only when a store is opened
 
     if args.db:
-        from analysis.store.duck import read_store
+        from analysis.store.duck import read_store  # lazy: duckdb only when a store is opened
 
         return read_store(args.db)
     release = Path(args.release) if args.release else _release_dir()
     if not release.is_dir():
         raise AnalysisError(f"TaskWeb release folder {release} does not exist (pass --release DIR or --db FILE)")
-    from contextlib import nullcontext
 
     return nullcontext(taskweb_store(release))
 
 
 def cmd_budget_eval(args: argparse.Namespace) -> int:
-    from analysis.budget.evaluate import evaluate
-    from analysis.budget.policies import Policy
-    from analysis.budget.replay import load_grid, released_setups
+    from analysis.budget.evaluate import evaluate  # lazy: duckdb only when a store is opened
+    from analysis.budget.replay import load_grid, released_setups  # lazy: duckdb only when a store is opened
 
     if args.policy not in Policy.registry:
         raise AnalysisError(f"unknown budget policy '{args.policy}' (choose from {', '.join(Policy.registry)})")
@@ -85,7 +86,6 @@ def cmd_budget_eval(args: argparse.Namespace) -> int:
                for r in results]
         print(json.dumps(out[0] if len(out) == 1 else out, indent=1))
         return 0
-    from analysis.reports.textout import print_table
 
     for r in results:
         print(f"{r['setup']}: {r['policy']}, {args.splits} splits of {args.seen} seen / {r['n_seeds'] - args.seen} gold seeds, "
@@ -103,10 +103,10 @@ def cmd_budget_eval(args: argparse.Namespace) -> int:
 
 def draw(results: list[dict[str, Any]], path: str) -> None:
     """NDCG and Regret@5 against the share of the full grid's runs spent, one row per setup."""
-    import matplotlib
+    import matplotlib  # lazy: matplotlib only when drawing a figure
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib only when drawing a figure
 
     fig, axes = plt.subplots(len(results), 2, figsize=(10, 3.2 * len(results)), squeeze=False)
     for row, r in zip(axes, results, strict=True):
@@ -133,8 +133,11 @@ def draw(results: list[dict[str, Any]], path: str) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from analysis.budget.store import predict_setup, write_predictions
-    from analysis.store.duck import open_store
+    from analysis.budget.store import (  # lazy: duckdb only when a store is opened
+        predict_setup,
+        write_predictions,
+    )
+    from analysis.store.duck import open_store  # lazy: duckdb only when a store is opened
 
     with open_store(args.db) as con:
         table = predict_setup(con, args.setup, seeds=args.seeds, priors=args.priors, rank=args.rank,

@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from analysis.errors import AnalysisError
-from analysis.reports.textout import pct  # noqa: F401
+from analysis.reports.textout import (
+    pct,  # noqa: F401
+    print_table,
+)
 
 if TYPE_CHECKING:
     import duckdb
@@ -45,7 +48,7 @@ def json_flag(p: argparse.ArgumentParser) -> None:
 
 def thresholds_text() -> str:
     """The default transitivity thresholds as the help texts show them."""
-    from analysis.transfer import DEFAULT_THRESHOLDS
+    from analysis.transfer import DEFAULT_THRESHOLDS  # lazy: duckdb only when a store is opened
 
     return ",".join(f"{t:g}" for t in DEFAULT_THRESHOLDS)
 
@@ -76,8 +79,6 @@ def dump(obj: Any) -> None:
 
 
 def table(cols: list[str], rows: list[tuple]) -> None:
-    from analysis.reports.textout import print_table
-
     print_table(cols, rows)
 
 

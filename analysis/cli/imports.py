@@ -11,9 +11,12 @@ from analysis.cli.common import add_command, dump, json_flag
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from analysis.importers.its import import_its
-    from analysis.importers.taskweb import import_task_sizes, import_taskweb
-    from analysis.store.duck import open_store
+    from analysis.importers.its import import_its  # lazy: duckdb only when a store is opened
+    from analysis.importers.taskweb import (  # lazy: duckdb only when a store is opened
+        import_task_sizes,
+        import_taskweb,
+    )
+    from analysis.store.duck import open_store  # lazy: duckdb only when a store is opened
 
     with open_store(args.db, create=True) as con:
         if args.what == "taskweb":

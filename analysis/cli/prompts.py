@@ -33,8 +33,11 @@ def _tasks_of(con: Any, model: str) -> list[str]:
 def compare_prompts(con: Any, model: str, tasks: list[str] | None = None, space: str | None = None,
                     seed: int = 0) -> dict[str, Any]:
     """Per task the comparison (see the module docstring), and the means over tasks per method."""
-    from analysis.prompts.selection import evaluate_prompt_selection, summarise
-    from analysis.selection.fute_eval import prompt_selection
+    from analysis.prompts.selection import (  # lazy: duckdb only when a store is opened
+        evaluate_prompt_selection,
+        summarise,
+    )
+    from analysis.selection.fute_eval import prompt_selection  # lazy: duckdb only when a store is opened
 
     results = []
     for task in tasks or _tasks_of(con, model):
@@ -52,7 +55,7 @@ def _ordered(methods: dict[str, Any]) -> list[str]:
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    from analysis.store.duck import read_store
+    from analysis.store.duck import read_store  # lazy: duckdb only when a store is opened
 
     with read_store(args.db) as con:
         out = compare_prompts(con, args.model, args.tasks, args.space, args.seed)

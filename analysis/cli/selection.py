@@ -22,7 +22,7 @@ from analysis.errors import AnalysisError
 
 
 def _families(text: str) -> list[str]:
-    from analysis.ranking.families import FAMILIES, RENAMED
+    from analysis.ranking.families import FAMILIES, RENAMED  # lazy: duckdb only when a store is opened
 
     given = names(text)
     unknown = [n for n in given if n not in FAMILIES]
@@ -34,8 +34,12 @@ def _families(text: str) -> list[str]:
 
 
 def _cmd_compare_all(args: argparse.Namespace) -> int:
-    from analysis.ranking.comparison import compare_all, table_rows, winner_sentences
-    from analysis.store.duck import read_store
+    from analysis.ranking.comparison import (  # lazy: duckdb only when a store is opened
+        compare_all,
+        table_rows,
+        winner_sentences,
+    )
+    from analysis.store.duck import read_store  # lazy: duckdb only when a store is opened
 
     if args.targets or args.categories or args.lam is not None:
         raise AnalysisError("--selector all evaluates every target with each selector's defaults: "
@@ -79,9 +83,13 @@ def _print_evaluation(res: dict, k: int, regret: bool) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from analysis.ranking.evaluate import evaluate_selection, evaluation_plan, load_categories
-    from analysis.ranking.families import get_family
-    from analysis.store.duck import read_store
+    from analysis.ranking.evaluate import (  # lazy: duckdb only when a store is opened
+        evaluate_selection,
+        evaluation_plan,
+        load_categories,
+    )
+    from analysis.ranking.families import get_family  # lazy: duckdb only when a store is opened
+    from analysis.store.duck import read_store  # lazy: duckdb only when a store is opened
 
     if args.selector == "all":
         return _cmd_compare_all(args)
@@ -105,8 +113,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_select(args: argparse.Namespace) -> int:
-    from analysis.selection.source_sets import select_sources
-    from analysis.store.duck import read_store
+    from analysis.selection.source_sets import select_sources  # lazy: duckdb only when a store is opened
+    from analysis.store.duck import read_store  # lazy: duckdb only when a store is opened
 
     with read_store(args.db) as con:
         require_scores(con, args.selector, args.db)

@@ -24,8 +24,11 @@ from analysis.errors import AnalysisError
 
 
 def _cmd_selectors(args: argparse.Namespace) -> int:
-    from analysis.selection.selectors import registered_selectors, stored_selectors
-    from analysis.store.duck import read_store
+    from analysis.selection.selectors import (  # lazy: duckdb only when a store is opened
+        registered_selectors,
+        stored_selectors,
+    )
+    from analysis.store.duck import read_store  # lazy: duckdb only when a store is opened
 
     if args.registered:
         reg = registered_selectors()
@@ -52,12 +55,18 @@ def _default_examples() -> str:
 
 def _compute_semb(args: argparse.Namespace) -> str:
     """SEMB: embed first (as roe), then store; returns the stored name."""
-    from analysis.selection.prompt_similarity import semb_scores, store_semb
-    from analysis.selection.roe import load_examples
-    from analysis.store.duck import open_store
+    from analysis.selection.prompt_similarity import (  # lazy: duckdb only when a store is opened
+        semb_scores,
+        store_semb,
+    )
+    from analysis.selection.roe import load_examples  # lazy: duckdb only when a store is opened
+    from analysis.store.duck import open_store  # lazy: duckdb only when a store is opened
 
     if args.protocol == "lin":  # Lin et al.: every input of the dataset, Sentence-BERT
-        from analysis.selection.prompt_similarity import SEMB_LIN_MODEL, dataset_texts
+        from analysis.selection.prompt_similarity import (  # lazy: duckdb only when a store is opened
+            SEMB_LIN_MODEL,
+            dataset_texts,
+        )
 
         examples = args.dataset_dir or str(data_root() / "tasks" / "natinstruct")
         texts = dataset_texts(examples, args.tasks, args.max_per_task)
@@ -79,8 +88,8 @@ def _compute_semb(args: argparse.Namespace) -> str:
 
 def _compute_roe(args: argparse.Namespace) -> str:
     """RoE: embed first, a long run must not hold the store's lock; returns the stored name."""
-    from analysis.selection.roe import roe_scores, store_roe
-    from analysis.store.duck import open_store
+    from analysis.selection.roe import roe_scores, store_roe  # lazy: duckdb only when a store is opened
+    from analysis.store.duck import open_store  # lazy: duckdb only when a store is opened
 
     examples = args.examples or _default_examples()
     scores, params = roe_scores(examples, model=args.model, max_seq_length=args.max_seq_length,
@@ -95,8 +104,8 @@ def _compute_roe(args: argparse.Namespace) -> str:
 
 def _compute_in_store(args: argparse.Namespace) -> str:
     """taskshop, random, size: computed from what the store holds; returns the stored name."""
-    from analysis.selection import selectors as sel
-    from analysis.store.duck import open_store
+    from analysis.selection import selectors as sel  # lazy: duckdb only when a store is opened
+    from analysis.store.duck import open_store  # lazy: duckdb only when a store is opened
 
     with open_store(args.db) as con:
         if args.kind == "taskshop":
@@ -120,8 +129,8 @@ def _cmd_compute(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from analysis.selection.selectors import compare_selectors
-    from analysis.store.duck import read_store
+    from analysis.selection.selectors import compare_selectors  # lazy: duckdb only when a store is opened
+    from analysis.store.duck import read_store  # lazy: duckdb only when a store is opened
 
     with read_store(args.db) as con:
         for name in (args.a, args.b):
@@ -141,8 +150,12 @@ def _taskshop_f(selector: str) -> str:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from analysis.ranking.evaluate import TASKWEB_HELDOUT, evaluation_plan, tune_lambda
-    from analysis.store.duck import read_store
+    from analysis.ranking.evaluate import (  # lazy: duckdb only when a store is opened
+        TASKWEB_HELDOUT,
+        evaluation_plan,
+        tune_lambda,
+    )
+    from analysis.store.duck import read_store  # lazy: duckdb only when a store is opened
 
     with read_store(args.db) as con:
         targets, _ = evaluation_plan(con, args.setup, args.heldout or list(TASKWEB_HELDOUT))

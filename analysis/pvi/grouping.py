@@ -42,6 +42,7 @@ from typing import Any
 import duckdb
 import numpy as np
 import pyarrow as pa
+import yaml
 from scipy import stats
 
 from analysis.errors import AnalysisError
@@ -361,8 +362,6 @@ def random_grouping(tasks: Sequence[str], sizes: Sequence[int], seed: int = 0) -
 
 def write_groups_config(plan: GroupPlan, path: str | Path) -> Path:
     """The YAML fragment `groups: {pvi, dissimilar, all, random, single}` for the MTL job."""
-    import yaml
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     head = (f"# PVI task groups of setup {plan.setup}: rule={plan.rule} prefer={plan.prefer} "
@@ -452,7 +451,7 @@ def verdict(rows: Sequence[dict[str, Any]], metric: str = "macro_f1", criterion:
 # -- figures -------------------------------------------------------------------------------------------
 def _distributions_figure(dists: dict[str, Any], tasks: list[str], setup: str, path: Path) -> Path:
     """Violins of each task's PVI (median line, mean marked, n in the label), tasks in the given order."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib only when drawing a figure
 
     fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(tasks) + 2), 4.5))
     vals = [dists[t].values for t in tasks]
@@ -474,9 +473,9 @@ def _distributions_figure(dists: dict[str, Any], tasks: list[str], setup: str, p
 def _pvalue_figure(dists: dict[str, Any], tasks: list[str], setup: str, threshold: float, welch: bool,
                    path: Path) -> Path:
     """The pairwise t-test p-values as an annotated log-scale heatmap, similar pairs outlined in red."""
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm
-    from matplotlib.patches import Rectangle
+    import matplotlib.pyplot as plt  # lazy: matplotlib only when drawing a figure
+    from matplotlib.colors import LogNorm  # lazy: matplotlib only when drawing a figure
+    from matplotlib.patches import Rectangle  # lazy: matplotlib only when drawing a figure
 
     k = len(tasks)
     pm = np.full((k, k), np.nan)
@@ -513,7 +512,7 @@ def pvi_figures(con: duckdb.DuckDBPyConnection, setup: str, out_dir: str | Path,
                 threshold: float = DEFAULT_THRESHOLD, welch: bool = False, seed: int | None = None) -> list[Path]:
     """Two PNGs: the PVI distribution of each task (violins, mean marked, n in the label) and the
     pairwise p-value heatmap (annotated; similar pairs, p > threshold, outlined)."""
-    import matplotlib
+    import matplotlib  # lazy: matplotlib only when drawing a figure
 
     matplotlib.use("Agg")
     dists = load_pvi(con, setup, seed=seed)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import yaml
 
 from analysis.errors import AnalysisError
 from analysis.ranking.families import get_family, taskweb_metrics
@@ -49,8 +50,6 @@ def load_categories(path: str | Path) -> dict[str, list[str]]:
     text = p.read_text(encoding="utf-8")
     try:
         if p.suffix in (".yaml", ".yml"):
-            import yaml
-
             data = yaml.safe_load(text)
         else:
             data = json.loads(text)

@@ -36,9 +36,9 @@ import numpy as np
 from analysis.errors import AnalysisError
 from analysis.prompts.selection import evaluate_prompt_selection
 from analysis.prompts.selection import summarise as summarise_prompts
-from analysis.ranking.evaluate import evaluate_selection
+from analysis.ranking.evaluate import evaluate_selection, tune_lambda
 from analysis.selection import selectors as sel
-from analysis.selection.fute import embedding_rows, rank_prompts, resolve_space, store_fute
+from analysis.selection.fute import cosine, embedding_rows, rank_prompts, resolve_space, store_fute
 
 #: what each method reads of the target, for every comparison table
 TARGET_DATA = {
@@ -137,8 +137,6 @@ def taskshop_with_fute(con: duckdb.DuckDBPyConnection, space: str, setups: list[
 
     TaskShop-FUTE is reported with TaskWeb's lambda = 0.7 (tuned for RoE on piqa) and with lambda tuned for
     FUTE on the held-out piqa the same way (`analysis.ranking.evaluate.tune_lambda`: TaskWeb's NDCG, first setup)."""
-    from analysis.ranking.evaluate import tune_lambda
-
     f = store_fute(con, space, "dte", data)
     tuned = tune_lambda(con, f, setups[0], heldout=tune_on, metric="ndcg")["best_lambda"]
     rows = source_selection_table(con, [
@@ -191,8 +189,6 @@ def prompt_selection(con: duckdb.DuckDBPyConnection, space: str, model: str, tas
 def _duplicates(con: duckdb.DuckDBPyConnection, space: str, model: str, task: str,
                 res: dict[str, Any]) -> list[dict[str, Any]]:
     """Prompts named '<p>-copy': the cosine of their MTE with p's, and their positions in FUTE's ranking."""
-    from analysis.selection.fute import cosine
-
     by_prompt = {r["prompt"]: r["run_key"] for r in embedding_rows(con, space=space, kind="MTE", task=task)
                  if r["model"] == model}
     out = []

@@ -29,6 +29,7 @@ prompt transfer"), or the run of a given seed. A checkpoint is `runs.checkpoint`
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 
 from analysis.errors import AnalysisError
+from analysis.selection.roe import embed
 from analysis.selection.scores import store_scores
 from analysis.store.duck import query_arrow
 
@@ -110,7 +112,7 @@ def load_soft_prompt(folder: str | Path) -> np.ndarray:
     path = Path(folder) / CKPT_WEIGHTS
     if not path.is_file():
         raise AnalysisError(f"checkpoint {path} does not exist")
-    from safetensors import safe_open
+    from safetensors import safe_open  # lazy: safetensors only when saving weights
 
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -134,8 +136,6 @@ def _encoder_prompt(matrix: np.ndarray, folder: Path) -> np.ndarray:
     submodules: a [2N, dim] table whose second half (the decoder's) is never used by prompt tuning and
     stays at its random initialisation. Keep the first N rows, N = num_virtual_tokens from the
     checkpoint's setup (rows beyond it would only add noise to FEATURE/UNIGRAM/MAX)."""
-    import json
-
     meta_path = folder / "meta.json"
     try:
         setup = json.loads(meta_path.read_text()).get("setup_spec") or {}
@@ -228,8 +228,6 @@ def dataset_texts(folder: str | Path, tasks: list[str] | None = None, max_per_ta
     """Every input text of each task's dataset: `<folder>/<task>.jsonl`, one record per line with an
     `input` (or `text`) field (the layout of ../shared/data/tasks/natinstruct and .../choices). Lin et al.
     average over the whole dataset; `max_per_task` keeps the first N lines (a named cut, not theirs)."""
-    import json
-
     root = Path(folder)
     if not root.is_dir():
         raise AnalysisError(f"SEMB dataset folder {root} does not exist")
@@ -265,8 +263,6 @@ def semb_from_embeddings(source_emb: Any, target_emb: Any) -> float:
 def semb_similarity(source_texts: list[str], target_texts: list[str], model: str | None = None,
                     batch_size: int = 64, device: str | None = None) -> float:
     """SEMB of two tasks from their input texts (MiniLM from `builtin:minilm` unless `model`)."""
-    from analysis.selection.roe import embed
-
     for what, texts in (("source", source_texts), ("target", target_texts)):
         if not texts:
             raise AnalysisError(f"SEMB needs input texts: the {what} task has none")
@@ -279,8 +275,6 @@ def semb_scores(texts: dict[str, list[str]], sources: list[str] | None = None, t
                 device: str | None = None) -> tuple[pa.Table, dict[str, Any]]:
     """SEMB for every (source, target != source) of the tasks in `texts` ({task: input texts}); every
     distinct text is embedded once. Returns (table source/target/score, params to store)."""
-    from analysis.selection.roe import embed
-
     sources, targets = sources or sorted(texts), targets or sorted(texts)
     lacking = sorted({t for t in [*sources, *targets] if not texts.get(t)})
     if lacking:

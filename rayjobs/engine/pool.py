@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import gc
 import os
+import queue
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -76,14 +78,12 @@ class TrialWorker:
     the actor takes a few at once) can reach it: the trial stops at its next validation."""
 
     def __init__(self, coordinator: bool = False) -> None:
-        import threading
-
-        from rayjobs.train import loop as train_loop
+        from rayjobs.train import loop as train_loop  # lazy: torch stays out of CLI start-up
 
         if not coordinator:  # pay the model-side imports now, while the driver is still dispatching
-            import transformers  # noqa: F401
+            import transformers  # lazy: transformers loads only when a model is built  # noqa: F401
 
-            from rayjobs.models import encoder, text_to_text  # noqa: F401
+            from rayjobs.models import encoder, text_to_text  # lazy: torch stays out of CLI start-up  # noqa: F401
         self.defaults = train_loop.capture_process_state()
         self.trials = 0
         self.stop_event = threading.Event()
@@ -102,10 +102,8 @@ class TrialWorker:
             return True
 
     def run(self, trial: dict[str, Any]) -> Any:
-        import queue
-        import threading
 
-        from rayjobs.engine.trial import TrialStopped
+        from rayjobs.engine.trial import TrialStopped  # lazy: duckdb only when a store is opened
 
         events: queue.Queue = queue.Queue()
         with self.idle_lock:
@@ -134,8 +132,8 @@ class TrialWorker:
 
     def _run(self, trial: dict[str, Any], report: Any) -> dict[str, Any]:
         """Run one trial to its stored result; returns an outcome (never raises for a failing trial)."""
-        from rayjobs.engine.trial import execute
-        from rayjobs.train import loop as train_loop
+        from rayjobs.engine.trial import execute  # lazy: duckdb only when a store is opened
+        from rayjobs.train import loop as train_loop  # lazy: torch stays out of CLI start-up
 
         spec = TrialSpec.model_validate(trial)
         train_loop.restore_process_state(self.defaults)

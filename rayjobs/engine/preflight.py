@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import sys
 
 from packaging.version import Version
 
@@ -54,8 +55,6 @@ def check_setup(setup: SetupSpec, tasks: list[str], registry: TaskRegistry) -> N
 
 def _known_cluster() -> dict[str, float] | None:
     """Total resources of the Ray cluster this process is already connected to, else None (not known yet)."""
-    import sys
-
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
         return None
@@ -93,7 +92,10 @@ def check_distributed(setup: SetupSpec, cluster: dict[str, float] | None = None)
             raise ModelError(f"{where}: model.dtype {setup.model.dtype} does not match deepspeed.precision "
                              f"{ds.precision}; load in float32 (DeepSpeed keeps fp32 master weights and casts) "
                              "or in the training precision")
-        from rayjobs.train.deepspeed_backend import DERIVED_KEYS, DERIVED_ZERO_KEYS
+        from rayjobs.train.deepspeed_backend import (  # lazy: torch stays out of CLI start-up
+            DERIVED_KEYS,
+            DERIVED_ZERO_KEYS,
+        )
 
         clash = [k for k in DERIVED_KEYS if k in ds.extra]
         clash += [f"zero_optimization.{k}" for k in DERIVED_ZERO_KEYS if k in ds.extra.get("zero_optimization", {})]

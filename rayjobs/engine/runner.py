@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -34,7 +35,9 @@ from rayjobs.config import RunSpec
 from rayjobs.engine import observe, tuning
 from rayjobs.engine.events import RunCallback, StageResult, TrialRecord  # noqa: F401 - the run's reports
 from rayjobs.engine.pool import Shape, is_distributed, worker_shape
+from rayjobs.engine.preflight import check_distributed
 from rayjobs.engine.tuning import WorkerPool
+from rayjobs.models.loading import ModelError
 from rayjobs.plan import TrialSpec
 
 #: keep per-trial model-loading chatter (progress bars, reports, deprecation notices) out of job logs
@@ -43,7 +46,7 @@ QUIET = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 
 
 def init_ray(run: RunSpec) -> None:
-    import ray
+    import ray  # lazy: ray only on the cluster path
 
     if ray.is_initialized():
         return
@@ -72,10 +75,8 @@ def check_fits_local_cluster(trials: list[TrialSpec], run: RunSpec) -> None:
     """
     if _remote_cluster(run):
         return
-    import ray
+    import ray  # lazy: ray only on the cluster path
 
-    from rayjobs.engine.preflight import check_distributed
-    from rayjobs.models.loading import ModelError
 
     cluster = dict(ray.cluster_resources())
     for t in {t.setup.key: t for t in trials}.values():
@@ -94,7 +95,7 @@ def distributed_concurrency(trials: list[TrialSpec]) -> int | None:
     groups = [t.setup.resources for t in trials if is_distributed(t)]
     if not groups:
         return None
-    import ray
+    import ray  # lazy: ray only on the cluster path
 
     have = ray.cluster_resources()
     fits = []
@@ -115,7 +116,7 @@ def shape_caps(trials: list[TrialSpec], run: RunSpec) -> dict[Shape, int]:
     """How many workers of each shape may run at once: what fits the cluster now; on a remote cluster at
     least `REMOTE_MIN_WORKERS`, so that queued workers are demand its autoscaler scales on; never more
     than the shape's trials or `run.max_concurrent_trials`."""
-    import ray
+    import ray  # lazy: ray only on the cluster path
 
     cluster = dict(ray.cluster_resources())
     by_shape = Counter(worker_shape(t) for t in trials)
@@ -220,7 +221,7 @@ def run_trials(name: str, todo: list[TrialSpec], run: RunSpec, store: Any, *, po
         print(f"transferlab: {len(result.blocked)} runs wait for failed runs they depend on; re-run to retry",
               flush=True)
     if result.experiment_path and remote:  # connection options stay out of logs (they may hold secrets)
-        from analysis.store.remote import display
+        from analysis.store.remote import display  # lazy: pyarrow only when a store is opened
 
         where = f"{display(remote.uri).rstrip('/')}/tune/{Path(result.experiment_path).name}"
         print(f"transferlab: Tune experiment {where} (with the bucket's connection options): open it with "
@@ -262,7 +263,9 @@ def schedule(name: str, trials: list[TrialSpec], run: RunSpec, done: set[str], *
     hooks = [ProgressLines(result, run.verbose), TrialMetrics(), *callbacks]
     t0 = time.time()
     searcher = tuning.make_searcher(trials, set(done), pool.name, own_pool, gate=gate, stopped=set(stopped))
-    from rayjobs.engine.tune_events import TuneEvents  # ray.tune only once a run starts
+    from rayjobs.engine.tune_events import (  # lazy: ray only on the cluster path
+        TuneEvents,  # ray.tune only once a run starts  # lazy: ray only on the cluster path
+    )
 
     adapter = TuneEvents(result, hooks, searcher, searcher.specs, t0)
     try:
@@ -284,9 +287,7 @@ def schedule(name: str, trials: list[TrialSpec], run: RunSpec, done: set[str], *
 def _fit(name: str, experiment: str, run: RunSpec, searcher: Any, adapter: Any, caps: dict[Shape, int],
          storage: str | None, storage_fs: Any, n: int) -> Any:
     """Build and run the Tuner (Tune's own output off: the driver prints one line per trial)."""
-    import tempfile
-
-    from ray import tune
+    from ray import tune  # lazy: ray only on the cluster path
 
     slots = max(1, min(n, sum(caps.values())))
     tuning.tune_environment(slots)

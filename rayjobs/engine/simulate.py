@@ -44,7 +44,7 @@ def simulate_trial(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     if sim is None:
         raise ValueError(f"{trial.label}: the simulate executor needs a setup with a `simulate:` block")
     t0 = time.time()
-    from analysis.store.results import ResultStore
+    from analysis.store.results import ResultStore  # lazy: duckdb only when a store is opened
 
     store = ResultStore(trial.results_dir)
     if trial.source_run_key and not (store.checkpoint_dir(trial.source_run_key) / "meta.json").is_file():

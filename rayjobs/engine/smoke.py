@@ -29,6 +29,7 @@ from rayjobs.config import (
     TrainSpec,
     ValidationSpec,
 )
+from rayjobs.job import get_job
 from rayjobs.tasks.registry import DEFAULT_DATA_ROOT, TaskRegistry
 
 TINY = {
@@ -143,8 +144,6 @@ def local_first(cfg: JobConfig, tasks: list[str], k: int) -> list[str]:
 
 def smoke_variant(cfg: JobConfig) -> JobConfig:
     """The config shrunk for `--smoke`, by its job kind (`Job.smoke`: the kind module's `smoke(cfg)`)."""
-    from rayjobs.job import get_job
-
     return get_job(cfg.job).smoke(cfg)
 
 

@@ -13,8 +13,10 @@ import traceback
 from typing import Any
 
 from analysis.registry import load_target
+from analysis.store.remote import node_mirror
 from analysis.store.results import ResultStore
 from rayjobs.engine import observe, stack
+from rayjobs.engine.distributed import train_distributed
 from rayjobs.engine.faults import inject_fault
 from rayjobs.plan import TrialSpec
 from rayjobs.search_space import best_of
@@ -42,8 +44,6 @@ def execute(spec: TrialSpec, progress: Any = None, report: Any = None) -> dict[s
     With a remote results location (`results_uri`) the trial works in this node's mirror of it: it pulls
     its own row (done already?) and the runs it starts from, and pushes what it wrote, row last."""
     if spec.results_uri:
-        from analysis.store.remote import node_mirror
-
         spec = spec.model_copy(update={"results_dir": str(node_mirror(spec.results_uri))})
     store = ResultStore(spec.results_dir, remote=spec.results_uri)
     if store.remote is not None:
@@ -64,11 +64,9 @@ def execute(spec: TrialSpec, progress: Any = None, report: Any = None) -> dict[s
                 store.pull_run(spec.source_run_key)
         inject_fault(spec)
         if spec.setup.resources.workers > 1 or spec.setup.deepspeed is not None:
-            from rayjobs.engine.distributed import train_distributed
-
             row = train_distributed(spec)
         else:
-            from rayjobs.train.loop import TrainContext
+            from rayjobs.train.loop import TrainContext  # lazy: torch stays out of CLI start-up
 
             row = executor(spec.executor)(spec, TrainContext(progress=progress, report=report))
     except TrialStopped as stop:

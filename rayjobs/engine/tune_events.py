@@ -11,6 +11,7 @@ from typing import Any
 
 from ray import tune
 
+from analysis.store.results import ResultStore
 from rayjobs.engine import observe, tuning
 from rayjobs.engine.events import RunCallback, StageResult, TrialRecord
 from rayjobs.plan import TrialSpec
@@ -85,8 +86,6 @@ class TuneEvents(tune.Callback):
 def _stored_error(spec: TrialSpec) -> str:
     """The failed row's error; a Tune trial process that died with its trial (a lost node) wrote none,
     so the driver stores it."""
-    from analysis.store.results import ResultStore
-
     row = ResultStore(spec.results_dir).read_result(spec.run_key)
     if row is None:
         return tuning.lost_worker_outcome(spec, observe.TrialLost("the Tune trial process died"), 0.0)["error"]

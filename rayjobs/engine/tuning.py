@@ -21,14 +21,18 @@ works too: the searcher's state is saved with the experiment).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import logging
 import os
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from rayjobs.config import RunSpec
+from rayjobs.engine import observe
 from rayjobs.engine.pool import Shape, TrialWorker, is_distributed, worker_shape
 from rayjobs.plan import TrialSpec
 
@@ -86,7 +90,7 @@ class WorkerBroker:
                 self.waiters[s] -= 1
 
     def _start(self, s: Shape) -> None:
-        import ray
+        import ray  # lazy: ray only on the cluster path
 
         wid = self.next_id
         self.next_id += 1
@@ -120,7 +124,7 @@ class WorkerBroker:
 
     def _cap(self, s: Shape) -> int:
         """The shape's cap; a shape the driver did not name (a restored experiment): what fits the cluster."""
-        import ray
+        import ray  # lazy: ray only on the cluster path
 
         if s not in self.caps:
             self.caps[s] = max(1, min(s.fits(ray.cluster_resources()), 64))
@@ -134,7 +138,7 @@ class WorkerBroker:
     async def _make_room(self, waiting: Shape) -> None:
         """A worker for `waiting` asks for resources the cluster does not have free: end idle workers of
         other shapes (a job mixing shapes), which hold what it needs."""
-        import ray
+        import ray  # lazy: ray only on the cluster path
 
         if waiting.fits(ray.available_resources()) > 0:
             return
@@ -207,7 +211,7 @@ class WorkerBroker:
                 "workers": [w["name"] for w in self.workers.values()]}
 
     def _end(self, wid: int) -> None:
-        import ray
+        import ray  # lazy: ray only on the cluster path
 
         w = self.workers.pop(wid, None)
         if w is not None:
@@ -235,13 +239,13 @@ class WorkerPool:
         self.name = ""
 
     def ensure(self, caps: dict[Shape, int], name: str = "") -> Any:
-        import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        import ray  # lazy: ray only on the cluster path
+        from ray.util.scheduling_strategies import (
+            NodeAffinitySchedulingStrategy,  # lazy: ray only on the cluster path
+        )
 
         keyed = {_shape_key(s): n for s, n in caps.items()}
         if self.broker is None:
-            import uuid
-
             here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
             self.name = name or f"broker-{uuid.uuid4().hex[:12]}"
             self.broker = ray.remote(WorkerBroker).options(
@@ -252,12 +256,12 @@ class WorkerPool:
         return self.broker
 
     def figures(self) -> dict[str, Any]:
-        import ray
+        import ray  # lazy: ray only on the cluster path
 
         return ray.get(self.broker.drain.remote()) if self.broker is not None else {"started": 0, "start_s": []}
 
     def close(self) -> None:
-        import ray
+        import ray  # lazy: ray only on the cluster path
 
         if self.broker is not None:
             try:
@@ -275,8 +279,6 @@ def broker_name(experiment: str) -> str:
 
 def tune_environment(slots: int) -> None:
     """Tune settings read from the environment when a Tuner starts (before it is built)."""
-    import logging
-
     # a searcher other than Tune's default gets one pending trial unless told otherwise; our trials
     # reserve only memory, so as many may be pending as there are slots
     os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(slots)
@@ -289,8 +291,10 @@ def tune_environment(slots: int) -> None:
 
 def tune_trainable() -> Any:
     """`trainable` with its resources: a little memory, no CPU (the warm workers hold the CPUs and GPUs)."""
-    from ray import tune
-    from ray.tune.execution.placement_groups import PlacementGroupFactory
+    from ray import tune  # lazy: ray only on the cluster path
+    from ray.tune.execution.placement_groups import (
+        PlacementGroupFactory,  # lazy: ray only on the cluster path
+    )
 
     return tune.with_resources(trainable, PlacementGroupFactory([{"CPU": 0, "memory": TRIAL_MEMORY}]))
 
@@ -298,9 +302,9 @@ def tune_trainable() -> Any:
 # -- the Tune trial ---------------------------------------------------------------------------------------
 def trainable(config: dict[str, Any]) -> None:
     """One Tune trial: run the planned trial on a warm worker, forwarding what it reports."""
-    import ray
-    from ray import tune
-    from ray.exceptions import RayActorError
+    import ray  # lazy: ray only on the cluster path
+    from ray import tune  # lazy: ray only on the cluster path
+    from ray.exceptions import RayActorError  # lazy: ray only on the cluster path
 
     spec = TrialSpec.model_validate(config["trial"])
     if is_distributed(spec):
@@ -339,10 +343,10 @@ def trainable(config: dict[str, Any]) -> None:
 def _run_group(spec: TrialSpec, broker: Any) -> None:
     """A distributed trial: its Ray Train `TorchTrainer` is built here, in the Tune function (Ray's way of
     running Train inside Tune), the trial's result reported when it returns."""
-    import ray
-    from ray import tune
+    import ray  # lazy: ray only on the cluster path
+    from ray import tune  # lazy: ray only on the cluster path
 
-    from rayjobs.engine.trial import execute
+    from rayjobs.engine.trial import execute  # lazy: duckdb only when a store is opened
 
     ray.get(broker.group_start.remote())
     t0 = time.time()
@@ -362,11 +366,10 @@ class TrialFailed(RuntimeError):
 def lost_worker_outcome(trial: TrialSpec, err: BaseException, wall: float) -> dict[str, Any]:
     """The worker died during the trial: nothing in it could store the failure, so the trial does
     (unless the run was stored just before the process ended)."""
-    from ray.exceptions import RayActorError
+    from ray.exceptions import RayActorError  # lazy: ray only on the cluster path
 
-    from analysis.store.results import ResultStore
-    from rayjobs.engine import observe
-    from rayjobs.engine.trial import DECIDED, failed_row
+    from analysis.store.results import ResultStore  # lazy: duckdb only when a store is opened
+    from rayjobs.engine.trial import DECIDED, failed_row  # lazy: duckdb only when a store is opened
 
     store = ResultStore(trial.results_dir)
     stored = store.read_result(trial.run_key)
@@ -387,7 +390,7 @@ _BROKERS: dict[str, Any] = {}
 
 
 def _broker(name: str) -> Any:
-    import ray
+    import ray  # lazy: ray only on the cluster path
 
     if name not in _BROKERS:
         _BROKERS[name] = ray.get_actor(name, namespace=NAMESPACE)
@@ -403,7 +406,7 @@ def make_searcher(trials: list[TrialSpec], done: set[str], broker_name: str, own
                   gate: Any = None, stopped: set[str] = frozenset()) -> Any:
     """The run's `DependencySearcher` (`rayjobs.engine.searcher`); with its own pool of warm workers, it
     tells the broker after each trial which worker shapes are still needed."""
-    from rayjobs.engine.searcher import DependencySearcher
+    from rayjobs.engine.searcher import DependencySearcher  # lazy: ray only on the cluster path
 
     def keep_shapes(left: list[TrialSpec]) -> None:
         shapes = {_shape_key(worker_shape(t)) for t in left}
@@ -418,7 +421,7 @@ def make_scheduler(run: RunSpec) -> Any:
     spec = run.scheduler
     if spec is None:
         return None
-    from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
+    from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule  # lazy: ray only on the cluster path
 
     if spec.asha is not None:
         a = spec.asha
@@ -436,19 +439,19 @@ def make_callbacks(run: RunSpec, tracking_dir: Path, name: str) -> list[Any]:
     out: list[Any] = []
     for kind in run.callbacks:
         if kind == "csv":
-            from ray.tune.logger import CSVLoggerCallback
+            from ray.tune.logger import CSVLoggerCallback  # lazy: ray only on the cluster path
 
             out.append(CSVLoggerCallback())
         elif kind == "json":
-            from ray.tune.logger import JsonLoggerCallback
+            from ray.tune.logger import JsonLoggerCallback  # lazy: ray only on the cluster path
 
             out.append(JsonLoggerCallback())
         elif kind == "tensorboard":
-            from ray.tune.logger import TBXLoggerCallback
+            from ray.tune.logger import TBXLoggerCallback  # lazy: ray only on the cluster path
 
             out.append(TBXLoggerCallback())
         elif kind == "mlflow":
-            from ray.air.integrations.mlflow import MLflowLoggerCallback
+            from ray.air.integrations.mlflow import MLflowLoggerCallback  # lazy: ray only on the cluster path
 
             uri = os.environ.get("MLFLOW_TRACKING_URI") or (tracking_dir / "mlruns").resolve().as_uri()
             # MLflow 3 refuses its file store unless asked: a laptop has no tracking server (`mlflow-skinny`
@@ -456,7 +459,7 @@ def make_callbacks(run: RunSpec, tracking_dir: Path, name: str) -> list[Any]:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             out.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=name))
         elif kind == "wandb":
-            from ray.air.integrations.wandb import WandbLoggerCallback
+            from ray.air.integrations.wandb import WandbLoggerCallback  # lazy: ray only on the cluster path
 
             os.environ.setdefault("WANDB_MODE", "offline")  # read by the callback's key check, here
             # Ray's per-trial W&B logging actors do not get this process's environment: mode and folder
@@ -470,10 +473,10 @@ def make_callbacks(run: RunSpec, tracking_dir: Path, name: str) -> list[Any]:
 def restore(path: str, max_concurrent: int | None = None) -> int:
     """`Tuner.restore` of an interrupted experiment: unfinished trials resume (each returns its stored
     row if it has one), the searcher hands out what was left; then the results are ingested."""
-    import ray
-    from ray import tune
+    import ray  # lazy: ray only on the cluster path
+    from ray import tune  # lazy: ray only on the cluster path
 
-    from analysis.store.results import ResultStore
+    from analysis.store.results import ResultStore  # lazy: duckdb only when a store is opened
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
@@ -494,8 +497,6 @@ def restore(path: str, max_concurrent: int | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     ap = argparse.ArgumentParser(prog="python -m rayjobs.engine.tuning",
                                  description="resume an interrupted transferlab Tune experiment")
     sub = ap.add_subparsers(dest="cmd", required=True)

@@ -15,6 +15,7 @@ from torch import nn
 from rayjobs.config import AdaptationSpec
 from rayjobs.models.base import TaskModel
 from rayjobs.models.loading import ModelError
+from rayjobs.models.peft_methods import apply_peft
 
 
 def apply_adaptation(tm: TaskModel, spec: AdaptationSpec, family: str) -> TaskModel:
@@ -31,8 +32,6 @@ def apply_adaptation(tm: TaskModel, spec: AdaptationSpec, family: str) -> TaskMo
         for name, p in tm.module.named_parameters():
             p.requires_grad_(name.endswith(".bias") or name == "bias" or tm.is_head(name))
     else:
-        from rayjobs.models.peft_methods import apply_peft
-
         apply_peft(tm, spec, family)
     if not any(p.requires_grad for p in tm.module.parameters()):
         raise ModelError(f"adaptation {method!r} leaves no trainable parameters in this model")

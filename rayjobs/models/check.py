@@ -24,7 +24,7 @@ def hub_offline() -> bool:
 
 def in_hf_cache(repo_id: str, cache_dir: str | os.PathLike | None = None) -> bool:
     """Whether the model's config.json is in the local Hugging Face cache (what an offline load needs)."""
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache  # lazy: huggingface_hub only when exporting a model
 
     try:
         found = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir)
@@ -47,7 +47,7 @@ def check_model_available(path: str, timeout_s: float = HUB_TIMEOUT_S,
     where = f"model {path!r} is not a local folder and not in the Hugging Face cache"
     if hub_offline():
         raise ModelError(f"{where}, and HF_HUB_OFFLINE is set: download it first or give a local folder")
-    from huggingface_hub import model_info
+    from huggingface_hub import model_info  # lazy: huggingface_hub only when exporting a model
 
     try:
         model_info(path, timeout=timeout_s)

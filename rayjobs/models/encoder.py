@@ -25,7 +25,9 @@ def _head_prefixes(module: torch.nn.Module) -> tuple[str, ...]:
 
 class EncoderClassifier(TaskModel):
     def __init__(self, spec: ModelSpec, task: TaskSpec):
-        from transformers import AutoModelForSequenceClassification
+        from transformers import (  # lazy: transformers loads only when a model is built
+            AutoModelForSequenceClassification,  # lazy: transformers loads only when a model is built
+        )
 
         if task.answer_type == "text":
             raise ModelError(f"task {task.name!r} has free-text answers; an encoder head cannot generate them "
@@ -65,7 +67,9 @@ class EncoderClassifier(TaskModel):
 
 class EncoderMultipleChoice(TaskModel):
     def __init__(self, spec: ModelSpec, task: TaskSpec):
-        from transformers import AutoModelForMultipleChoice
+        from transformers import (  # lazy: transformers loads only when a model is built
+            AutoModelForMultipleChoice,  # lazy: transformers loads only when a model is built
+        )
 
         if task.answer_type != "choice":
             raise ModelError(f"task {task.name!r} is not a multiple-choice task")

@@ -42,7 +42,7 @@ def tokenizer_path(spec: ModelSpec) -> str:
 
 
 def load_tokenizer(spec: ModelSpec) -> Any:
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: transformers loads only when a model is built
 
     path = tokenizer_path(spec)
     try:
@@ -55,7 +55,7 @@ def load_tokenizer(spec: ModelSpec) -> Any:
 
 
 def build_config(spec: ModelSpec, tokenizer: Any, **overrides: Any) -> Any:
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # lazy: transformers loads only when a model is built
 
     assert spec.config is not None
     kwargs = dict(spec.config)
@@ -73,8 +73,8 @@ def build_config(spec: ModelSpec, tokenizer: Any, **overrides: Any) -> Any:
 def dtype_kwargs(spec: ModelSpec) -> dict[str, Any]:
     """`model.dtype` as transformers takes it: `dtype` from v5 (`torch_dtype` before). Always explicit:
     transformers 5 otherwise loads a checkpoint in the dtype it was saved in."""
-    import torch
-    import transformers
+    import torch  # lazy: torch stays out of CLI start-up
+    import transformers  # lazy: transformers loads only when a model is built
 
     key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     return {key: getattr(torch, spec.dtype)}

@@ -72,7 +72,7 @@ class MultiHeadModel(TaskModel):
     head_prefixes = (f"{HEADS}.",)
 
     def __init__(self, spec: ModelSpec, tasks: dict[str, TaskSpec]):
-        from transformers import AutoModel
+        from transformers import AutoModel  # lazy: transformers loads only when a model is built
 
         if not tasks:
             raise ModelError("a multi-head model needs at least one task")

@@ -14,15 +14,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rayjobs.config import ConfigError
+from rayjobs.config import ConfigError, SetupSpec
 
 
 def export_peft(run_key: str, results: str | Path, out: str | Path) -> dict[str, Any]:
     """Write run `run_key`'s adapter under `out` (a new or empty folder); what was written."""
-    from analysis.store.results import ResultStore
-    from rayjobs.config import SetupSpec
-    from rayjobs.models import checkpoint
-    from rayjobs.scoring.blackbox import open_black_box
+    from analysis.store.results import ResultStore  # lazy: duckdb only when a store is opened
+    from rayjobs.models import checkpoint  # lazy: torch stays out of CLI start-up
+    from rayjobs.scoring.blackbox import open_black_box  # lazy: torch stays out of CLI start-up
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

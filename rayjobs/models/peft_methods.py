@@ -13,6 +13,7 @@ from typing import Any
 
 from rayjobs.config import AdaptationSpec
 from rayjobs.models.base import TaskModel
+from rayjobs.models.bottleneck import add_adapters
 from rayjobs.models.loading import ModelError
 
 #: peft task type of a prompt-learning method, by (family, encoder head)
@@ -35,8 +36,6 @@ def apply_peft(tm: TaskModel, spec: AdaptationSpec, family: str) -> None:
     method, params = spec.method, dict(spec.params)
     heads = [n for n, _ in tm.module.named_parameters() if tm.is_head(n)]
     if method == "adapter":
-        from rayjobs.models.bottleneck import add_adapters
-
         for p in tm.module.parameters():
             p.requires_grad_(False)
         try:
@@ -46,7 +45,7 @@ def apply_peft(tm: TaskModel, spec: AdaptationSpec, family: str) -> None:
         for name, p in tm.module.named_parameters():
             p.requires_grad_(".adapter." in f".{name}" or name in heads)
         return
-    import peft
+    import peft  # lazy: peft loads only for an adapter method
 
     if method == "lora":
         cfg = _peft_config(peft.LoraConfig, method, params)

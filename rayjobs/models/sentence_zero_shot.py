@@ -71,7 +71,9 @@ class ChoiceCache:
 class SentenceZeroShot(TaskModel):
     def __init__(self, path: str, task: TaskSpec, temperature: float = DEFAULT_TEMPERATURE, max_length: int = 256,
                  choice_cache_size: int = DEFAULT_CHOICE_CACHE):
-        from sentence_transformers import SentenceTransformer
+        from sentence_transformers import (  # lazy: sentence-transformers only when embedding
+            SentenceTransformer,  # lazy: sentence-transformers only when embedding
+        )
 
         if temperature <= 0:
             raise ModelError(f"sentence zero-shot temperature must be positive, got {temperature}")

@@ -78,7 +78,7 @@ class _TextToText(TaskModel):
     def _greedy(self) -> Any:
         """Plain greedy decoding, whatever the checkpoint's generation_config asks (repetition penalty,
         sampling, beams): a black box's answers must not depend on shipped decoding defaults."""
-        from transformers import GenerationConfig
+        from transformers import GenerationConfig  # lazy: transformers loads only when a model is built
 
         return GenerationConfig(max_new_tokens=self.max_target, do_sample=False, num_beams=1,
                                 pad_token_id=self.pad_id, eos_token_id=self.eos_id,
@@ -136,7 +136,7 @@ class Seq2SeqModel(_TextToText):
     """Encoder-decoder (T5): the prompt is the encoder input, the answer the decoder target."""
 
     def __init__(self, spec: ModelSpec, task: TaskSpec):
-        from transformers import AutoModelForSeq2SeqLM
+        from transformers import AutoModelForSeq2SeqLM  # lazy: transformers loads only when a model is built
 
         super().__init__(spec, task, AutoModelForSeq2SeqLM)
 
@@ -189,7 +189,7 @@ class CausalModel(_TextToText):
     """Decoder-only LM: prompt and answer are one sequence; only answer tokens are trained and scored."""
 
     def __init__(self, spec: ModelSpec, task: TaskSpec):
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM  # lazy: transformers loads only when a model is built
 
         super().__init__(spec, task, AutoModelForCausalLM)
 

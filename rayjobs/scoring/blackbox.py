@@ -16,14 +16,18 @@ Model references (`open_black_box`):
 
 from __future__ import annotations
 
+import email.utils
 import math
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence, Sized
 from pathlib import Path
 from typing import Any
 
-from rayjobs.models.loading import ModelError
+from rayjobs.config import AdaptationSpec, ModelSpec, SetupSpec
+from rayjobs.models import build_task_model, checkpoint
+from rayjobs.models.loading import ModelError, resolve_path
 from rayjobs.tasks.registry import Example, LocalSource, TaskSpec
 from rayjobs.tasks.templates import PromptTemplate
 
@@ -109,7 +113,7 @@ class TaskModelBox(BlackBox):
 
     def _score(self, examples: list[Example], task: TaskSpec, generate: bool, perplexity: bool,
                batch_size: int) -> list[dict[str, Any]]:
-        from rayjobs.train.loop import score_examples
+        from rayjobs.train.loop import score_examples  # lazy: torch stays out of CLI start-up
 
         if self.fixed_labels is not None:
             bad = [e for e in examples if len(e.choices) != len(self.fixed_labels)]
@@ -176,7 +180,7 @@ class EndpointBox(BlackBox):
 
     @property
     def session(self) -> Any:
-        import requests
+        import requests  # lazy: requests only for a remote call
 
         if self._session is None:
             self._session = requests.Session()
@@ -186,8 +190,6 @@ class EndpointBox(BlackBox):
 
     def _wait(self, response: Any, attempt: int) -> float:
         """Seconds to wait before retry `attempt` (0-based): Retry-After (seconds or an HTTP date), capped."""
-        import email.utils
-        import time
 
         header = response.headers.get("Retry-After")
         wait = 0.5 * 2 ** attempt
@@ -202,9 +204,7 @@ class EndpointBox(BlackBox):
         return min(max(wait, 0.0), self.max_wait)
 
     def _post(self, prompts: list[str], max_tokens: int = 1, echo: bool = True) -> list[dict[str, Any]]:
-        import time
-
-        import requests
+        import requests  # lazy: requests only for a remote call
 
         body: dict[str, Any] = {"prompt": prompts, "max_tokens": max(1, max_tokens), "echo": echo,
                                 "temperature": 0.0}
@@ -249,9 +249,9 @@ class EndpointBox(BlackBox):
 
     def _score(self, examples: list[Example], task: TaskSpec, generate: bool, perplexity: bool,
                batch_size: int) -> list[dict[str, Any]]:
-        import torch
+        import torch  # lazy: torch stays out of CLI start-up
 
-        from rayjobs.models.base import choice_record
+        from rayjobs.models.base import choice_record  # lazy: torch stays out of CLI start-up
 
         records: list[dict[str, Any]] = [{} for _ in examples]
         if task.answer_type == "choice":
@@ -278,7 +278,7 @@ class EndpointBox(BlackBox):
 
 def _family_of(path: str) -> str:
     """seq2seq, causal or encoder, from a model's HF config."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # lazy: transformers loads only when a model is built
 
     try:
         cfg = AutoConfig.from_pretrained(path)
@@ -293,9 +293,7 @@ def _family_of(path: str) -> str:
 
 
 def _stored_run(key: str, results: str | Path | None) -> BlackBox:
-    from analysis.store.results import ResultStore
-    from rayjobs.config import SetupSpec
-    from rayjobs.models import build_task_model, checkpoint
+    from analysis.store.results import ResultStore  # lazy: duckdb only when a store is opened
 
     if results is None:
         raise ModelError(f"model run:{key} names a stored run, but no results folder was given")
@@ -317,10 +315,10 @@ def _stored_run(key: str, results: str | Path | None) -> BlackBox:
 def open_black_box(ref: str, results: str | Path | None = None, temperature: float | None = None,
                    max_length: int = 512, api_key: str | None = None) -> BlackBox:
     """Load the model a reference names (see the module docstring)."""
-    from rayjobs.config import AdaptationSpec, ModelSpec
-    from rayjobs.models import build_task_model
-    from rayjobs.models.loading import resolve_path
-    from rayjobs.models.sentence_zero_shot import DEFAULT_TEMPERATURE, SentenceZeroShot
+    from rayjobs.models.sentence_zero_shot import (  # lazy: torch stays out of CLI start-up
+        DEFAULT_TEMPERATURE,
+        SentenceZeroShot,
+    )
 
     placeholder = TaskSpec(name="adhoc", choices=["a", "b"], local=LocalSource(path="-"))
     if ref.startswith(("http://", "https://")):

@@ -49,8 +49,11 @@ import torch
 from pydantic import Field, model_validator
 
 from rayjobs.config import AdaptationSpec, ModelSpec, TrainSpec, _Strict
+from rayjobs.models import build_task_model
 from rayjobs.models.base import TaskModel
+from rayjobs.models.encoder import EncoderClassifier, EncoderMultipleChoice
 from rayjobs.models.loading import ModelError
+from rayjobs.models.text_to_text import _TextToText
 from rayjobs.tasks.registry import Example, LocalSource, TaskSpec
 
 TASKEMB_VARIANTS = ("fisher_eq3", "fisher_sq_mean")
@@ -123,8 +126,6 @@ def build_surrogate(space: SpaceSpec, task: TaskSpec, seed: int) -> TaskModel:
     fixed label set) or `multiple_choice` (one score per (input, choice) pair; any choices). `auto` is
     refused: two heads in one space would make its embeddings incomparable.
     """
-    from rayjobs.models import build_task_model
-
     model = space.surrogate
     if model.family == "encoder":
         if model.head == "auto":
@@ -150,8 +151,6 @@ def build_surrogate(space: SpaceSpec, task: TaskSpec, seed: int) -> TaskModel:
 def choice_logprobs(tm: TaskModel, batch: dict[str, Any]) -> torch.Tensor:
     """log p(c | x) over each example's choices, [batch, max choices], -inf where an example has fewer;
     differentiable (the training and Fisher paths), the same distribution the scoring path stores as `probs`."""
-    from rayjobs.models.encoder import EncoderClassifier, EncoderMultipleChoice
-    from rayjobs.models.text_to_text import _TextToText
 
     batch = {k: v for k, v in batch.items() if k != "soft"}  # the targets are the loss's, not the model's
     own = getattr(tm, "choice_logits", None)

@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from rayjobs.scoring.blackbox import open_black_box
 from rayjobs.tasks.registry import Example
 from rayjobs.tasks.templates import PromptTemplate
 
@@ -51,7 +52,7 @@ def meta_examples(candidates: Sequence[PromptTemplate], examples: Sequence[Examp
 def self_select_rows(box: Any, candidates: Sequence[PromptTemplate], examples: Sequence[Example], task: str,
                      split: str, batch_size: int = 32) -> list[dict[str, Any]]:
     """`predictions` rows of the meta-prompts scored by `box` (a BlackBox)."""
-    from rayjobs.train.loop import prediction_rows
+    from rayjobs.train.loop import prediction_rows  # lazy: torch stays out of CLI start-up
 
     metas = meta_examples(candidates, examples)
     records = box.score(META_TEMPLATE, metas, batch_size=batch_size)
@@ -60,9 +61,12 @@ def self_select_rows(box: Any, candidates: Sequence[PromptTemplate], examples: S
 
 def self_select_trial(trial: Any, ctx: Any = None) -> dict[str, Any]:
     """Executor (a `score` job's self_select trials): one model's meta-prompts over one task's split."""
-    from rayjobs.score import split_examples
-    from rayjobs.scoring.blackbox import open_black_box
-    from rayjobs.train.loop import TrainContext, seed_everything, trial_device
+    from rayjobs.score import split_examples  # lazy: duckdb only when a store is opened
+    from rayjobs.train.loop import (  # lazy: torch stays out of CLI start-up
+        TrainContext,
+        seed_everything,
+        trial_device,
+    )
 
     t0 = time.time()
     p = trial.params

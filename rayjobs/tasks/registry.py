@@ -278,7 +278,7 @@ def _read_local(spec: TaskSpec, path: Path) -> list[Example]:
                 except json.JSONDecodeError as e:
                     raise TaskError(f"{path}:{i}: malformed JSON line: {e.msg}") from None
     elif suffix in (".csv", ".parquet"):
-        import pandas as pd
+        import pandas as pd  # lazy: duckdb only when a store is opened
 
         df = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
         records = [(f"{path}:{i + 2}", r) for i, r in enumerate(df.to_dict("records"))]
@@ -310,7 +310,7 @@ def _isnan(v: Any) -> bool:
 def _read_hf(spec: TaskSpec) -> tuple[list[Example], list[Example]]:
     assert spec.hf is not None
     try:
-        import datasets
+        import datasets  # lazy: optional dependency (datasets)
     except ImportError as e:  # pragma: no cover - datasets is a dependency
         raise TaskError(f"task {spec.name!r}: the `datasets` package is needed for {spec.hf.id}") from e
     pools = []

@@ -40,7 +40,7 @@ def make_optimizer(tm: TaskModel, hp: TrainSpec) -> torch.optim.Optimizer:
     groups = [g for g in ({"params": decay, "weight_decay": hp.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     if hp.optimizer == "adafactor":
-        from transformers.optimization import Adafactor
+        from transformers.optimization import Adafactor  # lazy: transformers loads only when a model is built
 
         return Adafactor(groups, lr=hp.learning_rate, relative_step=False, scale_parameter=False,
                          warmup_init=False)

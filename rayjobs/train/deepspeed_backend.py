@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from rayjobs.config import DeepSpeedSpec, TrainSpec
 from rayjobs.models import checkpoint
@@ -112,7 +113,7 @@ class DeepSpeedBackend:
 
     def __init__(self, tm: TaskModel, hp: TrainSpec, ds: DeepSpeedSpec, ctx: Any, total_steps: int, micro: int):
         try:
-            import deepspeed
+            import deepspeed  # lazy: optional dependency (deepspeed)
         except ImportError as e:  # pragma: no cover - preflight reports this before training
             raise RuntimeError("setup.deepspeed needs the deepspeed package (pip install 'transformers[deepspeed]' "
                                "or the project's `deepspeed` extra)") from e
@@ -154,8 +155,7 @@ class DeepSpeedBackend:
 
     def trainable_state(self) -> dict[str, torch.Tensor] | None:
         """Full trainable parameters on rank 0 (None elsewhere); every rank must call it under ZeRO-3."""
-        import deepspeed
-        import torch.distributed as dist
+        import deepspeed  # lazy: optional dependency (deepspeed)
 
         rank = dist.get_rank() if dist.is_initialized() else 0
         state: dict[str, torch.Tensor] = {}
@@ -195,9 +195,10 @@ def model_init_context(trial: Any, ctx: Any) -> Iterator[bool]:
     if not builds_partitioned(trial.setup):
         yield False
         return
-    import deepspeed
-    import torch.distributed as dist
-    from transformers.integrations import deepspeed as hf_ds
+    import deepspeed  # lazy: optional dependency (deepspeed)
+    from transformers.integrations import (
+        deepspeed as hf_ds,  # lazy: transformers loads only when a model is built
+    )
 
     if dist.is_initialized():  # zero.Init reads the world size from DeepSpeed's own handle on the group
         deepspeed.init_distributed(dist_backend=dist.get_backend())
@@ -239,9 +240,8 @@ def load_into_partitioned(module: torch.nn.Module, folder: str | Path,
     """`checkpoint.load_into` for a model built partitioned: every rank walks the checkpoint's tensors in
     the same order and gathers one parameter at a time; rank 0 reads its value (bounded memory).
     Shapes are checked on every rank first, from metadata, so a bad checkpoint fails all ranks alike."""
-    import deepspeed
-    import torch.distributed as dist
-    from safetensors import safe_open
+    import deepspeed  # lazy: optional dependency (deepspeed)
+    from safetensors import safe_open  # lazy: safetensors only when saving weights
 
     path = Path(folder) / checkpoint.WEIGHTS
     if not path.is_file():

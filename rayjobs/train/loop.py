@@ -31,6 +31,8 @@ from rayjobs.plan import TrialSpec
 from rayjobs.tasks import metrics
 from rayjobs.tasks.registry import Example, TaskRegistry, TaskSpec
 from rayjobs.tasks.templates import BASE, PromptTemplate, render_train, resolve
+from rayjobs.train.backend import TorchBackend
+from rayjobs.train.deepspeed_backend import DeepSpeedBackend, load_into_partitioned, model_init_context
 from rayjobs.train.mixture import load_mixture
 
 
@@ -231,12 +233,10 @@ def prepare_model(trial: TrialSpec, data: TrialData, ctx: TrainContext | None = 
     with _model_init_context(trial, ctx or TrainContext()) as partitioned:
         tm = build_task_model(setup.model, setup.adaptation, data.train_spec)
         if trial.source_run_key:
-            from analysis.store.results import ResultStore
+            from analysis.store.results import ResultStore  # lazy: duckdb only when a store is opened
 
             folder = ResultStore(trial.results_dir).checkpoint_dir(trial.source_run_key)
             if partitioned:
-                from rayjobs.train.deepspeed_backend import load_into_partitioned
-
                 load_into_partitioned(tm.module, folder, skip=tm.is_head)
             else:
                 tm.load(folder)
@@ -250,7 +250,6 @@ def prepare_model(trial: TrialSpec, data: TrialData, ctx: TrainContext | None = 
 def _model_init_context(trial: TrialSpec, ctx: TrainContext) -> Any:
     if trial.setup.deepspeed is None or trial.setup.deepspeed.stage != 3:
         return contextlib.nullcontext(False)
-    from rayjobs.train.deepspeed_backend import model_init_context  # deepspeed only where it is used
 
     return model_init_context(trial, ctx)
 
@@ -303,10 +302,7 @@ def make_backend(tm: TaskModel, hp: TrainSpec, setup: SetupSpec, ctx: Any, total
                              "only, not under DeepSpeed / several workers (its engine owns the optimiser and "
                              "shards the parameters)")
     if setup.deepspeed is not None:
-        from rayjobs.train.deepspeed_backend import DeepSpeedBackend
-
         return DeepSpeedBackend(tm, hp, setup.deepspeed, ctx, total_steps, micro)
-    from rayjobs.train.backend import TorchBackend
 
     return TorchBackend(tm, hp, total_steps)
 
@@ -382,7 +378,7 @@ def save_checkpoint(fitted: FitResult, trial: TrialSpec, data: TrialData, ctx: T
     """Step 5: the trained parameters of a source run (every rank takes part under ZeRO-3; rank 0 writes)."""
     if not trial.save_checkpoint:
         return None
-    from analysis.store.results import ResultStore
+    from analysis.store.results import ResultStore  # lazy: duckdb only when a store is opened
 
     folder = ResultStore(trial.results_dir).checkpoint_dir(trial.run_key)
     setup = trial.setup
