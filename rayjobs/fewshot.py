@@ -22,7 +22,6 @@ import warnings
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from pydantic import Field, field_validator
 
 from analysis.store.results import ResultStore
@@ -31,11 +30,9 @@ from rayjobs.engine.driver import module_entry
 from rayjobs.engine.preflight import check_setup
 from rayjobs.engine.smoke import shrink_per_task
 from rayjobs.job import Job, Plan, check_choice_tasks
-from rayjobs.models import build_task_model
 from rayjobs.models.loading import ModelError
 from rayjobs.plan import TrialSpec, prompt_identity, trial_key
 from rayjobs.pvi import TaskSizes
-from rayjobs.tasks import metrics
 from rayjobs.tasks.registry import Example, TaskError, TaskRegistry, TaskSpec
 from rayjobs.tasks.templates import PromptTemplate, resolve
 
@@ -139,7 +136,9 @@ def expand_fewshot(cfg: FewshotConfig, registry: TaskRegistry, results_dir: str)
 # -- the trial's executor (TrialSpec.executor) ------------------------------------------------------
 def score_fewshot(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     """Build the model, score the held-out pool k-shot under every evaluation template; nothing is trained."""
+    import torch  # lazy: torch stays out of CLI start-up
 
+    from rayjobs.models import build_task_model  # lazy: torch stays out of CLI start-up
     from rayjobs.train.loop import (  # lazy: the train loop (scipy) only in the trial's worker
         EvalResult,
         FitResult,
@@ -181,7 +180,7 @@ def score_fewshot(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
 def accuracy_and_macro_f1(rows: list[dict[str, Any]], n_classes: int) -> dict[str, float]:
     """Paper 003 reports both for every task (Tables 7-8): accuracy and macro-F1 (`rayjobs.tasks.metrics.f1`) over
     the labelled held-out rows, per template and then averaged over the templates."""
-
+    from rayjobs.tasks import metrics  # lazy: scipy only when a trial scores
 
     by_tpl: dict[str, list[tuple[int, int]]] = {}
     for r in rows:

@@ -34,7 +34,6 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import torch
 from pydantic import Field, field_validator, model_validator
 
 from analysis.errors import AnalysisError
@@ -45,9 +44,7 @@ from rayjobs.engine.driver import module_entry
 from rayjobs.engine.preflight import check_setup
 from rayjobs.engine.smoke import has_local_data, smoke_setup
 from rayjobs.job import Job, Plan, task_spec
-from rayjobs.models.adaptation import apply_adaptation
 from rayjobs.models.loading import ModelError
-from rayjobs.models.multihead import MultiHeadModel, tag
 from rayjobs.plan import TrialSpec, prompt_identity, trial_key
 from rayjobs.pvi import TaskSizes
 from rayjobs.tasks.registry import Example, TaskError, TaskRegistry
@@ -217,7 +214,7 @@ def _member_data(trial: TrialSpec, members: list[str]
                  ) -> tuple[list[Example], dict[str, list[Example]], dict[str, Any], list[str]]:
     """Each member's data, tagged with its task: the rendered training examples of all members, each member's
     held-out pool, each member's task spec, and the origins for the run row."""
-
+    from rayjobs.models.multihead import tag  # lazy: torch stays out of CLI start-up
     registry = TaskRegistry.load(trial.task_files, trial.data_root)
     fam = trial.setup.model.family
     train: list[Example] = []
@@ -235,8 +232,10 @@ def _member_data(trial: TrialSpec, members: list[str]
 
 def train_and_evaluate_mtl(trial: TrialSpec, ctx: Any = None) -> dict[str, Any]:
     """Train the shared encoder and every member's head with `fit`; evaluate each member on its held-out pool."""
+    import torch  # lazy: torch stays out of CLI start-up
 
-
+    from rayjobs.models.adaptation import apply_adaptation  # lazy: torch stays out of CLI start-up
+    from rayjobs.models.multihead import MultiHeadModel  # lazy: torch stays out of CLI start-up
     from rayjobs.train.loop import (  # lazy: the train loop (scipy) only in the trial's worker
         EvalResult,
         TrialData,

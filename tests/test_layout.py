@@ -181,7 +181,9 @@ def test_cli_commands_come_from_entry_points_that_resolve() -> None:
 def test_the_command_line_starts_without_torch() -> None:
     """`transferlab --help` and every command group's parser build without importing torch (seconds of start-up);
     the function-local imports marked `# lazy:` are what keeps it so."""
-    code = ("import sys, rayjobs.cli, analysis.cli.commands, serving.cli, rayjobs.pairwise\n"
+    # every job kind's module too, but embed: its config holds FUTE's SpaceSpec, defined beside the torch surrogates
+    code = ("import sys, rayjobs.cli, analysis.cli.commands, serving.cli, rayjobs.pairwise, rayjobs.multitask, "
+            "rayjobs.score, rayjobs.pvi, rayjobs.mtl, rayjobs.fewshot\n"
             "print(sorted(m for m in ('torch', 'transformers', 'ray.tune', 'deepspeed') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

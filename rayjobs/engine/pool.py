@@ -102,7 +102,6 @@ class TrialWorker:
             return True
 
     def run(self, trial: dict[str, Any]) -> Any:
-
         from rayjobs.engine.trial import TrialStopped  # lazy: duckdb only when a store is opened
 
         events: queue.Queue = queue.Queue()

@@ -77,7 +77,6 @@ def check_fits_local_cluster(trials: list[TrialSpec], run: RunSpec) -> None:
         return
     import ray  # lazy: ray only on the cluster path
 
-
     cluster = dict(ray.cluster_resources())
     for t in {t.setup.key: t for t in trials}.values():
         check_distributed(t.setup, cluster)
@@ -263,9 +262,7 @@ def schedule(name: str, trials: list[TrialSpec], run: RunSpec, done: set[str], *
     hooks = [ProgressLines(result, run.verbose), TrialMetrics(), *callbacks]
     t0 = time.time()
     searcher = tuning.make_searcher(trials, set(done), pool.name, own_pool, gate=gate, stopped=set(stopped))
-    from rayjobs.engine.tune_events import (  # lazy: ray only on the cluster path
-        TuneEvents,  # ray.tune only once a run starts  # lazy: ray only on the cluster path
-    )
+    from rayjobs.engine.tune_events import TuneEvents  # lazy: ray.tune only once a run starts
 
     adapter = TuneEvents(result, hooks, searcher, searcher.specs, t0)
     try:
